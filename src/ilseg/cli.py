@@ -1,0 +1,273 @@
+"""The ``ilseg`` command line.
+
+Every sub-command is a small function that parses its arguments and calls the
+library.  An :class:`~ilseg.errors.IlsegError` becomes one line on stderr and
+exit status 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ilseg import __version__
+from ilseg.errors import IlsegError
+
+
+# -- tasks / methods / presets -----------------------------------------------------
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from ilseg.tasks import dataset_names, get_task, task_names
+
+    if args.config:
+        from ilseg.config import load_config, resolve_config_path
+
+        print(load_config(resolve_config_path(args.config), args.set).build_task().describe())
+        return 0
+    datasets = [args.dataset] if args.dataset else list(dataset_names())
+    if args.task:
+        print(get_task(datasets[0], args.task).describe())
+        return 0
+    for ds in datasets:
+        print(f"{ds}:")
+        for name in task_names(ds):
+            t = get_task(ds, name)
+            print(f"  {name:<8} {t.num_steps:>2} step(s), classes per step {list(t.step_sizes)}")
+    print("Show a task's classes with: ilseg tasks DATASET TASK (e.g. ilseg tasks voc 15-1)")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from ilseg.methods import METHOD_PRESETS, describe_method
+
+    for name, cfg in METHOD_PRESETS.items():
+        print(f"{name:<16} {describe_method(cfg)}")
+    print("Formulas and sources: docs/methods.md; override any weight with --set method.FIELD=VALUE")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from ilseg.config import load_config, preset_dir
+
+    for path in sorted(preset_dir().glob("*.yaml")):
+        cfg = load_config(path)
+        d = cfg.data
+        print(f"{path.stem:<32} {cfg.method.name:<16} {d.dataset} {d.task} {'overlap' if d.overlap else 'disjoint'}")
+    print(f"(files in {preset_dir()}; use one with: ilseg train --config NAME --out RUN_DIR)")
+    return 0
+
+
+# -- data ----------------------------------------------------------------------------
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from ilseg.data.synth import generate_synth
+
+    out = generate_synth(args.out, seed=args.seed, num_images=args.num_images, size=args.size, workers=args.workers)
+    print(f"synthetic dataset written to {out} (VOC layout; use data.dataset=synth data.root={out})")
+    return 0
+
+
+def cmd_splits(args: argparse.Namespace) -> int:
+    from ilseg.data.datasets import build_dataset
+    from ilseg.data.splits import split_report
+    from ilseg.tasks import get_task
+
+    if args.config:
+        from ilseg.config import load_config, resolve_config_path
+
+        cfg = load_config(resolve_config_path(args.config), args.set)
+        task, dataset, root, overlap = cfg.build_task(), cfg.data.dataset, cfg.data.root, cfg.data.overlap
+    else:
+        if not (args.dataset and args.root and args.task):
+            raise IlsegError("ilseg splits needs --dataset, --root and --task (or --config FILE)")
+        task, dataset, root, overlap = get_task(args.dataset, args.task), args.dataset, args.root, args.overlap
+    ds = build_dataset(dataset, root, "train", list_file=args.list_file)
+    report = split_report(ds, task, "overlap" if overlap else "disjoint", workers=args.workers,
+                          cache_dir=args.cache_dir, progress=not args.json)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{dataset} {task.name} ({'overlapped' if overlap else 'disjoint'}): {report['total_images']} training images")
+    for s in report["steps"]:
+        check = ""
+        if s.get("published") is not None:
+            check = f"  published {s['published']}: {'match' if s['match'] else 'DIFFER'}"
+        names = ", ".join(s["classes"])
+        print(f"  step {s['step']}: {s['count']:>6} images{check}  [{names}]")
+    return 0
+
+
+# -- train / eval / predict / demo -------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from ilseg.config import load_config, resolve_config_path
+    from ilseg.engine.run import run_training
+    from ilseg.report import results_markdown
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.config or args.set:
+            raise IlsegError("--resume continues a run with its saved config; do not pass --config or --set")
+        cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+        if cfg is None:
+            raise IlsegError(f"--resume {run_dir}: no config.yaml there, so it is not an ilseg run folder")
+    else:
+        if not args.config or not args.out:
+            raise IlsegError("ilseg train needs --config FILE and --out RUN_DIR (or --resume RUN_DIR)")
+        cfg = load_config(resolve_config_path(args.config), args.set)
+        run_dir = Path(args.out)
+    results = run_training(cfg, run_dir, steps=args.steps, resume=bool(args.resume), init_from=args.init_from,
+                           quiet=args.quiet)
+    from ilseg.engine.distributed import launched_by_torchrun
+    import os
+
+    if not launched_by_torchrun() or os.environ.get("RANK") == "0":
+        print(results_markdown(results).split("\n## Per-class")[0])
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ilseg.config import load_config, resolve_config_path
+    from ilseg.engine.run import evaluate_checkpoint, step_checkpoint
+    from ilseg.report import pct
+
+    if args.run:
+        run_dir = Path(args.run)
+        if not (run_dir / "config.yaml").is_file():
+            raise IlsegError(f"--run {run_dir}: no config.yaml there, so it is not an ilseg run folder")
+        cfg = load_config(run_dir / "config.yaml", args.set)
+        steps = sorted(int(p.stem[4:]) for p in run_dir.glob("step*.pth") if p.stem[4:].isdigit())
+        if not steps:
+            raise IlsegError(f"--run {run_dir} has no finished step (no step*.pth)")
+        step = steps[-1] if args.step is None else args.step
+        ckpt = step_checkpoint(run_dir, step)
+    elif args.checkpoint:
+        if not args.config:
+            raise IlsegError("--checkpoint needs --config FILE (the run's config.yaml or a preset)")
+        cfg = load_config(resolve_config_path(args.config), args.set)
+        ckpt, step = Path(args.checkpoint), args.step
+    else:
+        raise IlsegError("ilseg eval needs --run RUN_DIR or --checkpoint FILE --config FILE")
+    scores = evaluate_checkpoint(cfg, ckpt, step=step, device=args.device)
+    if args.json:
+        print(json.dumps(scores, indent=2))
+        return 0
+    print(f"{ckpt} (step {scores['step']}, {scores['classes_seen']} classes): mIoU all {pct(scores['miou_all'])}, "
+          f"old {pct(scores['miou_old'])}, new {pct(scores['miou_new'])}, pixel acc {pct(scores['pixel_accuracy'])}")
+    for name, v in scores["iou_per_class"].items():
+        print(f"  {name:<16} {pct(v)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ilseg.engine.predict import predict_images
+
+    written = predict_images(Path(args.run), args.images, Path(args.out), step=args.step, device=args.device)
+    print(f"wrote {len(written)} masks and overlays to {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ilseg.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, quiet=args.quiet, methods=args.methods)
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ilseg", description="Class-incremental semantic segmentation (ILT).")
+    p.add_argument("--version", action="version", version=f"ilseg {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_set(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set optim.lr=0.02 (repeatable)")
+
+    t = sub.add_parser("tasks", help="list incremental tasks, or show one task's steps")
+    t.add_argument("dataset", nargs="?", help="voc, ade or synth")
+    t.add_argument("task", nargs="?", help="e.g. 15-1")
+    t.add_argument("--config", help="show the (custom) task of a config file")
+    add_set(t)
+    t.set_defaults(func=cmd_tasks)
+
+    m = sub.add_parser("methods", help="list the methods and their losses")
+    m.set_defaults(func=cmd_methods)
+    pr = sub.add_parser("presets", help="list the bundled config presets")
+    pr.set_defaults(func=cmd_presets)
+
+    d = sub.add_parser("data", help="dataset utilities")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    s = dsub.add_parser("synth", help="write the synthetic benchmark in the VOC layout")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--num-images", type=int, default=1500)
+    s.add_argument("--size", type=int, default=64, help="image side in pixels")
+    s.add_argument("--workers", type=int, default=2)
+    s.set_defaults(func=cmd_data_synth)
+
+    sp = sub.add_parser("splits", help="per-step image counts of a task (compared with published counts on VOC)")
+    sp.add_argument("--dataset", choices=["voc", "ade", "synth"])
+    sp.add_argument("--root")
+    sp.add_argument("--task")
+    sp.add_argument("--overlap", action="store_true")
+    sp.add_argument("--config", help="take dataset, root, task, order and mode from a config")
+    add_set(sp)
+    sp.add_argument("--list-file", help="training list file (default: the dataset's train list)")
+    sp.add_argument("--workers", type=int, default=2, help="processes reading masks")
+    sp.add_argument("--cache-dir")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_splits)
+
+    tr = sub.add_parser("train", help="train and evaluate every step of an incremental task")
+    tr.add_argument("--config", help="a YAML file or a bundled preset name (see 'ilseg presets')")
+    add_set(tr)
+    tr.add_argument("--out", help="the run folder")
+    tr.add_argument("--steps", help="START:STOP or one step (default: all)")
+    tr.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    tr.add_argument("--init-from", metavar="RUN_DIR", help="take step 0 from another run (same task and model)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a saved step")
+    ev.add_argument("--run", help="a run folder")
+    ev.add_argument("--step", type=int, help="the step to evaluate (default: the last finished)")
+    ev.add_argument("--checkpoint", help="a single step checkpoint (with --config)")
+    ev.add_argument("--config")
+    add_set(ev)
+    ev.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    pd = sub.add_parser("predict", help="write colour masks and overlays for images")
+    pd.add_argument("--run", required=True)
+    pd.add_argument("--step", type=int, help="default: the last finished step")
+    pd.add_argument("images", nargs="+")
+    pd.add_argument("--out", required=True)
+    pd.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    pd.set_defaults(func=cmd_predict)
+
+    dm = sub.add_parser("demo", help="joint vs fine-tuning vs ILT on the synthetic benchmark (CPU, minutes)")
+    dm.add_argument("--out", default="ilseg-demo")
+    dm.add_argument("--quick", action="store_true", help="a much shorter run (smoke test, numbers not meaningful)")
+    dm.add_argument("--methods", nargs="+", help="subset of the demo's methods")
+    dm.add_argument("--quiet", action="store_true")
+    dm.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except IlsegError as exc:
+        print(f"ilseg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ilseg: interrupted; resume with 'ilseg train --resume RUN_DIR'", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,357 @@
+"""The run configuration: one frozen dataclass tree, loaded from YAML.
+
+A run is described by :class:`RunConfig` (data, model, method, optim, eval,
+runtime).  :func:`load_config` reads a YAML file with ``yaml.safe_load``
+(nothing in a config file is ever executed), applies ``--set key=value``
+overrides, and validates every value: an unknown key, a wrong type or an
+impossible value raises :class:`~ilseg.errors.IlsegError` naming the key.
+:func:`dump_config` writes the resolved config back (``config.yaml`` in the
+run folder), which :func:`load_config` reads again unchanged.
+
+Example YAML::
+
+    name: voc-15-1-ilt
+    data: {dataset: voc, root: data/VOCdevkit, task: 15-1, overlap: true}
+    model: {backbone: resnet101, output_stride: 16}
+    method: {name: ilt}              # a preset from ``ilseg methods``, fields overridable
+    optim: {lr: 0.01, lr_next: 0.001, epochs: 30, batch_size: 24}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ilseg.errors import IlsegError
+from ilseg.methods import METHOD_PRESETS, MethodConfig
+from ilseg.tasks import Task, custom_task, get_task
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which data, which incremental task, which pixels (REFERENCE.md §1-4)."""
+
+    dataset: Literal["voc", "ade", "synth"] = "voc"
+    root: str = "data/VOCdevkit"
+    task: str = "15-1"
+    overlap: bool = False
+    class_order: tuple[int | str, ...] | None = None  # custom order (ids or names), background first
+    step_sizes: tuple[int, ...] | None = None  # explicit sizes per step, background counted in step 0
+    index_file: str | None = None  # per-step image lists instead of the filter; "{step}" is replaced
+    unseen: Literal["ignore", "background"] = "ignore"  # test label of classes not seen yet
+    ade_zero: Literal["ignore", "class"] = "ignore"  # ADE20k label 0: MiB ignores it at test
+    crop_size: int = 512
+    scale: tuple[float, float] = (0.5, 2.0)
+    test_size: int | None = 512  # None: evaluate on full images
+    test_crop: bool = True
+    workers: int = 4
+    cache_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The DeepLab-v3 segmenter (REFERENCE.md §5)."""
+
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet101"
+    output_stride: Literal[8, 16, 32] = 16
+    head_channels: int = 256
+    pretrained: str | None = "imagenet"  # "imagenet", a local checkpoint path, or null
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The recipe of REFERENCE.md §7; ``*_next`` values apply to steps > 0."""
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    lr_next: float = 0.001
+    epochs: int = 30
+    epochs_next: int = 30
+    batch_size: int = 24  # the global batch, split over distributed ranks
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    seed: int = 42
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # distributed backend under torchrun
+    sync_bn: bool = True  # SyncBatchNorm in distributed runs
+    collective_timeout_s: int = 600
+    tensorboard: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A whole incremental run."""
+
+    name: str = "run"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = METHOD_PRESETS["ilt"]
+    optim: OptimConfig = OptimConfig()
+    eval: EvalConfig = EvalConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def build_task(self) -> Task:
+        """The incremental task this run trains (the full task, even for joint)."""
+        d = self.data
+        if d.class_order is not None:
+            sizes = d.step_sizes
+            if sizes is None:
+                raise IlsegError("data.class_order needs data.step_sizes (classes per step, background in step 0)")
+            return custom_task(d.dataset, d.task, d.class_order, sizes)
+        return get_task(d.dataset, d.task, step_sizes=d.step_sizes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def hash(self) -> str:
+        """A short hash of everything that changes the results."""
+        return config_hash(self.to_dict())
+
+
+def config_hash(cfg: Mapping[str, Any]) -> str:
+    text = json.dumps(cfg, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _validate(cfg: RunConfig) -> None:
+    checks: list[tuple[bool, str]] = [
+        (cfg.data.crop_size > 0, "data.crop_size must be positive"),
+        (cfg.data.test_size is None or cfg.data.test_size > 0, "data.test_size must be positive or null"),
+        (0 < cfg.data.scale[0] <= cfg.data.scale[1], "data.scale must be (min, max) with 0 < min <= max"),
+        (cfg.data.workers >= 0, "data.workers must be >= 0"),
+        (cfg.model.head_channels > 0, "model.head_channels must be positive"),
+        (cfg.optim.lr > 0 and cfg.optim.lr_next > 0, "optim.lr and optim.lr_next must be positive"),
+        (cfg.optim.epochs > 0 and cfg.optim.epochs_next > 0, "optim.epochs and optim.epochs_next must be >= 1"),
+        (cfg.optim.batch_size >= 1, "optim.batch_size must be >= 1"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (0 <= cfg.optim.momentum < 1, "optim.momentum must be in [0, 1)"),
+        (cfg.optim.poly_power >= 0, "optim.poly_power must be >= 0"),
+        (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
+        (cfg.runtime.collective_timeout_s > 0, "runtime.collective_timeout_s must be positive"),
+        (not (cfg.optim.nesterov and cfg.optim.optimizer == "sgd" and cfg.optim.momentum == 0),
+         "optim.nesterov needs optim.momentum > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise IlsegError(f"invalid config: {message}")
+    if cfg.data.dataset != "ade" and cfg.data.ade_zero != "ignore":
+        raise IlsegError("invalid config: data.ade_zero only applies to dataset 'ade'")
+    cfg.build_task()  # raises a clear error for an unknown task or a bad order
+
+
+# -- building dataclasses from plain data, with type checks ------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "list"
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp``; return it converted (lists -> tuples)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key)
+            except IlsegError as exc:
+                errors.append(exc)
+        raise IlsegError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin is Literal:
+        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
+            return value
+        raise IlsegError(f"config key {key!r}: {value!r} is not one of {_type_name(tp)}")
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+            if len(value) == len(args):
+                return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, Mapping):
+            return _build(tp, value, key)
+    raise IlsegError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str, base: Any = None) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(str(k), names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+        raise IlsegError(f"unknown config key {_join(prefix, str(k))!r}{hint}")
+    values = {}
+    for name in names:
+        key = _join(prefix, name)
+        if name in data:
+            if dataclasses.is_dataclass(hints[name]) and isinstance(data[name], Mapping):
+                sub_base = getattr(base, name) if base is not None else None
+                values[name] = _build_section(hints[name], data[name], key, sub_base)
+            else:
+                values[name] = _coerce(data[name], hints[name], key)
+        elif base is not None:
+            values[name] = getattr(base, name)
+    return cls(**values)
+
+
+def _build_section(cls: type, data: Mapping[str, Any], key: str, base: Any) -> Any:
+    if cls is MethodConfig:
+        return _build_method(data, key, base)
+    return _build(cls, data, key, base)
+
+
+def _build_method(data: Mapping[str, Any], key: str, base: MethodConfig | None) -> MethodConfig:
+    """``method: {name: ilt, kd_weight: 50}``: a preset, then its overrides."""
+    name = data.get("name", base.name if base is not None else None)
+    if name is None:
+        raise IlsegError(f"config key {key!r} needs 'name' (one of: {', '.join(METHOD_PRESETS)})")
+    if not isinstance(name, str) or name not in METHOD_PRESETS:
+        raise IlsegError(f"unknown method {name!r}; choose one of: {', '.join(METHOD_PRESETS)} (see 'ilseg methods')")
+    start = base if base is not None and base.name == name else METHOD_PRESETS[name]
+    return _build(MethodConfig, dict(data), key, start)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+# -- files and overrides ---------------------------------------------------------
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["optim.lr=0.02", "data.overlap=true"]`` -> a nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise IlsegError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.02")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise IlsegError(f"--set {item!r}: cannot parse the value: {exc}") from None
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise IlsegError(f"--set {item!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise IlsegError(f"config file {path} does not exist; pass a YAML file (see the presets in configs/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise IlsegError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise IlsegError(f"config file {path} must hold a mapping of sections (data, model, method, ...)")
+    return data
+
+
+def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from plain data."""
+    if isinstance(data.get("method"), str):
+        data = {**data, "method": {"name": data["method"]}}
+    return _build(RunConfig, data, "")
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    data = read_yaml(path) if path is not None else {}
+    data = _merge(data, parse_overrides(overrides))
+    if isinstance(data.get("method"), str):
+        data["method"] = {"name": data["method"]}
+    return config_from_dict(data)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def preset_dir() -> Path:
+    """The folder of bundled presets (installed with the package)."""
+    return Path(__file__).parent / "configs"
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A config path, or the name of a bundled preset (``voc-15-1-ilt``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    candidate = preset_dir() / (name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
+    if candidate.is_file():
+        return candidate
+    presets = sorted(p.stem for p in preset_dir().glob("*.yaml"))
+    close = difflib.get_close_matches(name_or_path, presets, n=3)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise IlsegError(f"config {name_or_path!r} is neither a file nor a bundled preset.{hint} List them with 'ilseg presets'.")

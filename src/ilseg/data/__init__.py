@@ -1,0 +1,1 @@
+"""Data layer: image/mask I/O, datasets, the synthetic benchmark, transforms, per-step lists."""

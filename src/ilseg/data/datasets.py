@@ -1,0 +1,368 @@
+"""Segmentation datasets: PASCAL VOC(-aug), ADE20k and the synthetic benchmark.
+
+A :class:`SegmentationDataset` is a list of (image, mask) file pairs plus what
+turns them into training tensors: the dataset's number of classes (to check
+mask values), an optional 256-entry lookup table applied to the raw mask
+*before* the geometric transform (``target = lut[mask]``, see
+:func:`ilseg.tasks.train_lut`), and a joint transform
+(:mod:`ilseg.data.transforms`).  It keeps only paths, so it pickles cheaply
+into DataLoader workers and never holds a file open.
+
+Layouts (REFERENCE.md §4)::
+
+    VOC / synth:  <root>[/VOCdevkit/VOC2012 | /VOC2012]/
+                    JPEGImages/<id>.jpg
+                    SegmentationClassAug/<id>.png   (preferred) or SegmentationClass/<id>.png
+                    ImageSets/Segmentation/{train_aug.txt | train.txt, val.txt}
+    ADE20k:       <root>[/ADEChallengeData2016]/
+                    images/{training,validation}/<id>.jpg
+                    annotations/{training,validation}/<id>.png
+
+Example::
+
+    >>> ds = build_dataset("synth", "data/synth", "train", lut=train_lut(task, 0))
+    >>> image, target = ds[0]          # float32 3xHxW, int64 HxW
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ilseg.data import io
+from ilseg.data.transforms import JointTransform, test_transform
+from ilseg.errors import IlsegError
+from ilseg.tasks import class_names
+
+Transform = Callable[[np.ndarray, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
+
+SPLITS = ("train", "val")
+
+_VOC_LISTS: dict[str, tuple[str, ...]] = {"train": ("train_aug.txt", "train.txt"), "val": ("val.txt",)}
+_VOC_MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")
+_ADE_FOLDERS = {"train": "training", "val": "validation"}
+_SYNTH_FIX = "run `ilseg data synth --out DIR` to generate it and pass DIR as the root"
+_VOC_LAYOUT = (
+    "expected JPEGImages/, SegmentationClassAug/ (or SegmentationClass/) and ImageSets/Segmentation/ "
+    "in ROOT, ROOT/VOC2012 or ROOT/VOCdevkit/VOC2012"
+)
+_ADE_LAYOUT = (
+    "expected images/{training,validation}/*.jpg and annotations/{training,validation}/*.png "
+    "in ROOT or ROOT/ADEChallengeData2016 (download ADEChallengeData2016.zip from the MIT Scene Parsing site)"
+)
+
+
+class SegmentationDataset(Dataset):
+    """Image/mask file pairs -> ``(image float32 3xHxW, target int64 HxW)``.
+
+    Args:
+        name: dataset name (``"voc"``, ``"ade"``, ``"synth"``); keys caches.
+        images, masks: paths of the images and their masks, same length.
+        num_classes: masks must hold ``0..num_classes-1`` or 255.
+        ids: one id per item (file stems by default).
+        lut: optional ``uint8`` array of 256 entries; ``target = lut[mask]``
+            before the transform.
+        transform: joint transform; by default the full image, normalised.
+        root: the folder the dataset was found in (informational).
+
+    Mask values are checked when an item is read; file existence is checked
+    by the builders.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        images: Sequence[str | os.PathLike[str]],
+        masks: Sequence[str | os.PathLike[str]],
+        num_classes: int,
+        ids: Sequence[str] | None = None,
+        lut: np.ndarray | None = None,
+        transform: Transform | None = None,
+        root: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if len(images) != len(masks):
+            raise ValueError(f"{len(images)} images but {len(masks)} masks")
+        self.name = name
+        self.images: list[Path] = [Path(p) for p in images]
+        self.masks: list[Path] = [Path(p) for p in masks]
+        self.ids: list[str] = list(ids) if ids is not None else [p.stem for p in self.images]
+        if len(self.ids) != len(self.images):
+            raise ValueError(f"{len(self.ids)} ids for {len(self.images)} images")
+        self.num_classes = int(num_classes)
+        self.lut = _check_lut(lut)
+        self.transform: Transform = transform if transform is not None else _DEFAULT_TRANSFORM
+        self.root = Path(root) if root is not None else None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(image, target)``: float32 ``3xHxW`` (ImageNet-normalised), int64 ``HxW``."""
+        image = io.read_image(self.images[index])
+        mask = io.read_mask(self.masks[index], self.num_classes, image_size=image.shape[:2])
+        if self.lut is not None:
+            mask = self.lut[mask]
+        return self.transform(image, mask)
+
+    def read_raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The item's ``HxWx3`` uint8 image and ``HxW`` uint8 raw mask (no LUT, no transform)."""
+        image = io.read_image(self.images[index])
+        return image, io.read_mask(self.masks[index], self.num_classes, image_size=image.shape[:2])
+
+    def mask_path(self, index: int) -> Path:
+        return self.masks[index]
+
+    def image_path(self, index: int) -> Path:
+        return self.images[index]
+
+    def with_lut(self, lut: np.ndarray | None) -> SegmentationDataset:
+        """A shallow copy applying ``lut`` (256 entries) to masks."""
+        other = copy.copy(self)
+        other.lut = _check_lut(lut)
+        return other
+
+    def with_transform(self, transform: Transform | None) -> SegmentationDataset:
+        """A shallow copy using ``transform`` (``None``: full image, normalised)."""
+        other = copy.copy(self)
+        other.transform = transform if transform is not None else _DEFAULT_TRANSFORM
+        return other
+
+    def subset(self, indices: Sequence[int]) -> SegmentationDataset:
+        """A dataset of the items at ``indices`` (in that order), ids kept."""
+        n = len(self)
+        idx = [int(i) for i in indices]
+        bad = [i for i in idx if not 0 <= i < n]
+        if bad:
+            raise IndexError(f"indices {bad[:5]} out of range for a dataset of {n} items")
+        other = copy.copy(self)
+        other.images = [self.images[i] for i in idx]
+        other.masks = [self.masks[i] for i in idx]
+        other.ids = [self.ids[i] for i in idx]
+        return other
+
+    def __repr__(self) -> str:
+        return (f"SegmentationDataset(name={self.name!r}, items={len(self)}, num_classes={self.num_classes}, "
+                f"root={str(self.root) if self.root else None!r}, lut={'yes' if self.lut is not None else 'no'})")
+
+
+_DEFAULT_TRANSFORM: JointTransform = test_transform(None)
+
+
+def _check_lut(lut: np.ndarray | None) -> np.ndarray | None:
+    if lut is None:
+        return None
+    arr = np.asarray(lut)
+    if arr.shape != (256,):
+        raise ValueError(f"a label lookup table needs 256 entries, got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        if arr.min() < 0 or arr.max() > 255:
+            raise ValueError("lookup table values must lie in 0..255")
+        arr = arr.astype(np.uint8)
+    return arr
+
+
+# -- list files ------------------------------------------------------------------
+def _read_list(path: Path) -> list[list[str]]:
+    """Non-empty lines of a list file, split on whitespace; ``#`` starts a comment."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise IlsegError(f"list file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IlsegError(f"cannot read list file {path} ({exc})") from None
+    rows = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            rows.append(line.split())
+    return rows
+
+
+def _pairs_from_list(
+    rows: list[list[str]], list_path: Path, base: Path, image_for: Callable[[str], Path],
+    mask_for: Callable[[str], Path],
+) -> tuple[list[Path], list[Path], list[str]]:
+    """Turn list rows (``id`` or ``image mask`` pairs relative to ``base``) into paths."""
+    images, masks, ids = [], [], []
+    for n, row in enumerate(rows, 1):
+        if len(row) == 1:
+            item = Path(row[0]).stem if "/" in row[0] or row[0].endswith(".jpg") else row[0]
+            images.append(image_for(item))
+            masks.append(mask_for(item))
+            ids.append(item)
+        elif len(row) == 2:
+            images.append(base / row[0].lstrip("/"))
+            masks.append(base / row[1].lstrip("/"))
+            ids.append(Path(row[0]).stem)
+        else:
+            raise IlsegError(
+                f"list file {list_path}, line {n}: expected an image id or an 'image mask' pair, got {' '.join(row)!r}"
+            )
+    return images, masks, ids
+
+
+def _check_exist(images: list[Path], masks: list[Path], source: str, fix: str) -> None:
+    """Raise one IlsegError naming the missing files (a cheap stat per file)."""
+    missing = [p for pair in zip(images, masks) for p in pair if not p.is_file()]
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise IlsegError(f"{source} names files that do not exist: {shown}{more}; {fix}")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise IlsegError(f"unknown split {split!r}; use 'train' or 'val'")
+
+
+def _check_root(root: Path, fix: str) -> None:
+    if not root.exists():
+        raise IlsegError(f"dataset root {root} does not exist; {fix}")
+    if not root.is_dir():
+        raise IlsegError(f"dataset root {root} is not a folder; {fix}")
+
+
+# -- VOC layout (VOC-aug and the synthetic dataset) --------------------------------
+def find_voc_root(root: str | os.PathLike[str], *, fix: str = _VOC_LAYOUT) -> Path:
+    """The folder holding ``JPEGImages/``: ``root``, ``root/VOC2012`` or ``root/VOCdevkit/VOC2012``."""
+    root = Path(root).expanduser()
+    _check_root(root, fix)
+    candidates = [root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"]
+    for cand in candidates:
+        if (cand / "JPEGImages").is_dir():
+            return cand
+    searched = ", ".join(str(c) for c in candidates)
+    raise IlsegError(f"no JPEGImages/ folder found in {searched}; {fix}")
+
+
+def voc_layout(
+    name: str,
+    root: str | os.PathLike[str],
+    split: str,
+    *,
+    list_file: str | os.PathLike[str] | None = None,
+    transform: Transform | None = None,
+    lut: np.ndarray | None = None,
+) -> SegmentationDataset:
+    """A dataset in the VOC layout (``name`` is ``"voc"`` or ``"synth"``; see the module docstring).
+
+    List lines may be ids (``2007_000032``) or MiB-style pairs
+    (``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png``,
+    relative to the VOC2012 folder).  Each mask is taken from
+    ``SegmentationClassAug/`` when there, else from ``SegmentationClass/``.
+    """
+    _check_split(split)
+    fix = _SYNTH_FIX if name == "synth" else _VOC_LAYOUT
+    base = find_voc_root(root, fix=fix)
+    if list_file is not None:
+        list_path = Path(list_file).expanduser()
+        if not list_path.is_file():
+            raise IlsegError(f"list file {list_path} does not exist; give an existing list of image ids")
+    else:
+        list_dir = base / "ImageSets" / "Segmentation"
+        options = [list_dir / f for f in _VOC_LISTS[split]]
+        found = [p for p in options if p.is_file()]
+        if not found:
+            names = " or ".join(str(p) for p in options)
+            raise IlsegError(f"no {split} list: {names} does not exist; {fix}")
+        list_path = found[0]
+    mask_dirs = [base / d for d in _VOC_MASK_DIRS if (base / d).is_dir()]
+    if not mask_dirs:
+        raise IlsegError(f"no mask folder SegmentationClassAug/ or SegmentationClass/ in {base}; {fix}")
+
+    def mask_for(item: str) -> Path:
+        for d in mask_dirs:
+            path = d / f"{item}.png"
+            if path.is_file():
+                return path
+        return mask_dirs[0] / f"{item}.png"  # missing: reported by _check_exist
+
+    rows = _read_list(list_path)
+    images, masks, ids = _pairs_from_list(rows, list_path, base, lambda i: base / "JPEGImages" / f"{i}.jpg", mask_for)
+    if not images:
+        raise IlsegError(f"list file {list_path} is empty; {fix}")
+    _check_exist(images, masks, f"list file {list_path}", fix)
+    return SegmentationDataset(name=name, images=images, masks=masks, ids=ids,
+                               num_classes=len(class_names(name)), lut=lut, transform=transform, root=base)
+
+
+# -- ADE20k ------------------------------------------------------------------------
+def find_ade_root(root: str | os.PathLike[str]) -> Path:
+    """The ``ADEChallengeData2016`` folder: ``root`` itself or ``root/ADEChallengeData2016``."""
+    root = Path(root).expanduser()
+    _check_root(root, _ADE_LAYOUT)
+    candidates = [root, root / "ADEChallengeData2016"]
+    for cand in candidates:
+        if (cand / "images").is_dir() and (cand / "annotations").is_dir():
+            return cand
+    searched = ", ".join(str(c) for c in candidates)
+    raise IlsegError(f"no images/ and annotations/ folders found in {searched}; {_ADE_LAYOUT}")
+
+
+def ade20k(
+    root: str | os.PathLike[str],
+    split: str,
+    *,
+    list_file: str | os.PathLike[str] | None = None,
+    transform: Transform | None = None,
+    lut: np.ndarray | None = None,
+) -> SegmentationDataset:
+    """ADE20k SceneParsing (151 classes, 0 = "other").
+
+    Without ``list_file`` the items are every ``*.jpg`` of
+    ``images/<training|validation>/`` sorted by name.  A list file holds ids
+    (``ADE_train_00000001``) or ``image mask`` pairs relative to the
+    ``ADEChallengeData2016`` folder.
+    """
+    _check_split(split)
+    base = find_ade_root(root)
+    folder = _ADE_FOLDERS[split]
+    image_dir, mask_dir = base / "images" / folder, base / "annotations" / folder
+    for d in (image_dir, mask_dir):
+        if not d.is_dir():
+            raise IlsegError(f"ADE20k folder {d} does not exist; {_ADE_LAYOUT}")
+    if list_file is not None:
+        list_path = Path(list_file).expanduser()
+        rows = _read_list(list_path)
+        images, masks, ids = _pairs_from_list(
+            rows, list_path, base, lambda i: image_dir / f"{i}.jpg", lambda i: mask_dir / f"{i}.png"
+        )
+        source = f"list file {list_path}"
+    else:
+        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+        masks = [mask_dir / f"{p.stem}.png" for p in images]
+        ids = [p.stem for p in images]
+        source = f"folder {image_dir}"
+    if not images:
+        raise IlsegError(f"{source} lists no images; {_ADE_LAYOUT}")
+    _check_exist(images, masks, source, "re-download ADEChallengeData2016 or fix the list")
+    return SegmentationDataset(name="ade", images=images, masks=masks, ids=ids,
+                               num_classes=len(class_names("ade")), lut=lut, transform=transform, root=base)
+
+
+def build_dataset(
+    dataset: str,
+    root: str | os.PathLike[str],
+    split: str,
+    *,
+    transform: Transform | None = None,
+    lut: np.ndarray | None = None,
+    list_file: str | os.PathLike[str] | None = None,
+) -> SegmentationDataset:
+    """Build the ``split`` (``"train"``/``"val"``) of ``dataset`` (``"voc"``, ``"ade"``, ``"synth"``).
+
+    Checks the layout and that every listed file exists; mask values are
+    checked when items are read.  Raises :class:`IlsegError` with the path and
+    the fix on any problem.
+    """
+    class_names(dataset)  # unknown dataset -> IlsegError
+    if dataset == "ade":
+        return ade20k(root, split, list_file=list_file, transform=transform, lut=lut)
+    return voc_layout(dataset, root, split, list_file=list_file, transform=transform, lut=lut)

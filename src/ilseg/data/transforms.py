@@ -1,0 +1,137 @@
+"""Joint image/mask transforms built on ``torchvision.transforms.v2``.
+
+A transform takes a numpy ``HxWx3`` ``uint8`` RGB image and an ``HxW``
+``uint8`` mask (already remapped by a lookup table, see
+:func:`ilseg.tasks.train_lut`) and returns ``(image, target)``: a ``float32``
+tensor ``3xH'xW'`` normalised with the ImageNet mean/std and an ``int64``
+tensor ``H'xW'``.  The same geometry is applied to both.  The mask is wrapped
+as a :class:`torchvision.tv_tensors.Mask`, so it is always resized with
+nearest-neighbour interpolation: labels are never blended.
+
+Recipes (REFERENCE.md §4):
+
+* :func:`train_transform` - ``RandomResizedCrop`` (area scale (0.5, 2.0),
+  aspect (3/4, 4/3)), horizontal flip, normalisation.
+* :func:`test_transform` - resize the shorter side, centre crop (MiB's
+  default), or the full image.
+
+About ``scale > 1``: torchvision's ``RandomResizedCrop`` draws up to 10
+(area, aspect) pairs and keeps the first whose box fits in the image; when
+none fits (likely once the area may exceed the image's) it falls back to a
+centre crop of the whole image, clamped to the aspect range.  MiB ships a copy
+of exactly this transform, so ``scale=(0.5, 2.0)`` behaves as in the
+reference implementations: large scales mean "more often the whole image".
+
+Example::
+
+    >>> t = train_transform(32)
+    >>> x, y = t(np.zeros((40, 50, 3), np.uint8), np.zeros((40, 50), np.uint8))
+    >>> x.shape, x.dtype, y.shape, y.dtype
+    (torch.Size([3, 32, 32]), torch.float32, torch.Size([32, 32]), torch.int64)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+IGNORE_INDEX = 255
+
+
+class JointTransform:
+    """A picklable ``(numpy image, numpy mask) -> (float tensor, int64 tensor)`` transform.
+
+    Wraps a ``v2`` pipeline (geometry first); appends the dtype conversion
+    and ImageNet normalisation.  Picklable, so DataLoader workers can use it.
+    """
+
+    def __init__(self, geometry: Sequence[v2.Transform]) -> None:
+        self.geometry = list(geometry)
+        self.pipeline = v2.Compose([
+            *self.geometry,
+            v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None},
+                       scale=True),
+            v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
+        ])
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: ``HxWx3`` uint8 image, ``HxW`` uint8 mask. Returns ``3xH'xW'`` float32, ``H'xW'`` int64."""
+        if image.ndim != 3 or image.shape[2] != 3 or mask.shape != image.shape[:2]:
+            raise ValueError(f"need an HxWx3 image and an HxW mask, got {image.shape} and {mask.shape}")
+        img = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+        msk = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)))
+        out_img, out_mask = self.pipeline(img, msk)
+        return out_img.as_subclass(torch.Tensor), out_mask.as_subclass(torch.Tensor)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(repr(t) for t in self.geometry)
+        return f"JointTransform([{inner}] + ToDtype + Normalize(ImageNet))"
+
+
+def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        pair = (size, size)
+    else:
+        pair = (int(size[0]), int(size[1]))
+    if min(pair) <= 0:
+        raise ValueError(f"crop size must be positive, got {size}")
+    return pair
+
+
+def train_transform(
+    crop_size: int | Sequence[int],
+    *,
+    scale: tuple[float, float] = (0.5, 2.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+) -> JointTransform:
+    """Training augmentation: random resized crop to ``crop_size``, flip, normalise.
+
+    Args:
+        crop_size: output side (or ``(height, width)``).
+        scale: range of the crop's area relative to the image (values above
+            1 make torchvision fall back to the whole image, see the module
+            docstring).
+        ratio: range of the crop's aspect ratio (width / height).
+        hflip: probability of a horizontal flip.
+
+    The image is resized bilinearly with antialiasing, the mask with nearest
+    neighbour.  No colour jitter (REFERENCE.md §4).
+    """
+    geometry: list[v2.Transform] = [
+        v2.RandomResizedCrop(_size_pair(crop_size), scale=scale, ratio=ratio, antialias=True),
+    ]
+    if hflip > 0:
+        geometry.append(v2.RandomHorizontalFlip(p=hflip))
+    return JointTransform(geometry)
+
+
+def test_transform(size: int | None, *, crop: bool = True) -> JointTransform:
+    """Evaluation transform: resize the shorter side to ``size``, then centre-crop ``size x size``.
+
+    Args:
+        size: target shorter side; ``None`` keeps the full image unchanged.
+        crop: centre-crop to a square (MiB's ``--crop_val``); ``False`` keeps
+            the resized image whole.
+
+    After resizing the shorter side to ``size`` the square crop always fits,
+    so no padding (which would have to be 255 in the mask) ever happens.
+    """
+    geometry: list[v2.Transform] = []
+    if size is not None:
+        if size <= 0:
+            raise ValueError(f"test size must be positive, got {size}")
+        geometry.append(v2.Resize(size, antialias=True))
+        if crop:
+            geometry.append(v2.CenterCrop(size))
+    return JointTransform(geometry)
+
+
+# Keep pytest from collecting test_transform as a test when imported into test modules.
+test_transform.__test__ = False  # type: ignore[attr-defined]

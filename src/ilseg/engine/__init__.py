@@ -1,0 +1,1 @@
+"""Training engine: one step, evaluation, the whole incremental run, checkpoints."""

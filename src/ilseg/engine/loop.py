@@ -1,0 +1,139 @@
+"""One training epoch and one evaluation pass, readable top to bottom."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ilseg.engine.distributed import all_reduce_sum
+from ilseg.errors import IlsegError
+from ilseg.metrics import ConfusionMatrix
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Where and how the forward runs: device, autocast dtype, memory format."""
+
+    device: torch.device
+    amp: str = "none"
+    channels_last: bool = False
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = AMP_DTYPES[self.amp]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+
+def build_optimizer(params: Iterable[nn.Parameter], *, kind: str, lr: float, momentum: float,
+                    nesterov: bool, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD (the references' recipe) or AdamW (used by the CPU demo) over trainable params."""
+    params = [p for p in params if p.requires_grad]
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise IlsegError(f"unknown optimizer {kind!r}; use 'sgd' or 'adamw'")
+
+
+def poly_schedule(optimizer: torch.optim.Optimizer, total_iters: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr_i = lr_0 * (1 - i / total_iters) ** power, stepped once per iteration."""
+    total = max(1, total_iters)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(0.0, 1.0 - i / total) ** power)
+
+
+def train_one_epoch(
+    *,
+    model: nn.Module,
+    teacher: nn.Module | None,
+    method: Callable[..., dict[str, torch.Tensor]],
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    precision: Precision,
+    step: int,
+    on_iteration: Callable[[dict[str, float], float], None] | None = None,
+) -> dict[str, float]:
+    """Train ``model`` for one pass over ``loader``; return the mean of each loss.
+
+    ``method(student_out, teacher_out, target, step)`` gives the named losses;
+    the teacher runs under ``torch.inference_mode`` so none of its activations
+    are kept.  A non-finite loss stops training with a clear error before the
+    optimiser step, so the weights of the last checkpoint stay valid.
+    """
+    model.train()
+    totals: dict[str, float] = {}
+    count = 0
+    for images, targets in loader:
+        images = precision.images(images)
+        targets = targets.to(precision.device, non_blocking=True)
+        teacher_out = None
+        with precision.autocast():
+            if teacher is not None:
+                with torch.inference_mode():
+                    teacher_out = teacher(images)
+                # Inference tensors cannot be saved for backward; a plain view of
+                # them can't either, so detach into normal tensors (no copy).
+                teacher_out = {k: v.clone() if k == "features" else v for k, v in teacher_out.items()}
+            student_out = model(images)
+            losses = method(student_out, teacher_out, targets, step)
+        loss = losses["loss"]
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        if not math.isfinite(values["loss"]):
+            parts = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            raise IlsegError(
+                f"the training loss became non-finite at step {step} ({parts}); nothing of this epoch was saved. "
+                "Lower the learning rate (optim.lr / optim.lr_next), use runtime.amp=bf16 instead of fp16, "
+                "or check the data; resume from the last checkpoint with 'ilseg train --resume RUN_DIR'"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        count += 1
+        for k, v in values.items():
+            totals[k] = totals.get(k, 0.0) + v
+        if on_iteration is not None:
+            on_iteration(values, optimizer.param_groups[0]["lr"])
+    return {k: v / max(1, count) for k, v in totals.items()}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: Iterable, num_classes: int, precision: Precision,
+             *, on_batch: Callable[[], None] | None = None) -> ConfusionMatrix:
+    """Confusion matrix of ``model`` on ``loader`` (summed over ranks when distributed).
+
+    Targets hold channel ids or 255; 255 pixels are left out.  Logits come back
+    at the input's resolution, so predictions are compared pixel for pixel.
+    """
+    model.eval()
+    cm = ConfusionMatrix(num_classes, device=precision.device)
+    for images, targets in loader:
+        images = precision.images(images)
+        targets = targets.to(precision.device, non_blocking=True)
+        with precision.autocast():
+            logits = model(images)["logits"]
+        cm.update(logits.argmax(1), targets)
+        if on_batch is not None:
+            on_batch()
+    all_reduce_sum(cm.matrix)
+    return cm

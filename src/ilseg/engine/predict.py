@@ -1,0 +1,64 @@
+"""Predict masks for arbitrary images with a saved step of a run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ilseg.config import load_config
+from ilseg.data.io import overlay, read_image, write_mask_png
+from ilseg.data.transforms import test_transform
+from ilseg.engine.checkpoint import check_compatible, load_checkpoint
+from ilseg.engine.run import checkpoint_identity, resolve_device, step_checkpoint, training_task
+from ilseg.errors import IlsegError
+from ilseg.models import build_segmenter
+
+
+def predict_images(run_dir: Path, images: Sequence[str | Path], out_dir: Path, *, step: int | None = None,
+                   device: str | None = None) -> list[Path]:
+    """Write ``<stem>_mask.png`` (palette, dataset class ids) and ``<stem>_overlay.png`` per image.
+
+    Images are segmented at their full resolution.  Output channel k is
+    mapped back to the dataset's class id ``order[k]``, so the masks use the
+    dataset's palette whatever the class order.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise IlsegError(f"--run {run_dir}: no config.yaml there, so it is not an ilseg run folder")
+    cfg = load_config(run_dir / "config.yaml")
+    task = training_task(cfg)
+    if step is None:
+        done = sorted(int(p.stem[4:]) for p in run_dir.glob("step*.pth") if p.stem[4:].isdigit())
+        if not done:
+            raise IlsegError(f"--run {run_dir} has no finished step (no step*.pth)")
+        step = done[-1]
+    ckpt = step_checkpoint(run_dir, step)
+    state = load_checkpoint(ckpt)
+    check_compatible(state, checkpoint_identity(cfg, task, step), ckpt)
+    model = build_segmenter(backbone=cfg.model.backbone, output_stride=cfg.model.output_stride,
+                            head_channels=cfg.model.head_channels, classes_per_step=task.classifier_sizes(step),
+                            pretrained=None)
+    model.load_state_dict(state["model"])
+    dev = resolve_device(device or cfg.runtime.device)
+    model.to(dev).eval()
+    to_dataset_ids = np.array(task.seen_classes(step), dtype=np.uint8)
+    transform = test_transform(None, crop=False)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in images:
+        path = Path(path)
+        rgb = read_image(path)
+        x, _ = transform(rgb, np.zeros(rgb.shape[:2], dtype=np.uint8))
+        with torch.inference_mode():
+            logits = model(x.unsqueeze(0).to(dev))["logits"]
+        pred = to_dataset_ids[logits.argmax(1)[0].cpu().numpy()]
+        mask_path = out_dir / f"{path.stem}_mask.png"
+        write_mask_png(mask_path, pred)
+        Image.fromarray(overlay(rgb, pred)).save(out_dir / f"{path.stem}_overlay.png")
+        written.append(mask_path)
+    return written

@@ -1,0 +1,29 @@
+"""Training methods: fine-tuning, ILT (each variant) and joint training.
+
+A method turns the model's outputs (and the previous model's, when it
+distils) into a dict of named losses for one batch.  See docs/methods.md for
+each preset's formula and source.
+"""
+
+from ilseg.methods.base import (
+    METHOD_PRESETS,
+    Method,
+    MethodConfig,
+    build_method,
+    describe_method,
+    method_config,
+)
+from ilseg.methods.losses import cross_entropy, feature_distillation, kd_ilt_output, kd_mib
+
+__all__ = [
+    "METHOD_PRESETS",
+    "Method",
+    "MethodConfig",
+    "build_method",
+    "cross_entropy",
+    "describe_method",
+    "feature_distillation",
+    "kd_ilt_output",
+    "kd_mib",
+    "method_config",
+]

@@ -1,0 +1,292 @@
+"""Training methods: the loss of one batch, and what to freeze at each step.
+
+A method is described by a frozen :class:`MethodConfig` (data: it is loaded
+from the run config and written back with the run) and run by a small
+:class:`Method` object built from it.  ``METHOD_PRESETS`` names the published
+settings; any field can be overridden (``method_config("ilt", {"kd_weight": 10})``).
+
+The loss maths live in :mod:`ilseg.methods.losses`; docs/methods.md gives every
+preset's formula and source.
+
+Example::
+
+    >>> method = build_method(method_config("ilt"))
+    >>> method.needs_teacher
+    True
+    >>> describe_method(METHOD_PRESETS["finetune"])
+    'finetune: L = CE(y) [labels: current step only]'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from ilseg.errors import IlsegError
+from ilseg.methods.losses import (
+    CEReduction,
+    KDMask,
+    cross_entropy,
+    feature_distillation,
+    kd_ilt_output,
+    kd_mib,
+)
+
+KDKind = Literal["none", "mib", "ilt_output"]
+ClassifierInit = Literal["default", "background"]
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "ce_reduction": ("valid", "all"),
+    "kd": ("none", "mib", "ilt_output"),
+    "kd_mask": ("old_bgr", "all", "old"),
+    "classifier_init": ("default", "background"),
+}
+_BOOLS = ("freeze_encoder", "freeze_bn", "keep_old_labels", "joint")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """What a method computes and freezes.  Every field is plain data.
+
+    Attributes:
+        name: the preset this config comes from (shown in reports).
+        ce_reduction: ``"valid"`` divides the cross-entropy by the non-ignored
+            pixels (PyTorch, cssegmentation); ``"all"`` by all pixels (MiB).
+        kd: output distillation: ``"none"``, ``"mib"`` (MiB's ILT ``L_KD``,
+            :func:`~ilseg.methods.losses.kd_mib`) or ``"ilt_output"`` (the ILT
+            paper's ``L'_D``, :func:`~ilseg.methods.losses.kd_ilt_output`).
+        kd_weight: weight of the distillation term; with 0 the term is off.
+        kd_alpha: teacher-logit scale of ``"mib"``.
+        kd_temperature: temperature of ``"ilt_output"``.
+        kd_mask: pixels ``"ilt_output"`` averages over: ``"old_bgr"``, ``"all"``, ``"old"``.
+        fd_weight: weight of the feature distillation (MSE of layer4 features).
+        freeze_encoder: from step 1 on, no gradient into the ResNet body (ILT's EF).
+        freeze_bn: from step 1 on, BatchNorm statistics and affine parameters frozen.
+        classifier_init: how the engine initialises a new step's classifier:
+            ``"default"`` (PyTorch's init) or ``"background"`` (from the
+            background channel, as MiB does).  Read by the engine, not here.
+        keep_old_labels: training targets keep old classes' labels (the ILT
+            paper's own protocol) instead of turning them into background.
+        joint: train all classes in one step (the upper bound).
+    """
+
+    name: str
+    ce_reduction: CEReduction = "valid"
+    kd: KDKind = "none"
+    kd_weight: float = 0.0
+    kd_alpha: float = 1.0
+    kd_temperature: float = 1.0
+    kd_mask: KDMask = "old_bgr"
+    fd_weight: float = 0.0
+    freeze_encoder: bool = False
+    freeze_bn: bool = False
+    classifier_init: ClassifierInit = "default"
+    keep_old_labels: bool = False
+    joint: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise IlsegError(f"method name must be a non-empty string, got {self.name!r}")
+        where = f"method {self.name!r}"
+        for field, allowed in _CHOICES.items():
+            value = getattr(self, field)
+            if value not in allowed:
+                raise IlsegError(f"{where}: {field} = {value!r} is not one of {', '.join(allowed)}")
+        for field in _BOOLS:
+            value = getattr(self, field)
+            if not isinstance(value, bool):
+                raise IlsegError(f"{where}: {field} must be true or false, got {value!r}")
+        for field in ("kd_weight", "fd_weight", "kd_alpha", "kd_temperature"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise IlsegError(f"{where}: {field} must be a finite number, got {value!r}")
+            object.__setattr__(self, field, float(value))
+        for field in ("kd_weight", "fd_weight"):
+            if getattr(self, field) < 0:
+                raise IlsegError(f"{where}: {field} must be >= 0, got {getattr(self, field)}")
+        for field in ("kd_alpha", "kd_temperature"):
+            if getattr(self, field) <= 0:
+                raise IlsegError(f"{where}: {field} must be > 0, got {getattr(self, field)}")
+        if self.kd == "none" and self.kd_weight > 0:
+            raise IlsegError(
+                f"{where}: kd_weight = {self.kd_weight} but kd = 'none'; choose kd 'mib' or "
+                "'ilt_output', or set kd_weight to 0"
+            )
+        if self.joint and (self.uses_kd or self.fd_weight > 0):
+            raise IlsegError(
+                f"{where}: joint training learns all classes in one step and has no teacher; "
+                "set kd_weight and fd_weight to 0"
+            )
+
+    @property
+    def uses_kd(self) -> bool:
+        """Whether the output-distillation term is on (a kind and a positive weight)."""
+        return self.kd != "none" and self.kd_weight > 0
+
+
+METHOD_PRESETS: dict[str, MethodConfig] = {
+    # Lower bound: cross-entropy alone at every step.
+    "finetune": MethodConfig(name="finetune"),
+    # Upper bound: all classes in one step.
+    "joint": MethodConfig(name="joint", joint=True),
+    # MiB / cssegmentation recipe (what cssegmentation's ILT page runs).
+    # MiB itself divides the CE by all pixels: override ce_reduction="all" to match it.
+    "ilt": MethodConfig(name="ilt", kd="mib", kd_weight=100.0, kd_alpha=1.0, fd_weight=100.0),
+    # ILT paper variants, original protocol (old classes keep their labels).
+    "ilt-kd-out": MethodConfig(name="ilt-kd-out", kd="ilt_output", kd_weight=1.0, kd_mask="old_bgr",
+                               keep_old_labels=True),
+    "ilt-kd-feat": MethodConfig(name="ilt-kd-feat", fd_weight=50.0, keep_old_labels=True),
+    "ilt-ef": MethodConfig(name="ilt-ef", freeze_encoder=True, keep_old_labels=True),
+    "ilt-ef-kd-out": MethodConfig(name="ilt-ef-kd-out", kd="ilt_output", kd_weight=1.0, freeze_encoder=True,
+                                  keep_old_labels=True),
+    "ilt-kd-out-feat": MethodConfig(name="ilt-kd-out-feat", kd="ilt_output", kd_weight=1.0, fd_weight=50.0,
+                                    keep_old_labels=True),
+}
+
+
+def method_config(name: str, overrides: Mapping[str, Any] | None = None) -> MethodConfig:
+    """A preset by name, with some fields replaced.
+
+    Raises:
+        IlsegError: unknown preset or unknown field, or an invalid value.
+    """
+    if name not in METHOD_PRESETS:
+        raise IlsegError(f"unknown method {name!r}; choose one of: {', '.join(METHOD_PRESETS)}")
+    cfg = METHOD_PRESETS[name]
+    if not overrides:
+        return cfg
+    fields = [f.name for f in dataclasses.fields(MethodConfig)]
+    unknown = [k for k in overrides if k not in fields]
+    if unknown:
+        raise IlsegError(f"unknown method field(s) {', '.join(map(repr, unknown))}; known: {', '.join(fields)}")
+    return dataclasses.replace(cfg, **dict(overrides))
+
+
+def _weight(w: float) -> str:
+    return f"{w:g}"
+
+
+def describe_method(cfg: MethodConfig) -> str:
+    """One line: the preset's name, its loss at steps > 0 and its protocol.
+
+    Example: ``ilt: L = CE(y) + 100*KD_mib(alpha=1) + 100*FD [labels: current step only]``.
+    """
+    ce = "CE(y)" if cfg.ce_reduction == "valid" else "CE(y, mean over all pixels)"
+    terms = [ce]
+    if cfg.kd == "mib" and cfg.uses_kd:
+        terms.append(f"{_weight(cfg.kd_weight)}*KD_mib(alpha={_weight(cfg.kd_alpha)})")
+    elif cfg.kd == "ilt_output" and cfg.uses_kd:
+        terms.append(f"{_weight(cfg.kd_weight)}*KD_out(T={_weight(cfg.kd_temperature)}, pixels={cfg.kd_mask})")
+    if cfg.fd_weight > 0:
+        terms.append(f"{_weight(cfg.fd_weight)}*FD")
+    extras = []
+    if cfg.freeze_encoder:
+        extras.append("encoder frozen")
+    if cfg.freeze_bn:
+        extras.append("BN frozen")
+    if cfg.classifier_init == "background":
+        extras.append("new classifier from background")
+    if cfg.joint:
+        labels = "all classes at once"
+    else:
+        labels = "old labels kept" if cfg.keep_old_labels else "current step only"
+    extra = f"; {', '.join(extras)} from step 1" if extras else ""
+    distils = cfg.uses_kd or cfg.fd_weight > 0
+    step0 = "; step 0: CE only" if distils else ""
+    return f"{cfg.name}: L = {' + '.join(terms)} [labels: {labels}{step0}{extra}]"
+
+
+class Method:
+    """The loss of one training batch, and the freezing of each step.
+
+    ``Method(cfg)`` holds nothing but its config: the engine owns the teacher
+    model and passes its outputs in.  A method edits no trainer state.
+
+    Example::
+
+        >>> import torch
+        >>> m = Method(METHOD_PRESETS["finetune"])
+        >>> out = {"logits": torch.zeros(1, 3, 2, 2), "features": torch.zeros(1, 4, 1, 1)}
+        >>> sorted(m(out, None, torch.zeros(1, 2, 2, dtype=torch.long), step=0))
+        ['ce', 'loss']
+    """
+
+    def __init__(self, cfg: MethodConfig) -> None:
+        self.cfg = cfg
+
+    def __repr__(self) -> str:
+        return f"Method({self.cfg!r})"
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether steps > 0 need the previous model's outputs."""
+        return self.cfg.uses_kd or self.cfg.fd_weight > 0
+
+    def begin_step(self, model: nn.Module, step: int) -> None:
+        """Freeze what the config asks for, once at the start of ``step`` (> 0 only)."""
+        if step <= 0:
+            return
+        if self.cfg.freeze_encoder or self.cfg.freeze_bn:
+            from ilseg.models import freeze_bn, freeze_encoder
+
+            if self.cfg.freeze_encoder:
+                freeze_encoder(model)
+            if self.cfg.freeze_bn:
+                freeze_bn(model)
+
+    def __call__(
+        self,
+        student: Mapping[str, Tensor],
+        teacher: Mapping[str, Tensor] | None,
+        target: Tensor,
+        step: int,
+    ) -> dict[str, Tensor]:
+        """Named scalar losses of one batch; the total is under ``"loss"``.
+
+        Args:
+            student: the trained model's output: ``"logits"`` ``BxCxHxW``
+                (already at the target's resolution) and ``"features"``.
+            teacher: the previous model's output (``"logits"``
+                ``BxC_oldxHxW``, ``"features"``), or ``None`` at step 0 and
+                for methods that do not distil.
+            target: ``BxHxW`` int64 training target (channel ids, 255 ignored).
+            step: the incremental step (0 = the first).
+
+        Returns:
+            ``"ce"`` always; ``"kd"`` if output distillation is on and
+            ``step > 0``; ``"fd"`` if ``fd_weight > 0`` and ``step > 0``; and
+            ``"loss" = ce + kd_weight * kd + fd_weight * fd``.
+        """
+        cfg = self.cfg
+        logits = student["logits"]
+        losses: dict[str, Tensor] = {"ce": cross_entropy(logits, target, reduction=cfg.ce_reduction)}
+        total = losses["ce"]
+        if step > 0 and self.needs_teacher:
+            if teacher is None:
+                raise ValueError(
+                    f"method {cfg.name!r} distils from the previous model, but no teacher output was "
+                    f"given at step {step}"
+                )
+            if cfg.uses_kd:
+                if cfg.kd == "mib":
+                    kd = kd_mib(logits, teacher["logits"], alpha=cfg.kd_alpha)
+                else:
+                    kd = kd_ilt_output(logits, teacher["logits"], target,
+                                       temperature=cfg.kd_temperature, mask=cfg.kd_mask)
+                losses["kd"] = kd
+                total = total + cfg.kd_weight * kd
+            if cfg.fd_weight > 0:
+                fd = feature_distillation(student["features"], teacher["features"])
+                losses["fd"] = fd
+                total = total + cfg.fd_weight * fd
+        losses["loss"] = total
+        return losses
+
+
+def build_method(cfg: MethodConfig) -> Method:
+    """The :class:`Method` that runs ``cfg``."""
+    return Method(cfg)

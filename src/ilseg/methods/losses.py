@@ -1,0 +1,250 @@
+"""The loss terms of ILT and its baselines, as pure functions of tensors.
+
+Notation (REFERENCE.md §6): ``z`` are the student's logits, ``z°`` the
+teacher's (the previous step's model, ``C_old`` channels), ``y`` the training
+target (channel ids, 255 = ignore), ``f`` / ``f°`` the encoder features.
+Logits arrive already upsampled to the target's resolution.
+
+Every function computes its softmax / log-softmax in float32, whatever the
+input dtype, so the losses stay exact under ``torch.autocast`` (bf16 or fp16
+logits): a bf16 input is upcast once, a float32 input is used as is.  Teacher
+tensors are detached: no gradient ever reaches the previous model.  No
+function synchronises with the GPU (no ``.item()``), and a term with no pixel
+to average over returns 0 with a gradient instead of NaN.
+
+Sources:
+
+* ``cross_entropy`` - PyTorch / cssegmentation (``"valid"``) and MiB (``"all"``).
+* ``kd_mib`` - MiB's re-implementation of ILT (``KnowledgeDistillationLoss``),
+  which cssegmentation's ILT page runs with weight 100.
+* ``kd_ilt_output`` - the ILT paper's output distillation ``L'_D``.
+* ``feature_distillation`` - MiB's ``L_FD`` and the ILT paper's ``L''_D``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = 255
+
+CEReduction = Literal["valid", "all"]
+KDMask = Literal["old_bgr", "all", "old"]
+
+
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: CEReduction = "valid",
+) -> Tensor:
+    """Pixel-wise cross-entropy with an ignore label.
+
+    ``CE = - sum_{i : y_i != 255} log softmax(z_i)[y_i] / N``, where ``N`` is
+
+    * ``"valid"``: the number of non-ignored pixels (PyTorch's ``mean``, what
+      cssegmentation uses);
+    * ``"all"``: every pixel of the batch, ignored ones included (MiB takes the
+      mean of the unreduced loss, in which ignored pixels count as 0).
+
+    If every pixel is ignored the result is 0 (with a gradient), not NaN.
+
+    Args:
+        logits: ``BxCxHxW`` student logits, any float dtype.
+        target: ``BxHxW`` int64 channel ids in ``0..C-1`` or ``ignore_index``.
+        ignore_index: the label whose pixels are left out of the sum.
+        reduction: ``"valid"`` or ``"all"`` (see above).
+
+    Returns:
+        A float32 scalar.
+
+    Example::
+
+        >>> z = torch.zeros(1, 2, 1, 2); y = torch.tensor([[[0, 255]]])
+        >>> round(cross_entropy(z, y).item(), 4), round(cross_entropy(z, y, reduction="all").item(), 4)
+        (0.6931, 0.3466)
+    """
+    total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
+    if reduction == "valid":
+        count = (target != ignore_index).sum().clamp_min(1)
+        return total / count
+    if reduction == "all":
+        return total / max(target.numel(), 1)
+    raise ValueError(f"unknown cross-entropy reduction {reduction!r}; use 'valid' or 'all'")
+
+
+def _check_teacher_logits(student_logits: Tensor, teacher_logits: Tensor) -> int:
+    """The teacher's channel count, after checking it fits the student's."""
+    c_old = teacher_logits.shape[1]
+    if student_logits.dim() != 4 or teacher_logits.dim() != 4:
+        raise ValueError(
+            f"logits must be BxCxHxW; got student {tuple(student_logits.shape)}, "
+            f"teacher {tuple(teacher_logits.shape)}"
+        )
+    same_pixels = (student_logits.shape[0], *student_logits.shape[2:]) == (
+        teacher_logits.shape[0], *teacher_logits.shape[2:])
+    if not same_pixels or c_old > student_logits.shape[1]:
+        raise ValueError(
+            f"teacher logits {tuple(teacher_logits.shape)} do not fit student logits "
+            f"{tuple(student_logits.shape)}: same batch and size, at most as many channels"
+        )
+    return c_old
+
+
+def _soft_cross_entropy(teacher_prob: Tensor, student_logits: Tensor) -> Tensor:
+    """``- sum_c p_c * log softmax(s)_c`` per pixel, for ``p`` summing to 1 over c.
+
+    ``teacher_prob`` is ``BxKxHxW`` (a probability over its K channels) and
+    ``student_logits`` ``BxLxHxW`` with ``L >= K``; the softmax runs over all
+    ``L`` student channels and the sum over the first ``K``.  Since
+    ``log softmax(s)_c = s_c - logsumexp(s)`` and ``sum_c p_c = 1``, the value
+    is ``logsumexp(s) - sum_{c<K} p_c s_c``; this never materialises (or keeps
+    for backward) a full-resolution log-softmax.  Both inputs are float32.
+    Returns ``BxHxW``.
+    """
+    k = teacher_prob.shape[1]
+    lse = torch.logsumexp(student_logits, dim=1)
+    return lse - (teacher_prob * student_logits[:, :k]).sum(dim=1)
+
+
+def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``values`` (``BxHxW``) over ``mask``'s pixels; 0 (with grad) if none."""
+    if mask is None:
+        return values.mean()
+    if mask.shape != values.shape:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the pixels {tuple(values.shape)}")
+    mask = mask.to(dtype=values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+def kd_mib(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    alpha: float = 1.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Output distillation of MiB's ILT baseline (the cssegmentation ILT recipe).
+
+    ``L_KD = - mean_i [ (1/C_old) * sum_{c<C_old} softmax(alpha * z°_i)_c
+    * log softmax(z_i[:C_old])_c ]``
+
+    The student's log-softmax runs over its **old channels only** (the new
+    channels take no part, so raising a new logit leaves the loss unchanged),
+    and the channel sum is divided by ``C_old`` (MiB takes the mean over
+    channels).  With ``student == teacher`` on the old channels (and alpha 1)
+    the loss reaches its minimum, the teacher's entropy divided by ``C_old``.
+
+    Args:
+        student_logits: ``BxCxHxW``, ``C >= C_old``.
+        teacher_logits: ``BxC_oldxHxW``; detached here.
+        alpha: scale of the teacher's logits before its softmax (MiB's
+            ``alpha``; 1 in the ILT recipe).
+        mask: optional ``BxHxW`` bool; the mean then runs over the masked
+            pixels only (MiB multiplies by the mask but still divides by all
+            pixels; its ILT recipe uses no mask).  No masked pixel gives 0.
+
+    Returns:
+        A float32 scalar.
+    """
+    c_old = _check_teacher_logits(student_logits, teacher_logits)
+    teacher = teacher_logits.detach().float()
+    if alpha != 1.0:
+        teacher = teacher * alpha
+    teacher_prob = torch.softmax(teacher, dim=1)
+    per_pixel = _soft_cross_entropy(teacher_prob, student_logits[:, :c_old].float()) / c_old
+    return _masked_mean(per_pixel, mask)
+
+
+def kd_ilt_output(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: KDMask = "old_bgr",
+    ignore_index: int = IGNORE_INDEX,
+) -> Tensor:
+    """The ILT paper's output distillation ``L'_D``.
+
+    ``L'_D = - mean_{i in P} sum_{c<C_old} softmax(z°_i / T)_c * log softmax(z_i / T)_c``
+
+    a cross-entropy between the teacher's softmax over its ``C_old`` channels
+    and the student's softmax over **all** its current channels, read on the
+    old channels (so raising a new logit does change the loss).  ``P`` is the
+    set of pixels selected by ``mask``, from the training target ``y``
+    (channel ids; channel ``c < C_old`` is an old class, 0 is background):
+
+    * ``"old_bgr"`` (the paper's default): ``y_i < C_old``, i.e. background or
+      an old class; 255 excluded.  Under the MiB-style protocol old classes
+      are already 0 in the target, so this is the background pixels.
+    * ``"all"``: every pixel, **255 included** (the paper applies ``L'_D`` to
+      the whole image; an ignored pixel still has a teacher output to match).
+    * ``"old"``: ``1 <= y_i < C_old``, old classes without background (empty
+      under the MiB-style protocol, which relabels old classes to 0).
+
+    No ``T^2`` factor: the ILT paper does not use one (its experiments run at
+    ``T = 1``, where the question is moot), so none is applied.  With no
+    selected pixel the result is 0 (with a gradient).
+
+    Args:
+        student_logits: ``BxCxHxW``, ``C >= C_old``.
+        teacher_logits: ``BxC_oldxHxW``; detached here.
+        target: ``BxHxW`` int64 training target (channel ids or 255).
+        temperature: ``T > 0`` dividing both models' logits.
+        mask: ``"old_bgr"``, ``"all"`` or ``"old"`` (see above).
+        ignore_index: the ignore label of ``target``.
+
+    Returns:
+        A float32 scalar.
+    """
+    c_old = _check_teacher_logits(student_logits, teacher_logits)
+    if target.shape != (student_logits.shape[0], *student_logits.shape[2:]):
+        raise ValueError(
+            f"target of shape {tuple(target.shape)} does not match logits {tuple(student_logits.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if mask == "old_bgr":
+        pixels: Tensor | None = (target < c_old) & (target != ignore_index)
+    elif mask == "old":
+        pixels = (target >= 1) & (target < c_old) & (target != ignore_index)
+    elif mask == "all":
+        pixels = None
+    else:
+        raise ValueError(f"unknown KD mask {mask!r}; use 'old_bgr', 'all' or 'old'")
+
+    teacher = teacher_logits.detach().float()
+    student = student_logits.float()
+    if temperature != 1.0:
+        teacher = teacher / temperature
+        student = student / temperature
+    teacher_prob = torch.softmax(teacher, dim=1)
+    per_pixel = _soft_cross_entropy(teacher_prob, student)
+    return _masked_mean(per_pixel, pixels)
+
+
+def feature_distillation(features: Tensor, teacher_features: Tensor) -> Tensor:
+    """Mean squared error between student and teacher encoder features.
+
+    ``L_FD = mean over all elements of (f - f°)^2``
+
+    The same function is MiB's ``L_FD`` (weight 100 in the cssegmentation
+    recipe) and the ILT paper's ``L''_D`` (weight 50); only the weight differs.
+
+    Args:
+        features: ``BxKxhxw`` student features (layer4 output).
+        teacher_features: ``BxKxhxw`` teacher features; detached here.
+
+    Returns:
+        A float32 scalar.
+    """
+    if features.shape != teacher_features.shape:
+        raise ValueError(
+            f"feature shapes differ: student {tuple(features.shape)}, teacher {tuple(teacher_features.shape)}"
+        )
+    return F.mse_loss(features.float(), teacher_features.detach().float(), reduction="mean")

@@ -1,0 +1,42 @@
+"""Models: ResNet body, ASPP head, the incremental segmenter, weight loading.
+
+Entry points (docs/architecture.md): :func:`build_segmenter`,
+:meth:`IncrementalSegmenter.add_step`, :func:`freeze_bn`,
+:func:`freeze_encoder`, :func:`copy_for_teacher`, :func:`load_iabn_checkpoint`.
+"""
+
+from ilseg.models.aspp import ASPP, DEFAULT_DILATIONS, eval_pool
+from ilseg.models.backbone import ResNet
+from ilseg.models.pretrained import (
+    imagenet_cache_path,
+    load_iabn_checkpoint,
+    load_imagenet_weights,
+    load_pretrained,
+)
+from ilseg.models.segmenter import (
+    BACKBONES,
+    IncrementalSegmenter,
+    build_segmenter,
+    copy_for_teacher,
+    freeze_bn,
+    freeze_encoder,
+    unfreeze,
+)
+
+__all__ = [
+    "ASPP",
+    "BACKBONES",
+    "DEFAULT_DILATIONS",
+    "IncrementalSegmenter",
+    "ResNet",
+    "build_segmenter",
+    "copy_for_teacher",
+    "eval_pool",
+    "freeze_bn",
+    "freeze_encoder",
+    "imagenet_cache_path",
+    "load_iabn_checkpoint",
+    "load_imagenet_weights",
+    "load_pretrained",
+    "unfreeze",
+]

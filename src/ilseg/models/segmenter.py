@@ -1,0 +1,244 @@
+"""The incremental DeepLab-v3 segmenter: ResNet body, ASPP head, one classifier per step.
+
+:class:`IncrementalSegmenter` concatenates the per-step 1x1 classifiers in step
+order, so output channel ``k`` is class ``task.order[k]``
+(docs/architecture.md).  Growing it for a new step is one call,
+:meth:`IncrementalSegmenter.add_step`.  The functions below are what the
+methods apply at step boundaries:
+
+* :func:`freeze_bn` - every BN in eval mode with frozen affine parameters
+  (the original ILT protocol);
+* :func:`freeze_encoder` - the ResNet body frozen (ILT's "EF" variant);
+* :func:`unfreeze` - undo both;
+* :func:`copy_for_teacher` - a frozen eval-mode copy to distil from.
+
+Freezing survives ``model.train()``: the model remembers it and puts the frozen
+BNs back in eval mode.  Frozen parameters get ``requires_grad=False``, so they
+receive no gradient, SGD skips them (their ``.grad`` stays ``None``, so not even
+weight decay moves them), and an optimiser built from
+``p for p in model.parameters() if p.requires_grad`` leaves them out.
+
+Example::
+
+    >>> model = build_segmenter(backbone="resnet18", classes_per_step=[16])
+    >>> model.add_step(1, init="background")
+    >>> out = model.eval()(torch.zeros(1, 3, 64, 64))
+    >>> out["logits"].shape, out["features"].shape
+    (torch.Size([1, 17, 64, 64]), torch.Size([1, 512, 4, 4]))
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ilseg.errors import IlsegError
+from ilseg.models.aspp import ASPP, DEFAULT_DILATIONS
+from ilseg.models.backbone import SUPPORTED_DEPTHS, SUPPORTED_OUTPUT_STRIDES, ResNet
+from ilseg.models.pretrained import load_pretrained
+
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+BACKBONES: dict[str, int] = {f"resnet{depth}": depth for depth in SUPPORTED_DEPTHS}
+
+
+class IncrementalSegmenter(nn.Module):
+    """``body`` (ResNet) -> ``head`` (ASPP) -> ``classifiers`` (one 1x1 conv per step).
+
+    Args:
+        body: the backbone; must expose ``out_channels``.
+        head: the ASPP; must expose ``out_channels``.
+        classes_per_step: output channels of each step's classifier so far
+            (background is channel 0 of step 0).
+
+    ``forward(x)`` with ``x`` of shape ``Bx3xHxW`` returns a dict:
+
+    * ``"logits"``: ``BxCxHxW`` with ``C = num_outputs``, bilinearly upsampled
+      (``align_corners=False``) to the input size, or ``BxCxhxw`` at feature
+      resolution with ``upsample=False``;
+    * ``"features"``: ``Bx{body.out_channels}xhxw``, the body's output after its
+      last activation (what ILT's feature distillation compares).
+    """
+
+    def __init__(self, body: nn.Module, head: nn.Module, classes_per_step: Sequence[int]) -> None:
+        super().__init__()
+        _check_classes_per_step(classes_per_step)
+        self.body = body
+        self.head = head
+        self.classifiers = nn.ModuleList(
+            nn.Conv2d(int(head.out_channels), int(n), kernel_size=1) for n in classes_per_step
+        )
+        self.bn_frozen = False
+        self.encoder_frozen = False
+        self.is_teacher = False
+
+    @property
+    def classes_per_step(self) -> tuple[int, ...]:
+        """Output channels of each step's classifier, in step order."""
+        return tuple(int(cls.out_channels) for cls in self.classifiers)
+
+    @property
+    def num_outputs(self) -> int:
+        """Total output channels (classes seen so far, background included)."""
+        return sum(self.classes_per_step)
+
+    def forward(self, x: torch.Tensor, upsample: bool = True) -> dict[str, torch.Tensor]:
+        features = self.body(x)
+        head_out = self.head(features)
+        logits = torch.cat([cls(head_out) for cls in self.classifiers], dim=1)
+        if upsample:
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return {"logits": logits, "features": features}
+
+    def add_step(self, num_classes: int, *, init: Literal["default", "background"] = "default") -> None:
+        """Append a classifier for ``num_classes`` new classes, on the model's device and dtype.
+
+        ``init="default"``: PyTorch's default conv init (the MiB/cssegmentation
+        ILT recipe).  ``init="background"``: MiB's init - every new channel
+        copies the background channel's weight (channel 0 of the first
+        classifier) and gets bias ``b_bg - log(n_new + 1)``; the background
+        bias itself becomes ``b_bg - log(n_new + 1)`` too, so the background
+        probability is shared out among background and new classes.
+        Old outputs are unchanged by ``"default"``; ``"background"`` changes
+        only the background logit.
+        """
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise IlsegError(f"a new step needs a positive number of classes, got {num_classes!r}")
+        if init not in ("default", "background"):
+            raise IlsegError(f"classifier init must be 'default' or 'background', got {init!r}")
+        reference = self.classifiers[0].weight
+        new = nn.Conv2d(int(self.head.out_channels), num_classes, kernel_size=1)
+        new = new.to(device=reference.device, dtype=reference.dtype)
+        if init == "background":
+            old = self.classifiers[0]
+            with torch.no_grad():
+                bias = old.bias[0] - math.log(num_classes + 1)
+                new.weight.copy_(old.weight[0:1].expand_as(new.weight))
+                new.bias.fill_(bias.item())
+                old.bias[0] = bias
+        if self.is_teacher:
+            new.requires_grad_(False)
+        new.train(self.training and not self.is_teacher)
+        self.classifiers.append(new)
+
+    def train(self, mode: bool = True) -> IncrementalSegmenter:
+        """Set train/eval mode, keeping frozen BNs (and a teacher) in eval mode."""
+        super().train(mode and not self.is_teacher)
+        if self.bn_frozen:
+            _set_bn_eval(self)
+        elif self.encoder_frozen:
+            _set_bn_eval(self.body)
+        return self
+
+
+def _check_classes_per_step(classes_per_step: Sequence[int]) -> None:
+    if isinstance(classes_per_step, (str, bytes)) or len(classes_per_step) == 0:
+        raise IlsegError(f"classes_per_step must be a non-empty list of counts, got {classes_per_step!r}")
+    for n in classes_per_step:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise IlsegError(f"classes_per_step must hold positive integers, got {list(classes_per_step)!r}")
+
+
+def _set_bn_eval(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, _BatchNorm):
+            m.eval()
+
+
+def freeze_bn(model: IncrementalSegmenter) -> None:
+    """Freeze every BN of ``model`` (body and head): eval mode, affine params without grad.
+
+    Running statistics stop updating, and stay frozen across ``model.train()``.
+    """
+    model.bn_frozen = True
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.eval()
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+
+
+def freeze_encoder(model: IncrementalSegmenter) -> None:
+    """Freeze the ResNet body (ILT's EF): no gradient into it, its BNs in eval mode.
+
+    Head and classifiers stay trainable.  Survives ``model.train()``.
+    """
+    model.encoder_frozen = True
+    model.body.requires_grad_(False)
+    _set_bn_eval(model.body)
+
+
+def unfreeze(model: IncrementalSegmenter) -> None:
+    """Undo :func:`freeze_bn` and :func:`freeze_encoder`: everything trainable again.
+
+    The BNs return to the model's current mode.
+    """
+    model.bn_frozen = False
+    model.encoder_frozen = False
+    model.requires_grad_(True)
+    model.train(model.training)
+
+
+def copy_for_teacher(model: IncrementalSegmenter) -> IncrementalSegmenter:
+    """A deep copy to distil from: eval mode (kept by ``train()``), ``requires_grad=False``.
+
+    The copy shares no storage with ``model``; later training leaves it alone.
+    """
+    teacher = copy.deepcopy(model)
+    teacher.is_teacher = True
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return teacher
+
+
+def build_segmenter(
+    *,
+    backbone: str = "resnet101",
+    output_stride: int = 16,
+    head_channels: int = 256,
+    classes_per_step: Sequence[int],
+    pretrained: str | None = None,
+    aspp_dilations: Sequence[int] | None = None,
+) -> IncrementalSegmenter:
+    """DeepLab-v3 (MiB's variant) with one classifier per step so far.
+
+    Args:
+        backbone: ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` or ``"resnet101"``.
+        output_stride: 16 (default), 8, or 32 (no dilation, for speed).
+        head_channels: ASPP width (256 in the papers).
+        classes_per_step: classifier sizes, e.g. ``[16, 1]`` after the first
+            increment of VOC 15-1.
+        pretrained: body weights: ``None`` (random init), ``"imagenet"``
+            (torchvision's ImageNet weights from the torch hub cache,
+            downloaded if absent), or a path to a local checkpoint in
+            torchvision's or InPlace-ABN's format (see
+            :mod:`ilseg.models.pretrained`).  Head and classifiers always start
+            from their own init.
+        aspp_dilations: overrides the dilations chosen by the output stride
+            (``(6, 12, 18)`` at 16, ``(12, 24, 32)`` at 8 as in MiB).
+
+    Raises:
+        IlsegError: unknown backbone, stride or sizes; missing or incompatible
+            weights.
+    """
+    if backbone not in BACKBONES:
+        raise IlsegError(f"unknown backbone {backbone!r}; use one of {sorted(BACKBONES)}")
+    if output_stride not in SUPPORTED_OUTPUT_STRIDES:
+        raise IlsegError(
+            f"output stride {output_stride!r} is not supported; use one of {SUPPORTED_OUTPUT_STRIDES}"
+        )
+    if isinstance(head_channels, bool) or not isinstance(head_channels, int) or head_channels < 1:
+        raise IlsegError(f"head_channels must be a positive integer, got {head_channels!r}")
+    _check_classes_per_step(classes_per_step)
+    body = ResNet(BACKBONES[backbone], output_stride=output_stride)
+    if pretrained is not None:
+        load_pretrained(body, pretrained)
+    dilations = DEFAULT_DILATIONS[output_stride] if aspp_dilations is None else tuple(aspp_dilations)
+    head = ASPP(body.out_channels, head_channels, dilations=dilations)
+    return IncrementalSegmenter(body, head, classes_per_step)

@@ -1,0 +1,90 @@
+"""Results files of a run (json / csv / md) and comparison tables.
+
+Scores are stored as fractions (0..1) in ``results.json`` and shown as
+percentages in the tables.  ``None`` (JSON ``null``) marks a class absent from
+the ground truth or a mean over no class; tables show it as ``-``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ilseg.engine.checkpoint import atomic_write_text
+
+CSV_FIELDS = (
+    "step", "classes_seen", "miou_all", "miou_old", "miou_old_fg", "miou_new",
+    "pixel_accuracy", "mean_class_accuracy", "num_train_images", "epochs", "train_seconds",
+)
+
+
+def pct(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}"
+
+
+def results_markdown(results: Mapping[str, Any]) -> str:
+    """The paper-style table: old / new / all after each step, then per-class IoU."""
+    steps = results.get("steps", [])
+    out = io.StringIO()
+    title = f"{results.get('method')} on {results.get('dataset')} {results.get('task')}"
+    title += " (overlapped)" if results.get("overlap") else " (disjoint)"
+    out.write(f"# {title}\n\nmIoU in %; old = step-0 classes (incl. background), new = classes added since.\n\n")
+    out.write("| step | classes | old | old w/o bg | new | all | pixel acc | mean acc |\n")
+    out.write("|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    for s in steps:
+        out.write(
+            f"| {s['step']} | {s['classes_seen']} | {pct(s['miou_old'])} | {pct(s.get('miou_old_fg'))} | "
+            f"{pct(s['miou_new'])} | {pct(s['miou_all'])} | {pct(s.get('pixel_accuracy'))} | "
+            f"{pct(s.get('mean_class_accuracy'))} |\n"
+        )
+    if results.get("mean_miou_over_steps") is not None:
+        out.write(f"\nMean of all-class mIoU over steps: {pct(results['mean_miou_over_steps'])}\n")
+    if steps:
+        names = list(steps[-1]["iou_per_class"])
+        out.write("\n## Per-class IoU (%)\n\n| class | " + " | ".join(f"step {s['step']}" for s in steps) + " |\n")
+        out.write("|---|" + "---:|" * len(steps) + "\n")
+        for name in names:
+            row = [pct(s["iou_per_class"].get(name)) if name in s["iou_per_class"] else "" for s in steps]
+            out.write(f"| {name} | " + " | ".join(row) + " |\n")
+    return out.getvalue()
+
+
+def results_csv(results: Mapping[str, Any]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for s in results.get("steps", []):
+        writer.writerow({k: s.get(k) for k in CSV_FIELDS})
+    return buf.getvalue()
+
+
+def write_results(run_dir: Path, results: Mapping[str, Any]) -> None:
+    """Write results.json, results.csv and results.md atomically."""
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(run_dir / "results.csv", results_csv(results))
+    atomic_write_text(run_dir / "results.md", results_markdown(results))
+
+
+def read_results(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One line per run: old / new / all mIoU after the last step (Markdown)."""
+    lines = ["| method | task | old | new | all | mean over steps |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        last = r["steps"][-1] if r.get("steps") else {}
+        task = f"{r.get('task')}{' ov' if r.get('overlap') else ''}"
+        lines.append(
+            f"| {r.get('label', r.get('method'))} | {task} | {pct(last.get('miou_old'))} | "
+            f"{pct(last.get('miou_new'))} | {pct(last.get('miou_all'))} | {pct(r.get('mean_miou_over_steps'))} |"
+        )
+    return "\n".join(lines)
