@@ -25,8 +25,8 @@ def test_feature_shape(depth: int, output_stride: int) -> None:
     body = ResNet(depth, output_stride=output_stride)
     expected_channels = 512 if depth < 50 else 2048
     assert body.out_channels == expected_channels
-    out = _forward(body, 64)
-    assert out.shape == (1, expected_channels, 64 // output_stride, 64 // output_stride)
+    out = _forward(body, 32)
+    assert out.shape == (1, expected_channels, 32 // output_stride, 32 // output_stride)
 
 
 def _convs3x3(stage: nn.Module) -> list[nn.Conv2d]:

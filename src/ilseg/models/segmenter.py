@@ -16,7 +16,9 @@ Freezing survives ``model.train()``: the model remembers it and puts the frozen
 BNs back in eval mode.  Frozen parameters get ``requires_grad=False``, so they
 receive no gradient, SGD skips them (their ``.grad`` stays ``None``, so not even
 weight decay moves them), and an optimiser built from
-``p for p in model.parameters() if p.requires_grad`` leaves them out.
+``p for p in model.parameters() if p.requires_grad`` leaves them out.  Freeze
+before wrapping the model in DistributedDataParallel (DDP registers the
+trainable parameters when it is built); SyncBatchNorm conversion keeps it.
 
 Example::
 
