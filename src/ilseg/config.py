@@ -64,6 +64,7 @@ class ModelConfig:
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet101"
     output_stride: Literal[8, 16, 32] = 16
     head_channels: int = 256
+    width: int = 64  # ResNet base width; 64 as published, smaller for thin CPU models (no pretrained weights)
     pretrained: str | None = "imagenet"  # "imagenet", a local checkpoint path, or null
 
 
@@ -145,6 +146,9 @@ def _validate(cfg: RunConfig) -> None:
         (0 < cfg.data.scale[0] <= cfg.data.scale[1], "data.scale must be (min, max) with 0 < min <= max"),
         (cfg.data.workers >= 0, "data.workers must be >= 0"),
         (cfg.model.head_channels > 0, "model.head_channels must be positive"),
+        (cfg.model.width > 0, "model.width must be positive"),
+        (cfg.model.width == 64 or cfg.model.pretrained is None,
+         "model.pretrained needs model.width 64 (the published ResNets); set model.pretrained=null"),
         (cfg.optim.lr > 0 and cfg.optim.lr_next > 0, "optim.lr and optim.lr_next must be positive"),
         (cfg.optim.epochs > 0 and cfg.optim.epochs_next > 0, "optim.epochs and optim.epochs_next must be >= 1"),
         (cfg.optim.batch_size >= 1, "optim.batch_size must be >= 1"),

@@ -50,7 +50,8 @@ _ADE_FOLDERS = {"train": "training", "val": "validation"}
 _SYNTH_FIX = "run `ilseg data synth --out DIR` to generate it and pass DIR as the root"
 _VOC_LAYOUT = (
     "expected JPEGImages/, SegmentationClassAug/ (or SegmentationClass/) and ImageSets/Segmentation/ "
-    "in ROOT, ROOT/VOC2012 or ROOT/VOCdevkit/VOC2012"
+    "in ROOT, ROOT/VOC2012 or ROOT/VOCdevkit/VOC2012 (extract VOCtrainval_11-May-2012.tar and the "
+    "SBD SegmentationClassAug masks there, with the train_aug.txt list)"
 )
 _ADE_LAYOUT = (
     "expected images/{training,validation}/*.jpg and annotations/{training,validation}/*.png "

@@ -34,13 +34,8 @@ IGNORE_INDEX = 255
 _MASK_MODES = ("P", "L")
 
 
-def palette() -> list[int]:
-    """The standard 256-entry PASCAL VOC colour map as a flat ``[r, g, b, r, g, b, ...]`` list.
-
-    Colour of class ``c`` is built from the bits of ``c``: bit ``3k + j`` of
-    ``c`` sets bit ``7 - k`` of channel ``j``.  Class 0 is black, 255 is
-    (224, 224, 192).
-    """
+def _voc_palette() -> tuple[int, ...]:
+    """Build the VOC colour map: bit ``3k + j`` of class ``c`` sets bit ``7 - k`` of channel ``j``."""
     colours: list[int] = []
     for c in range(256):
         rgb = [0, 0, 0]
@@ -50,12 +45,19 @@ def palette() -> list[int]:
                 rgb[j] |= ((value >> j) & 1) << (7 - k)
             value >>= 3
         colours.extend(rgb)
-    return colours
+    return tuple(colours)
 
 
-def _palette_array() -> np.ndarray:
-    """:func:`palette` as a ``256x3`` ``uint8`` array."""
-    return np.asarray(palette(), dtype=np.uint8).reshape(256, 3)
+_VOC_PALETTE = _voc_palette()
+_VOC_PALETTE_ARRAY = np.asarray(_VOC_PALETTE, dtype=np.uint8).reshape(256, 3)
+
+
+def palette() -> list[int]:
+    """The standard 256-entry PASCAL VOC colour map as a flat ``[r, g, b, r, g, b, ...]`` list (768 ints).
+
+    Class 0 is black, 1 (aeroplane) is (128, 0, 0), 255 (ignore) is (224, 224, 192).
+    """
+    return list(_VOC_PALETTE)
 
 
 def _open(path: Path, what: str, fix: str) -> Image.Image:
@@ -181,7 +183,7 @@ def write_mask_png(path: str | os.PathLike[str], mask: np.ndarray) -> None:
 
 def colorize(mask: np.ndarray) -> np.ndarray:
     """An ``HxW`` label mask as an ``HxWx3`` ``uint8`` image in the VOC colours."""
-    return _palette_array()[np.asarray(mask, dtype=np.uint8)]
+    return _VOC_PALETTE_ARRAY[np.asarray(mask, dtype=np.uint8)]
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -5,8 +5,9 @@ A transform takes a numpy ``HxWx3`` ``uint8`` RGB image and an ``HxW``
 :func:`ilseg.tasks.train_lut`) and returns ``(image, target)``: a ``float32``
 tensor ``3xH'xW'`` normalised with the ImageNet mean/std and an ``int64``
 tensor ``H'xW'``.  The same geometry is applied to both.  The mask is wrapped
-as a :class:`torchvision.tv_tensors.Mask`, so it is always resized with
-nearest-neighbour interpolation: labels are never blended.
+as a :class:`torchvision.tv_tensors.Mask` and always resized with
+centre-aligned nearest-neighbour interpolation (``NEAREST_EXACT``, like PIL's
+nearest): labels are never blended and stay aligned with the image.
 
 Recipes (REFERENCE.md §4):
 
@@ -33,15 +34,16 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torchvision import tv_tensors
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
 
 
 class JointTransform:
@@ -64,14 +66,42 @@ class JointTransform:
         """Args: ``HxWx3`` uint8 image, ``HxW`` uint8 mask. Returns ``3xH'xW'`` float32, ``H'xW'`` int64."""
         if image.ndim != 3 or image.shape[2] != 3 or mask.shape != image.shape[:2]:
             raise ValueError(f"need an HxWx3 image and an HxW mask, got {image.shape} and {mask.shape}")
-        img = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
-        msk = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)))
+        image, mask = np.require(image, requirements="CW"), np.require(mask, requirements="CW")
+        img = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
+        msk = tv_tensors.Mask(torch.from_numpy(mask))
         out_img, out_mask = self.pipeline(img, msk)
         return out_img.as_subclass(torch.Tensor), out_mask.as_subclass(torch.Tensor)
 
     def __repr__(self) -> str:
         inner = ", ".join(repr(t) for t in self.geometry)
         return f"JointTransform([{inner}] + ToDtype + Normalize(ImageNet))"
+
+
+class RandomResizedCrop(v2.RandomResizedCrop):
+    """``v2.RandomResizedCrop`` that resizes masks with centre-aligned nearest neighbour.
+
+    torchvision resizes masks with ``NEAREST``, which samples source pixel
+    ``floor(i * in / out)`` and so shifts labels up to one source pixel
+    towards the top-left of the image; ``NEAREST_EXACT`` samples
+    ``floor((i + 0.5) * in / out)``, aligned with the bilinear image (and with
+    PIL's nearest, which MiB uses).
+    """
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Mask):
+            # (F.resized_crop drops the interpolation for masks: crop, then resize.)
+            cropped = F.crop(inpt, params["top"], params["left"], params["height"], params["width"])
+            return F.resize(cropped, list(self.size), interpolation=InterpolationMode.NEAREST_EXACT)
+        return super().transform(inpt, params)
+
+
+class Resize(v2.Resize):
+    """``v2.Resize`` that resizes masks with centre-aligned nearest neighbour (see :class:`RandomResizedCrop`)."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Mask):
+            return F.resize(inpt, self.size, interpolation=InterpolationMode.NEAREST_EXACT, max_size=self.max_size)
+        return super().transform(inpt, params)
 
 
 def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -105,7 +135,7 @@ def train_transform(
     neighbour.  No colour jitter (REFERENCE.md §4).
     """
     geometry: list[v2.Transform] = [
-        v2.RandomResizedCrop(_size_pair(crop_size), scale=scale, ratio=ratio, antialias=True),
+        RandomResizedCrop(_size_pair(crop_size), scale=scale, ratio=ratio, antialias=True),
     ]
     if hflip > 0:
         geometry.append(v2.RandomHorizontalFlip(p=hflip))
@@ -127,7 +157,7 @@ def test_transform(size: int | None, *, crop: bool = True) -> JointTransform:
     if size is not None:
         if size <= 0:
             raise ValueError(f"test size must be positive, got {size}")
-        geometry.append(v2.Resize(size, antialias=True))
+        geometry.append(Resize(size, antialias=True))
         if crop:
             geometry.append(v2.CenterCrop(size))
     return JointTransform(geometry)

@@ -13,9 +13,8 @@ from ilseg.config import load_config
 from ilseg.data.io import overlay, read_image, write_mask_png
 from ilseg.data.transforms import test_transform
 from ilseg.engine.checkpoint import check_compatible, load_checkpoint
-from ilseg.engine.run import checkpoint_identity, resolve_device, step_checkpoint, training_task
+from ilseg.engine.run import checkpoint_identity, model_from_config, resolve_device, step_checkpoint, training_task
 from ilseg.errors import IlsegError
-from ilseg.models import build_segmenter
 
 
 def predict_images(run_dir: Path, images: Sequence[str | Path], out_dir: Path, *, step: int | None = None,
@@ -39,9 +38,7 @@ def predict_images(run_dir: Path, images: Sequence[str | Path], out_dir: Path, *
     ckpt = step_checkpoint(run_dir, step)
     state = load_checkpoint(ckpt)
     check_compatible(state, checkpoint_identity(cfg, task, step), ckpt)
-    model = build_segmenter(backbone=cfg.model.backbone, output_stride=cfg.model.output_stride,
-                            head_channels=cfg.model.head_channels, classes_per_step=task.classifier_sizes(step),
-                            pretrained=None)
+    model = model_from_config(cfg, task.classifier_sizes(step), pretrained=False)
     model.load_state_dict(state["model"])
     dev = resolve_device(device or cfg.runtime.device)
     model.to(dev).eval()

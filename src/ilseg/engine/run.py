@@ -93,12 +93,21 @@ def checkpoint_identity(cfg: RunConfig, task: Task, step: int) -> dict[str, Any]
         "backbone": cfg.model.backbone,
         "output_stride": cfg.model.output_stride,
         "head_channels": cfg.model.head_channels,
+        "width": cfg.model.width,
     }
 
 
 def versions() -> dict[str, str]:
     return {"ilseg": ilseg.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version()}
+
+
+def model_from_config(cfg: RunConfig, classes_per_step: Sequence[int], *, pretrained: bool) -> IncrementalSegmenter:
+    """The segmenter of ``cfg.model`` with these classifiers (body weights only at step 0)."""
+    m = cfg.model
+    return build_segmenter(backbone=m.backbone, output_stride=m.output_stride, head_channels=m.head_channels,
+                           backbone_width=m.width, classes_per_step=classes_per_step,
+                           pretrained=m.pretrained if pretrained else None)
 
 
 def unwrap(model: nn.Module) -> IncrementalSegmenter:
@@ -203,9 +212,7 @@ def _build_step_model(rs: RunState, step: int, source_dir: Path) -> tuple[Increm
     cfg, task = rs.cfg, rs.train_task
     method = cfg.method
     if step == 0:
-        model = build_segmenter(backbone=cfg.model.backbone, output_stride=cfg.model.output_stride,
-                                head_channels=cfg.model.head_channels, classes_per_step=task.classifier_sizes(0),
-                                pretrained=cfg.model.pretrained)
+        model = model_from_config(cfg, task.classifier_sizes(0), pretrained=True)
         return model, None
     prev = step_checkpoint(source_dir, step - 1)
     if not prev.is_file():
@@ -215,9 +222,7 @@ def _build_step_model(rs: RunState, step: int, source_dir: Path) -> tuple[Increm
         )
     state = load_checkpoint(prev)
     check_compatible(state, checkpoint_identity(cfg, task, step - 1), prev)
-    model = build_segmenter(backbone=cfg.model.backbone, output_stride=cfg.model.output_stride,
-                            head_channels=cfg.model.head_channels, classes_per_step=task.classifier_sizes(step - 1),
-                            pretrained=None)
+    model = model_from_config(cfg, task.classifier_sizes(step - 1), pretrained=False)
     _load_weights(model, state, prev)
     teacher = copy_for_teacher(model) if (method.kd_weight > 0 or method.fd_weight > 0) else None
     model.add_step(task.step_sizes[step], init=method.classifier_init)
@@ -469,9 +474,7 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: Path, *, step: int | None = 
         raise IlsegError(f"checkpoint {checkpoint} does not record its step; pass --step")
     check_compatible(state, checkpoint_identity(cfg, train_task, step), checkpoint)
     dev = resolve_device(device or cfg.runtime.device)
-    model = build_segmenter(backbone=cfg.model.backbone, output_stride=cfg.model.output_stride,
-                            head_channels=cfg.model.head_channels,
-                            classes_per_step=train_task.classifier_sizes(step), pretrained=None)
+    model = model_from_config(cfg, train_task.classifier_sizes(step), pretrained=False)
     _load_weights(model, state, checkpoint)
     model.to(dev)
     log = RunLogger(None, enabled=True, quiet=True)

@@ -153,6 +153,9 @@ class ResNet(nn.Module):
             find every BN.
         negative_slope: slope of every LeakyReLU (0.01 as in MiB; 0.0 gives a
             ReLU network that computes exactly what torchvision's does).
+        width: channels of the stem and of layer1's 3x3 convs (64 in every
+            published ResNet; each later stage doubles it).  A smaller width
+            gives a thinner network for CPU runs; pretrained weights need 64.
 
     Attributes:
         out_channels: channels of the output (2048 for 50/101, 512 for 18/34).
@@ -170,8 +173,11 @@ class ResNet(nn.Module):
         output_stride: int = 16,
         norm_layer: NormLayer = nn.BatchNorm2d,
         negative_slope: float = LEAKY_SLOPE,
+        width: int = 64,
     ) -> None:
         super().__init__()
+        if width < 1:
+            raise IlsegError(f"ResNet width must be a positive integer, got {width!r}")
         if depth not in _DEPTHS:
             raise IlsegError(f"ResNet depth {depth!r} is not supported; use one of {SUPPORTED_DEPTHS}")
         if output_stride not in _STAGE_GEOMETRY:
@@ -183,17 +189,18 @@ class ResNet(nn.Module):
         kind, blocks_per_stage = _DEPTHS[depth]
         block: type[BasicBlock] | type[Bottleneck] = BasicBlock if kind == "basic" else Bottleneck
 
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = norm_layer(64)
+        self.width = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(width)
         self.act = nn.LeakyReLU(negative_slope, inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
-        in_channels = 64
+        in_channels = width
         stages = []
         for index, (num_blocks, (stride, dilation)) in enumerate(
             zip(blocks_per_stage, _STAGE_GEOMETRY[output_stride], strict=True)
         ):
-            planes = 64 * 2**index
+            planes = width * 2**index
             stage, in_channels = self._make_stage(
                 block, in_channels, planes, num_blocks, stride, dilation, norm_layer, negative_slope
             )

@@ -207,6 +207,7 @@ def build_segmenter(
     classes_per_step: Sequence[int],
     pretrained: str | None = None,
     aspp_dilations: Sequence[int] | None = None,
+    backbone_width: int = 64,
 ) -> IncrementalSegmenter:
     """DeepLab-v3 (MiB's variant) with one classifier per step so far.
 
@@ -224,6 +225,8 @@ def build_segmenter(
             from their own init.
         aspp_dilations: overrides the dilations chosen by the output stride
             (``(6, 12, 18)`` at 16, ``(12, 24, 32)`` at 8 as in MiB).
+        backbone_width: the ResNet's base width (64 as published; smaller
+            for thin CPU models, which cannot load pretrained weights).
 
     Raises:
         IlsegError: unknown backbone, stride or sizes; missing or incompatible
@@ -238,7 +241,9 @@ def build_segmenter(
     if isinstance(head_channels, bool) or not isinstance(head_channels, int) or head_channels < 1:
         raise IlsegError(f"head_channels must be a positive integer, got {head_channels!r}")
     _check_classes_per_step(classes_per_step)
-    body = ResNet(BACKBONES[backbone], output_stride=output_stride)
+    if pretrained is not None and backbone_width != 64:
+        raise IlsegError(f"pretrained weights need model.width 64, got {backbone_width}; set model.pretrained=null")
+    body = ResNet(BACKBONES[backbone], output_stride=output_stride, width=backbone_width)
     if pretrained is not None:
         load_pretrained(body, pretrained)
     dilations = DEFAULT_DILATIONS[output_stride] if aspp_dilations is None else tuple(aspp_dilations)
