@@ -251,6 +251,7 @@ def _train_step(rs: RunState, step: int, source_dir: Path, resume_state: dict | 
     o = cfg.optim
     epochs = o.epochs if step == 0 else o.epochs_next
     lr = o.lr if step == 0 else o.lr_next
+    seed_everything(cfg.runtime.seed + 1000 * step + 999)  # the new classifier's init, resume or not
     model, teacher = _build_step_model(rs, step, source_dir)
     if resume_state is not None:  # before DDP wraps it, so every rank starts from the same weights
         _load_weights(model, resume_state, rs.run_dir / "last.pth")

@@ -1,0 +1,290 @@
+"""The training engine end to end on a tiny synthetic task (seconds on a CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ilseg.cli import main
+from ilseg.config import load_config, preset_dir
+from ilseg.data.synth import generate_synth
+from ilseg.engine import run as run_mod
+from ilseg.engine.checkpoint import load_checkpoint, save_checkpoint
+from ilseg.engine.loop import poly_schedule
+from ilseg.engine.run import model_from_config, run_training
+from ilseg.errors import IlsegError
+from ilseg.tasks import get_task
+
+TINY = [
+    "model.width=8", "model.head_channels=8", "model.output_stride=16",
+    "optim.batch_size=4", "optim.epochs=2", "optim.epochs_next=1",
+    "data.crop_size=32", "data.workers=0", "eval.batch_size=16",
+]
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    generate_synth(root, seed=3, num_images=60, size=32, workers=1)
+    return root
+
+
+def tiny_config(root: Path, *extra: str):
+    return load_config(preset_dir() / "synth-demo.yaml", [f"data.root={root}", *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def finished_run(synth_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "ilt"
+    cfg = tiny_config(synth_root, "method.name=ilt")
+    results = run_training(cfg, out, quiet=True)
+    return out, cfg, results
+
+
+def test_run_folder_contents(finished_run):
+    out, cfg, results = finished_run
+    names = {p.name for p in out.iterdir()}
+    assert {"config.yaml", "step0.pth", "step1.pth", "step2.pth", "last.pth", "results.json", "results.csv",
+            "results.md", "train.log", "metrics.jsonl"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    for key in ("method", "dataset", "task", "overlap", "config_hash", "versions", "steps"):
+        assert key in saved
+    assert saved["method"] == "ilt" and saved["dataset"] == "synth" and saved["task"] == "6-2-2"
+    assert [s["step"] for s in saved["steps"]] == [0, 1, 2]
+    assert [s["classes_seen"] for s in saved["steps"]] == [7, 9, 11]
+    for s in saved["steps"]:
+        assert set(s["iou_per_class"]) == set(get_task("synth", "6-2-2").channel_names(s["step"]))
+        for key in ("miou_all", "miou_old", "miou_new", "pixel_accuracy", "mean_class_accuracy"):
+            assert key in s
+    assert saved["steps"][0]["miou_new"] is None  # no class added yet
+    assert len((out / "results.csv").read_text().strip().splitlines()) == 4
+    assert "| 2 | 11 |" in (out / "results.md").read_text()
+    # the resolved config reloads to the same config
+    assert load_config(out / "config.yaml") == cfg
+    # every epoch logged its losses and lr; the distilling steps log kd and fd
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [l for l in lines if "train/loss" in l]
+    assert len(epochs) == 2 + 1 + 1
+    assert all("train/kd" in l and "train/fd" in l for l in epochs if l["step"] > 0)
+    # the poly schedule is applied per iteration and reaches 0 at the end of each step
+    last_of_step = {l["step"]: l["lr"] for l in epochs}
+    assert all(lr == pytest.approx(0.0, abs=1e-12) for lr in last_of_step.values())
+    assert "step 2 done" in (out / "train.log").read_text()
+
+
+def _predict(model, root: Path, ids: list[str]) -> list[np.ndarray]:
+    from ilseg.data.transforms import test_transform
+
+    model.eval()
+    t = test_transform(None, crop=False)
+    preds = []
+    for i in ids:
+        img = np.array(Image.open(root / "JPEGImages" / f"{i}.jpg").convert("RGB"))
+        x, _ = t(img, np.zeros(img.shape[:2], np.uint8))
+        with torch.no_grad():
+            preds.append(model(x[None])["logits"].argmax(1)[0].numpy())
+    return preds
+
+
+def test_results_agree_with_an_independent_recomputation(finished_run, synth_root):
+    out, cfg, results = finished_run
+    task = get_task("synth", "6-2-2")
+    ids = (synth_root / "ImageSets/Segmentation/val.txt").read_text().split()
+    for step in (0, 2):
+        state = torch.load(out / f"step{step}.pth", map_location="cpu", weights_only=True)
+        model = model_from_config(cfg, task.classifier_sizes(step), pretrained=False)
+        model.load_state_dict(state["model"])
+        preds = _predict(model, synth_root, ids)
+        seen = task.seen_classes(step)
+        n = len(seen)
+        conf = np.zeros((n, n), dtype=np.int64)
+        for i, pred in zip(ids, preds):
+            gt = np.array(Image.open(synth_root / "SegmentationClassAug" / f"{i}.png"))
+            for g, p in zip(gt.ravel(), pred.ravel()):
+                if g in seen:  # unseen classes and 255 are ignored at test (MiB's rule)
+                    conf[seen.index(g), p] += 1
+        ious = []
+        for c in range(n):
+            if conf[c].sum() == 0:
+                continue
+            ious.append(conf[c, c] / (conf[c].sum() + conf[:, c].sum() - conf[c, c]))
+        entry = results["steps"][step]
+        assert entry["miou_all"] == pytest.approx(float(np.mean(ious)), abs=1e-6)
+        assert state["confusion_matrix"] == conf.tolist()
+
+
+def test_resume_after_interruption_is_identical(synth_root, tmp_path, finished_run, monkeypatch):
+    reference, cfg, ref_results = finished_run
+    out = tmp_path / "interrupted"
+    real = run_mod.train_one_epoch
+    calls = {"n": 0}
+
+    def interrupt_third_epoch(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 1's first epoch (step 0 has two)
+            raise KeyboardInterrupt
+        return real(**kwargs)
+
+    monkeypatch.setattr(run_mod, "train_one_epoch", interrupt_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, out, quiet=True)
+    assert (out / "step0.pth").is_file() and not (out / "step1.pth").exists()
+    monkeypatch.setattr(run_mod, "train_one_epoch", real)
+    # also interrupt inside step 0 of a second run, between its two epochs
+    out2 = tmp_path / "interrupted-epoch"
+    calls["n"] = 0
+
+    def interrupt_second_epoch(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(**kwargs)
+
+    monkeypatch.setattr(run_mod, "train_one_epoch", interrupt_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, out2, quiet=True)
+    assert load_checkpoint(out2 / "last.pth")["epoch"] == 0
+    monkeypatch.setattr(run_mod, "train_one_epoch", real)
+
+    for folder in (out, out2):
+        resumed = run_training(cfg, folder, resume=True, quiet=True)
+        for step in (0, 1, 2):
+            a = torch.load(reference / f"step{step}.pth", weights_only=True)["model"]
+            b = torch.load(folder / f"step{step}.pth", weights_only=True)["model"]
+            for k in a:
+                assert torch.equal(a[k], b[k]), (folder.name, step, k)
+        strip = lambda r: [{k: v for k, v in s.items() if k != "train_seconds"} for s in r["steps"]]
+        assert strip(resumed) == strip(ref_results)
+
+
+def test_init_from_shares_step0_and_checks_identity(finished_run, synth_root, tmp_path):
+    src, cfg, _ = finished_run
+    ft = tiny_config(synth_root, "method.name=finetune")
+    res = run_training(ft, tmp_path / "ft", init_from=src, quiet=True, steps="0:2")
+    assert [s["step"] for s in res["steps"]] == [0, 1]
+    a = torch.load(src / "step0.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "ft" / "step0.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = tiny_config(synth_root, "method.name=finetune", "model.head_channels=16")
+    with pytest.raises(IlsegError, match="head_channels"):
+        run_training(other, tmp_path / "ft2", init_from=src, quiet=True)
+    with pytest.raises(IlsegError, match="another config"):
+        run_training(other, tmp_path / "ft", quiet=True)  # folder holds a different config
+
+
+def test_joint_trains_one_step_of_all_classes(synth_root, tmp_path):
+    cfg = tiny_config(synth_root, "method.name=joint", "optim.epochs=1")
+    res = run_training(cfg, tmp_path / "joint", quiet=True)
+    assert len(res["steps"]) == 1 and res["steps"][0]["classes_seen"] == 11
+    assert res["steps"][0]["miou_new"] is not None  # old/new still split by the task's step 0
+
+
+def test_non_finite_loss_stops_with_a_clear_error(synth_root, tmp_path, monkeypatch):
+    cfg = tiny_config(synth_root, "method.name=finetune", "optim.epochs=1")
+
+    from ilseg.methods import Method
+
+    def nan_loss(self, student, teacher, target, step):
+        loss = student["logits"].sum() * float("nan")
+        return {"ce": loss, "loss": loss}
+
+    monkeypatch.setattr(Method, "__call__", nan_loss)
+    with pytest.raises(IlsegError, match="non-finite"):
+        run_training(cfg, tmp_path / "nan", quiet=True)
+    assert not (tmp_path / "nan" / "step0.pth").exists()
+
+
+def test_poly_schedule_formula():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.01)
+    sched = poly_schedule(opt, total_iters=10, power=0.9)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.01)
+    assert lrs[5] == pytest.approx(0.01 * (1 - 5 / 10) ** 0.9)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+def test_checkpoint_loading_is_safe_and_checked(tmp_path):
+    path = tmp_path / "c.pth"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "identity": {"step": 1}})
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(IlsegError, match="bad.pth"):
+        load_checkpoint(tmp_path / "bad.pth")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    torch.save({"model": Evil(), "format_version": 1}, tmp_path / "evil.pth")
+    with pytest.raises(IlsegError, match="evil.pth"):
+        load_checkpoint(tmp_path / "evil.pth")  # weights_only refuses to unpickle code
+
+
+def test_atomic_save_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "c.pth"
+    save_checkpoint(path, {"model": {"w": torch.ones(1)}})
+    before = path.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"model": {"w": torch.zeros(1)}})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]
+
+
+def test_cli_train_eval_predict(finished_run, synth_root, tmp_path, capsys):
+    out, cfg, results = finished_run
+    assert main(["eval", "--run", str(out), "--step", "1", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["miou_all"] == pytest.approx(results["steps"][1]["miou_all"], abs=1e-9)
+    assert main(["eval", "--checkpoint", str(out / "step2.pth"), "--config", str(out / "config.yaml")]) == 0
+    assert "mIoU all" in capsys.readouterr().out
+    img = next((synth_root / "JPEGImages").glob("*.jpg"))
+    assert main(["predict", "--run", str(out), "--step", "2", str(img), "--out", str(tmp_path / "p")]) == 0
+    mask = Image.open(tmp_path / "p" / f"{img.stem}_mask.png")
+    assert mask.mode == "P" and mask.size == (32, 32)
+    assert set(np.unique(np.array(mask))) <= set(range(11))
+    assert (tmp_path / "p" / f"{img.stem}_overlay.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "--config", "nope-preset", "--out", "x"], "neither a file nor a bundled preset"),
+        (["train", "--config", "synth-demo", "--set", "data.task=9-9", "--out", "x"], "unknown task"),
+        (["train", "--resume", "/nonexistent/run"], "not an ilseg run folder"),
+        (["eval", "--run", "/nonexistent/run"], "not an ilseg run folder"),
+        (["tasks", "voc", "15-2"], "unknown task"),
+        (["splits", "--dataset", "voc", "--root", "/nonexistent/voc", "--task", "15-1"], "/nonexistent/voc"),
+    ],
+)
+def test_cli_errors_are_one_line_and_exit_2(argv, fragment, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ilseg: error:") and fragment in err and "Traceback" not in err
+
+
+def test_cli_train_into_foreign_folder_refuses(synth_root, tmp_path, capsys):
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "important.txt").write_text("keep me")
+    argv = ["train", "--config", "synth-demo", "--set", f"data.root={synth_root}", "--out", str(foreign)]
+    assert main(argv) == 2
+    assert "not an ilseg run folder" in capsys.readouterr().err
+    assert (foreign / "important.txt").read_text() == "keep me"
