@@ -4,6 +4,20 @@
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set by torchrun) and initialises a
 process group: NCCL on CUDA, gloo on the CPU (overridable).  Without torchrun
 everything here degrades to single-process no-ops.
+
+What keeps a run on W processes equal to the same run on one (docs/scaling.md):
+
+* :class:`GlobalBatchSampler` - one permutation per epoch, cut into global
+  batches of ``optim.batch_size``; rank r takes the r-th slice of each, so
+  the ranks' batches together are exactly the single-process batch;
+* :class:`SyncBatchNorm` - BN statistics over the global batch, on CUDA
+  (torch's own kernels) and on the CPU (gloo), where torch's SyncBatchNorm
+  refuses CPU tensors;
+* :class:`ShardSampler` - evaluation shards without repeated images, so the
+  confusion matrix summed over ranks counts every image once;
+* :func:`on_main` - work done once on rank 0 (the split scan, the run folder)
+  whose result, or error, every rank receives, so no rank waits forever for a
+  rank that failed.
 """
 
 from __future__ import annotations
@@ -11,14 +25,18 @@ from __future__ import annotations
 import datetime
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 from torch.utils.data import Sampler
 
-from ilseg.errors import IlsegError
+from ilseg.errors import IlsegError, ReportedByMainRank
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,8 +58,22 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def env_rank() -> tuple[int, int]:
+    """``(rank, world_size)`` from torchrun's environment; ``(0, 1)`` without torchrun."""
+    if not launched_by_torchrun():
+        return 0, 1
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
 def setup(backend: str, device_kind: str, timeout_s: int) -> DistInfo:
-    """Initialise the process group when launched by torchrun; return this rank's info."""
+    """Initialise the process group when launched by torchrun; return this rank's info.
+
+    Args:
+        backend: ``"auto"`` (NCCL on CUDA, gloo on the CPU), ``"nccl"`` or ``"gloo"``.
+        device_kind: ``"cuda"`` or ``"cpu"``, the device this run trains on.
+        timeout_s: how long a collective operation (and the rendezvous) may
+            wait for the other ranks before the job fails.
+    """
     if not launched_by_torchrun():
         return DistInfo()
     world = int(os.environ["WORLD_SIZE"])
@@ -51,9 +83,17 @@ def setup(backend: str, device_kind: str, timeout_s: int) -> DistInfo:
         return DistInfo(rank=0, world_size=1, local_rank=local)
     if backend == "auto":
         backend = "nccl" if device_kind == "cuda" else "gloo"
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise IlsegError("runtime.backend is 'nccl' but CUDA is not available; use runtime.backend=gloo on the CPU")
+    if backend == "nccl" and device_kind != "cuda":
+        raise IlsegError("runtime.backend is 'nccl', which needs CUDA, but this run trains on the CPU; "
+                         "use runtime.backend=gloo (or auto)")
     if device_kind == "cuda":
+        visible = torch.cuda.device_count()
+        if local >= visible:
+            raise IlsegError(
+                f"LOCAL_RANK {local} but this machine shows only {visible} CUDA device(s) "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                f"start at most {visible} processes per machine (torchrun --nproc_per_node={visible})"
+            )
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
@@ -65,25 +105,104 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _active():
         dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks in place (no-op single-process)."""
-    if dist.is_available() and dist.is_initialized():
+    if _active():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
+def average_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """The mean of each value over ranks (every rank passes the same keys)."""
+    if not _active() or not values:
+        return values
+    keys = sorted(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
 def broadcast_object(obj):
     """Rank 0's ``obj`` on every rank."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _active():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and return its (picklable) result on every rank.
+
+    If ``fn`` raises on rank 0, rank 0 re-raises it and every other rank raises
+    :class:`~ilseg.errors.ReportedByMainRank` with the same message, so all of
+    them exit with an error at once instead of waiting for a rank that is gone.
+    Single-process, this is just ``fn()``.
+    """
+    if not _active():
+        return fn()
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except BaseException as exc:
+            broadcast_object(("error", f"{exc}" if isinstance(exc, IlsegError) else f"{type(exc).__name__}: {exc}"))
+            raise
+        broadcast_object(("ok", result))
+        return result
+    status, payload = broadcast_object(None)
+    if status == "error":
+        raise ReportedByMainRank(payload)
+    return payload
+
+
+# -- samplers -----------------------------------------------------------------
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Training batches whose union over ranks is the single-process batch.
+
+    Each epoch draws one permutation of ``range(length)`` from
+    ``seed + epoch`` (the same on every rank), drops the tail that does not
+    fill a whole global batch, and cuts the rest into global batches of
+    ``global_batch``.  Rank ``r`` of ``W`` yields, for global batch ``i``,
+    ``perm[i*B + r*B/W : i*B + (r+1)*B/W]``: the ranks' batches laid end to
+    end in rank order are exactly the batch one process would take.  Call
+    :meth:`set_epoch` before each epoch.
+
+    Example::
+
+        >>> [list(GlobalBatchSampler(8, 4, rank=r, world_size=2, seed=0)) for r in (0, 1)]
+        [[[2, 6], [3, 7]], [[0, 1], [5, 4]]]    # one process: [[2, 6, 0, 1], [3, 7, 5, 4]]
+    """
+
+    def __init__(self, length: int, global_batch: int, *, rank: int, world_size: int, seed: int) -> None:
+        if global_batch % world_size:
+            raise IlsegError(f"optim.batch_size {global_batch} is the global batch and must divide by the "
+                             f"{world_size} processes")
+        self.length, self.global_batch = length, global_batch
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        per_rank = self.global_batch // self.world_size
+        for i in range(len(self)):
+            start = i * self.global_batch + self.rank * per_rank
+            yield perm[start:start + per_rank]
+
+    def __len__(self) -> int:
+        return self.length // self.global_batch
 
 
 class ShardSampler(Sampler[int]):
@@ -102,3 +221,118 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return max(0, math.ceil((self.length - self.rank) / self.world_size))
+
+
+# -- synchronised BatchNorm -----------------------------------------------------
+class _SyncBatchNormCPU(torch.autograd.Function):
+    """BN over the union of every rank's batch, in float32, with gloo collectives.
+
+    Forward: all-reduce the per-channel sums and pixel counts, then the sums of
+    squared deviations from the global mean (two passes, as stable as plain
+    BN).  Backward: all-reduce ``sum(dy)`` and ``sum(dy * xhat)`` so each rank's
+    input gradient is that of the sum of all ranks' losses; weight and bias
+    gradients stay local, and DDP's averaging makes them the global ones.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group) -> tuple[Tensor, ...]:
+        channels = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        xf = x.float()
+        stats = torch.cat([xf.sum(dims).double(), torch.tensor([xf.numel() // channels], dtype=torch.float64)])
+        dist.all_reduce(stats, group=group)
+        count = float(stats[-1])
+        if count <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+        mean = (stats[:-1] / count).float()
+        centred = xf - mean.view(shape)
+        sq = (centred * centred).sum(dims).double()
+        dist.all_reduce(sq, group=group)
+        var = (sq / count).float()
+        invstd = torch.rsqrt(var + eps)
+        xhat = centred * invstd.view(shape)
+        y = xhat
+        if weight is not None:
+            y = y * weight.float().view(shape)
+        if bias is not None:
+            y = y + bias.float().view(shape)
+        ctx.save_for_backward(xhat, invstd, weight)
+        ctx.count, ctx.group, ctx.has_bias = count, group, bias is not None
+        unbiased = var * (count / (count - 1))
+        ctx.mark_non_differentiable(mean, unbiased)
+        return y.to(x.dtype), mean, unbiased
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor):
+        xhat, invstd, weight = ctx.saved_tensors
+        channels = xhat.shape[1]
+        dims = [0, *range(2, xhat.dim())]
+        shape = [1, channels] + [1] * (xhat.dim() - 2)
+        gy = grad_y.float()
+        sum_dy = gy.sum(dims)
+        sum_dy_xhat = (gy * xhat).sum(dims)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            both = torch.cat([sum_dy, sum_dy_xhat]).double()
+            dist.all_reduce(both, group=ctx.group)
+            mean_dy = (both[:channels] / ctx.count).float().view(shape)
+            mean_dy_xhat = (both[channels:] / ctx.count).float().view(shape)
+            scale = invstd if weight is None else invstd * weight.float()
+            grad_x = ((gy - mean_dy - xhat * mean_dy_xhat) * scale.view(shape)).to(grad_y.dtype)
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_w = sum_dy_xhat.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = sum_dy.to(grad_y.dtype if weight is None else weight.dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """torch's :class:`~torch.nn.SyncBatchNorm`, also for CPU tensors (gloo).
+
+    On CUDA this is torch's module unchanged.  On the CPU, where torch's
+    refuses to synchronise ("SyncBatchNorm expected input tensor to be on
+    GPU"), a training-mode forward in a process group of more than one rank
+    computes the statistics of the global batch with :class:`_SyncBatchNormCPU`
+    and updates the running statistics as plain BN would on that batch.  In
+    eval mode, or single-process, it is plain BN.  Parameters, buffers and
+    state-dict keys are those of ``nn.BatchNorm2d``, so checkpoints load into
+    the unconverted model.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.device.type != "cpu":
+            return super().forward(input)
+        group = self.process_group or (dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
+        if not (self.training and group is not None and dist.get_world_size(group) > 1):
+            return nn.modules.batchnorm._BatchNorm.forward(self, input)
+        self._check_input_dim(input)
+        y, mean, unbiased_var = _SyncBatchNormCPU.apply(input, self.weight, self.bias, self.eps, group)
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            self.num_batches_tracked.add_(1)
+            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            with torch.no_grad():
+                self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(unbiased_var.to(self.running_var.dtype), alpha=factor)
+        return y
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm in ``module`` by :class:`SyncBatchNorm`, in place; return ``module``.
+
+    The new modules share the old ones' parameters and buffers and keep their
+    train/eval mode, so freezing (``requires_grad``, frozen BN) carries over
+    and the state dict keeps its keys.
+    """
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
+        sync = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                             module.track_running_stats)
+        if module.affine:
+            sync.weight, sync.bias = module.weight, module.bias
+        sync.running_mean, sync.running_var = module.running_mean, module.running_var
+        sync.num_batches_tracked = module.num_batches_tracked
+        sync.training = module.training
+        return sync
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child))
+    return module
