@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from ilseg import __version__
-from ilseg.errors import IlsegError
+from ilseg.errors import IlsegError, ReportedByMainRank
 
 
 # -- tasks / methods / presets -----------------------------------------------------
@@ -118,10 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.out)
     results = run_training(cfg, run_dir, steps=args.steps, resume=bool(args.resume), init_from=args.init_from,
                            quiet=args.quiet)
-    from ilseg.engine.distributed import launched_by_torchrun
-    import os
-
-    if not launched_by_torchrun() or os.environ.get("RANK") == "0":
+    if _rank_and_world()[0] == 0:  # under torchrun, only rank 0 prints
         print(results_markdown(results).split("\n## Per-class")[0])
     return 0
 
@@ -256,13 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes under torchrun; ``(0, 1)`` without it."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except ReportedByMainRank:
+        return 2  # rank 0 prints the message; torchrun then ends every process
     except IlsegError as exc:
-        print(f"ilseg: error: {exc}", file=sys.stderr)
+        rank, world = _rank_and_world()
+        where = f" (rank {rank} of {world})" if rank > 0 else ""
+        print(f"ilseg: error{where}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ilseg: interrupted; resume with 'ilseg train --resume RUN_DIR'", file=sys.stderr)

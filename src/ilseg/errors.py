@@ -11,3 +11,11 @@ from __future__ import annotations
 
 class IlsegError(Exception):
     """A user-fixable error; its message names the problem and the fix."""
+
+
+class ReportedByMainRank(IlsegError):
+    """Rank 0's error, raised on the other ranks of a distributed run.
+
+    Rank 0 prints the message; the other processes exit with status 2 without
+    printing it again (see :func:`ilseg.engine.distributed.on_main`).
+    """

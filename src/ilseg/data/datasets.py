@@ -153,6 +153,50 @@ class SegmentationDataset(Dataset):
                 f"root={str(self.root) if self.root else None!r}, lut={'yes' if self.lut is not None else 'no'})")
 
 
+class SeededItems(Dataset):
+    """``dataset[i]`` read with torch's RNG seeded from ``(seed, epoch, i)``.
+
+    The random augmentation of an item (torchvision's v2 transforms draw from
+    torch's global RNG) then depends on the seed, the epoch and the item only,
+    not on which process or DataLoader worker reads it or in which order: a run
+    on several GPUs, with any number of workers, augments every image exactly
+    as a single process does.  The caller's RNG state is restored after each
+    item.  Call :meth:`set_epoch` before iterating a DataLoader over it; the
+    new epoch reaches the workers because they are started again for each
+    epoch (``persistent_workers=False``).
+
+    Example::
+
+        >>> items = SeededItems(train_set, seed=42)
+        >>> items.set_epoch(3)
+        >>> torch.equal(items[5][0], items[5][0])
+        True
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def item_seed(self, index: int) -> int:
+        """A 64-bit seed mixed from ``(seed, epoch, index)`` (no two items share a stream)."""
+        words = [self.seed & 0xFFFF_FFFF_FFFF_FFFF, self.epoch, int(index)]
+        return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0])
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        rng = torch.default_generator  # the CPU generator only (torch.manual_seed costs ~100x more)
+        saved = rng.get_state()
+        rng.manual_seed(self.item_seed(index))
+        try:
+            return self.dataset[index]
+        finally:
+            rng.set_state(saved)
+
+
 _DEFAULT_TRANSFORM: JointTransform = test_transform(None)
 
 

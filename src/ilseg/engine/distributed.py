@@ -10,9 +10,8 @@ What keeps a run on W processes equal to the same run on one (docs/scaling.md):
 * :class:`GlobalBatchSampler` - one permutation per epoch, cut into global
   batches of ``optim.batch_size``; rank r takes the r-th slice of each, so
   the ranks' batches together are exactly the single-process batch;
-* :class:`SyncBatchNorm` - BN statistics over the global batch, on CUDA
-  (torch's own kernels) and on the CPU (gloo), where torch's SyncBatchNorm
-  refuses CPU tensors;
+* :func:`ilseg.models.convert_sync_batchnorm` - BN statistics over the
+  global batch: torch's SyncBatchNorm on CUDA, ilseg's own on the CPU (gloo);
 * :class:`ShardSampler` - evaluation shards without repeated images, so the
   confusion matrix summed over ranks counts every image once;
 * :func:`on_main` - work done once on rank 0 (the split scan, the run folder)
@@ -31,7 +30,6 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
 from torch.utils.data import Sampler
 
 from ilseg.errors import IlsegError, ReportedByMainRank
@@ -179,8 +177,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     Example::
 
+        >>> list(GlobalBatchSampler(8, 4, rank=0, world_size=1, seed=0))
+        [[4, 0, 7, 3], [2, 5, 1, 6]]
         >>> [list(GlobalBatchSampler(8, 4, rank=r, world_size=2, seed=0)) for r in (0, 1)]
-        [[[2, 6], [3, 7]], [[0, 1], [5, 4]]]    # one process: [[2, 6, 0, 1], [3, 7, 5, 4]]
+        [[[4, 0], [2, 5]], [[7, 3], [1, 6]]]
     """
 
     def __init__(self, length: int, global_batch: int, *, rank: int, world_size: int, seed: int) -> None:
@@ -221,118 +221,3 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return max(0, math.ceil((self.length - self.rank) / self.world_size))
-
-
-# -- synchronised BatchNorm -----------------------------------------------------
-class _SyncBatchNormCPU(torch.autograd.Function):
-    """BN over the union of every rank's batch, in float32, with gloo collectives.
-
-    Forward: all-reduce the per-channel sums and pixel counts, then the sums of
-    squared deviations from the global mean (two passes, as stable as plain
-    BN).  Backward: all-reduce ``sum(dy)`` and ``sum(dy * xhat)`` so each rank's
-    input gradient is that of the sum of all ranks' losses; weight and bias
-    gradients stay local, and DDP's averaging makes them the global ones.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group) -> tuple[Tensor, ...]:
-        channels = x.shape[1]
-        dims = [0, *range(2, x.dim())]
-        shape = [1, channels] + [1] * (x.dim() - 2)
-        xf = x.float()
-        stats = torch.cat([xf.sum(dims).double(), torch.tensor([xf.numel() // channels], dtype=torch.float64)])
-        dist.all_reduce(stats, group=group)
-        count = float(stats[-1])
-        if count <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
-        mean = (stats[:-1] / count).float()
-        centred = xf - mean.view(shape)
-        sq = (centred * centred).sum(dims).double()
-        dist.all_reduce(sq, group=group)
-        var = (sq / count).float()
-        invstd = torch.rsqrt(var + eps)
-        xhat = centred * invstd.view(shape)
-        y = xhat
-        if weight is not None:
-            y = y * weight.float().view(shape)
-        if bias is not None:
-            y = y + bias.float().view(shape)
-        ctx.save_for_backward(xhat, invstd, weight)
-        ctx.count, ctx.group, ctx.has_bias = count, group, bias is not None
-        unbiased = var * (count / (count - 1))
-        ctx.mark_non_differentiable(mean, unbiased)
-        return y.to(x.dtype), mean, unbiased
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor):
-        xhat, invstd, weight = ctx.saved_tensors
-        channels = xhat.shape[1]
-        dims = [0, *range(2, xhat.dim())]
-        shape = [1, channels] + [1] * (xhat.dim() - 2)
-        gy = grad_y.float()
-        sum_dy = gy.sum(dims)
-        sum_dy_xhat = (gy * xhat).sum(dims)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            both = torch.cat([sum_dy, sum_dy_xhat]).double()
-            dist.all_reduce(both, group=ctx.group)
-            mean_dy = (both[:channels] / ctx.count).float().view(shape)
-            mean_dy_xhat = (both[channels:] / ctx.count).float().view(shape)
-            scale = invstd if weight is None else invstd * weight.float()
-            grad_x = ((gy - mean_dy - xhat * mean_dy_xhat) * scale.view(shape)).to(grad_y.dtype)
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = sum_dy_xhat.to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = sum_dy.to(grad_y.dtype if weight is None else weight.dtype)
-        return grad_x, grad_w, grad_b, None, None
-
-
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """torch's :class:`~torch.nn.SyncBatchNorm`, also for CPU tensors (gloo).
-
-    On CUDA this is torch's module unchanged.  On the CPU, where torch's
-    refuses to synchronise ("SyncBatchNorm expected input tensor to be on
-    GPU"), a training-mode forward in a process group of more than one rank
-    computes the statistics of the global batch with :class:`_SyncBatchNormCPU`
-    and updates the running statistics as plain BN would on that batch.  In
-    eval mode, or single-process, it is plain BN.  Parameters, buffers and
-    state-dict keys are those of ``nn.BatchNorm2d``, so checkpoints load into
-    the unconverted model.
-    """
-
-    def forward(self, input: Tensor) -> Tensor:
-        if input.device.type != "cpu":
-            return super().forward(input)
-        group = self.process_group or (dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
-        if not (self.training and group is not None and dist.get_world_size(group) > 1):
-            return nn.modules.batchnorm._BatchNorm.forward(self, input)
-        self._check_input_dim(input)
-        y, mean, unbiased_var = _SyncBatchNormCPU.apply(input, self.weight, self.bias, self.eps, group)
-        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
-            self.num_batches_tracked.add_(1)
-            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            with torch.no_grad():
-                self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
-                self.running_var.mul_(1 - factor).add_(unbiased_var.to(self.running_var.dtype), alpha=factor)
-        return y
-
-
-def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm in ``module`` by :class:`SyncBatchNorm`, in place; return ``module``.
-
-    The new modules share the old ones' parameters and buffers and keep their
-    train/eval mode, so freezing (``requires_grad``, frozen BN) carries over
-    and the state dict keeps its keys.
-    """
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
-        sync = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                             module.track_running_stats)
-        if module.affine:
-            sync.weight, sync.bias = module.weight, module.bias
-        sync.running_mean, sync.running_var = module.running_mean, module.running_var
-        sync.num_batches_tracked = module.num_batches_tracked
-        sync.training = module.training
-        return sync
-    for name, child in module.named_children():
-        module.add_module(name, convert_sync_batchnorm(child))
-    return module

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ilseg.engine.distributed import all_reduce_sum
+from ilseg.engine.distributed import all_reduce_sum, average_over_ranks
 from ilseg.errors import IlsegError
 from ilseg.metrics import ConfusionMatrix
 
@@ -68,7 +68,7 @@ def train_one_epoch(
     step: int,
     on_iteration: Callable[[dict[str, float], float], None] | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` for one pass over ``loader``; return the mean of each loss.
+    """Train ``model`` for one pass over ``loader``; return the mean of each loss (over ranks too).
 
     ``method(student_out, teacher_out, target, step)`` gives the named losses;
     the teacher runs under ``torch.inference_mode`` so none of its activations
@@ -114,7 +114,7 @@ def train_one_epoch(
             totals[k] = totals.get(k, 0.0) + v
         if on_iteration is not None:
             on_iteration(values, optimizer.param_groups[0]["lr"])
-    return {k: v / max(1, count) for k, v in totals.items()}
+    return average_over_ranks({k: v / max(1, count) for k, v in totals.items()})
 
 
 @torch.inference_mode()

@@ -31,12 +31,11 @@ import numpy as np
 import torch
 import torchvision
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 import ilseg
 from ilseg.config import RunConfig, dump_config, load_config
-from ilseg.data.datasets import SegmentationDataset, build_dataset
+from ilseg.data.datasets import SeededItems, SegmentationDataset, build_dataset
 from ilseg.data.splits import step_image_indices
 from ilseg.data.transforms import test_transform, train_transform
 from ilseg.engine import distributed as D
@@ -51,7 +50,7 @@ from ilseg.engine.loop import Precision, build_optimizer, evaluate, poly_schedul
 from ilseg.errors import IlsegError
 from ilseg.methods import build_method
 from ilseg.metrics import mean_over_steps, segmentation_scores
-from ilseg.models import IncrementalSegmenter, build_segmenter, copy_for_teacher
+from ilseg.models import IncrementalSegmenter, build_segmenter, convert_sync_batchnorm, copy_for_teacher
 from ilseg.report import read_results, write_results
 from ilseg.tasks import Task, test_lut, train_lut
 
@@ -122,38 +121,39 @@ def test_dataset(cfg: RunConfig, task: Task, step: int) -> SegmentationDataset:
     return build_dataset(d.dataset, d.root, "val", transform=test_transform(d.test_size, crop=d.test_crop), lut=lut)
 
 
-def train_dataset(cfg: RunConfig, task: Task, step: int, dist: D.DistInfo, progress: bool) -> SegmentationDataset:
+def train_dataset(cfg: RunConfig, task: Task, step: int, progress: bool) -> SegmentationDataset:
     d = cfg.data
     lut = train_lut(task, step, keep_old=cfg.method.keep_old_labels)
     ds = build_dataset(d.dataset, d.root, "train", transform=train_transform(d.crop_size, scale=d.scale), lut=lut)
     index_file = d.index_file.replace("{step}", str(step)) if d.index_file else None
     mode = "overlap" if d.overlap else "disjoint"
-    # Rank 0 reads every mask once and fills the cache; the other ranks wait, then read the cache.
-    indices = None
-    if dist.is_main:
+
+    def image_list() -> list[int]:
         indices = step_image_indices(ds, task, step, mode, cache_dir=d.cache_dir, workers=d.workers,
                                      index_file=index_file, progress=progress)
-    D.barrier()
-    if indices is None:
-        indices = step_image_indices(ds, task, step, mode, cache_dir=d.cache_dir, workers=0,
-                                     index_file=index_file, progress=False)
-    if not indices:
-        raise IlsegError(
-            f"step {step} of {task.dataset} {task.name} ({mode}) has no training image: no image in "
-            f"{d.root} contains its classes {[task.class_names[c] for c in task.new_classes(step)]}"
-        )
-    return ds.subset(indices)
+        if not indices:
+            raise IlsegError(
+                f"step {step} of {task.dataset} {task.name} ({mode}) has no training image: no image in "
+                f"{d.root} contains its classes {[task.class_names[c] for c in task.new_classes(step)]}"
+            )
+        return indices
+
+    # Rank 0 reads every mask (or the cache) once and sends the list to the other ranks.
+    return ds.subset(D.on_main(image_list))
 
 
-def make_loader(ds, *, batch: int, shuffle: bool, workers: int, seed: int, dist: D.DistInfo,
-                drop_last: bool, sampler=None) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    if sampler is None and shuffle:
-        sampler = (DistributedSampler(ds, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed,
-                                      drop_last=drop_last)
-                   if dist.enabled else RandomSampler(ds, generator=generator))
-    return DataLoader(ds, batch_size=batch, sampler=sampler, shuffle=False, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=drop_last, generator=generator,
+def make_loader(ds: Dataset, *, workers: int, batch_size: int = 1, sampler: Sampler | None = None,
+                batch_sampler: Sampler | None = None) -> DataLoader:
+    """A DataLoader with ilseg's settings; the (batch) sampler decides order and sharding.
+
+    Workers are started again for every pass (``persistent_workers=False``),
+    so they see the epoch set on a :class:`SeededItems` dataset.
+    """
+    pin = torch.cuda.is_available()
+    if batch_sampler is not None:
+        return DataLoader(ds, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin,
+                          persistent_workers=False)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
                       persistent_workers=False)
 
 
@@ -235,8 +235,7 @@ def _evaluate_step(rs: RunState, model: nn.Module, step: int) -> dict[str, Any]:
     ds = test_dataset(cfg, eval_task, step)
     batch = cfg.eval.batch_size if (cfg.data.test_size is not None and cfg.data.test_crop) else 1
     sampler = D.ShardSampler(len(ds), rs.dist.rank, rs.dist.world_size)
-    loader = make_loader(ds, batch=batch, shuffle=False, workers=cfg.data.workers, seed=0, dist=rs.dist,
-                         drop_last=False, sampler=sampler)
+    loader = make_loader(ds, batch_size=batch, sampler=sampler, workers=cfg.data.workers)
     cm = evaluate(unwrap(model), loader, eval_task.num_outputs(step), rs.precision)
     seen = eval_task.num_outputs(step)
     n_old = task.step_sizes[0]
@@ -267,21 +266,22 @@ def _train_step(rs: RunState, step: int, source_dir: Path, resume_state: dict | 
     method.begin_step(model, step)
     train_model: nn.Module = model
     if rs.dist.enabled:
-        if cfg.runtime.sync_bn:
-            train_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if cfg.runtime.sync_bn:  # in place: ``model`` keeps its state-dict keys (the teacher stays plain BN)
+            convert_sync_batchnorm(model, device_type=dev.type)
         train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[rs.dist.local_rank] if dev.type == "cuda" else None,
+            model, device_ids=[rs.dist.local_rank] if dev.type == "cuda" else None,
             find_unused_parameters=False)
 
-    ds = train_dataset(cfg, task, step, rs.dist, progress)
-    if o.batch_size % rs.dist.world_size:
-        raise IlsegError(f"optim.batch_size {o.batch_size} is the global batch and must divide by the "
-                         f"{rs.dist.world_size} processes")
-    per_rank = o.batch_size // rs.dist.world_size
+    ds = train_dataset(cfg, task, step, progress)
     if len(ds) < o.batch_size:
         raise IlsegError(f"step {step} has only {len(ds)} training images, fewer than optim.batch_size={o.batch_size}")
-    loader = make_loader(ds, batch=per_rank, shuffle=True, workers=cfg.data.workers,
-                         seed=cfg.runtime.seed + 1000 * step, dist=rs.dist, drop_last=True)
+    # Every rank takes its slice of the same global batches, and each image's augmentation is a function
+    # of (seed, step, epoch, image): the run does not depend on the number of processes or workers.
+    data_seed = cfg.runtime.seed + 1000 * step
+    items = SeededItems(ds, data_seed)
+    batches = D.GlobalBatchSampler(len(ds), o.batch_size, rank=rs.dist.rank, world_size=rs.dist.world_size,
+                                   seed=data_seed)
+    loader = make_loader(items, batch_sampler=batches, workers=cfg.data.workers)
     optimizer = build_optimizer(train_model.parameters(), kind=o.optimizer, lr=lr, momentum=o.momentum,
                                 nesterov=o.nesterov, weight_decay=o.weight_decay)
     scheduler = poly_schedule(optimizer, epochs * len(loader), o.poly_power)
@@ -304,10 +304,8 @@ def _train_step(rs: RunState, step: int, source_dir: Path, resume_state: dict | 
         # Every epoch's randomness is a function of (seed, step, epoch): a resumed
         # run draws exactly the crops and order an uninterrupted run would.
         seed_everything(cfg.runtime.seed + 1000 * step + epoch)
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        else:
-            loader.generator.manual_seed(cfg.runtime.seed + 1000 * step + epoch)
+        batches.set_epoch(epoch)
+        items.set_epoch(epoch)
         bar = log.progress(len(loader), f"step {step} epoch {epoch + 1}/{epochs}")
 
         def on_iteration(values: dict[str, float], cur_lr: float) -> None:
@@ -345,6 +343,7 @@ def _train_step(rs: RunState, step: int, source_dir: Path, resume_state: dict | 
             "step": step, "epoch": epochs - 1, "epochs": epochs, "identity": identity, "config": cfg.to_dict(),
             "metrics": entry, "confusion_matrix": scores["confusion_matrix"],
         })
+    D.barrier()  # the next step's model is read from this file on every rank
     _record_step(rs, entry)
 
 
@@ -413,17 +412,19 @@ def run_training(
     """
     run_dir = Path(run_dir)
     device = resolve_device(cfg.runtime.device)
+    if cfg.runtime.amp == "fp16" and device.type != "cuda":
+        raise IlsegError("runtime.amp=fp16 needs CUDA; on the CPU use runtime.amp=bf16 or none")
+    _, world = D.env_rank()
+    if cfg.optim.batch_size % world:
+        raise IlsegError(f"optim.batch_size {cfg.optim.batch_size} is the global batch and must divide by the "
+                         f"{world} processes; change one of them (the learning rate is not rescaled)")
     dist = D.setup(cfg.runtime.backend, device.type, cfg.runtime.collective_timeout_s)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
-    if cfg.runtime.amp == "fp16" and device.type != "cuda":
-        raise IlsegError("runtime.amp=fp16 needs CUDA; on the CPU use runtime.amp=bf16 or none")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     try:
-        if dist.is_main:
-            _prepare_run_dir(cfg, run_dir, resume)
-        D.barrier()
+        D.on_main(lambda: _prepare_run_dir(cfg, run_dir, resume))
         log = RunLogger(run_dir, enabled=dist.is_main, quiet=quiet, tensorboard=cfg.runtime.tensorboard)
         try:
             return _run(cfg, run_dir, dist, device, log, steps=steps, resume=resume, init_from=init_from,

@@ -2,7 +2,8 @@
 
 Entry points (docs/architecture.md): :func:`build_segmenter`,
 :meth:`IncrementalSegmenter.add_step`, :func:`freeze_bn`,
-:func:`freeze_encoder`, :func:`copy_for_teacher`, :func:`load_iabn_checkpoint`.
+:func:`freeze_encoder`, :func:`copy_for_teacher`, :func:`load_iabn_checkpoint`,
+:func:`convert_sync_batchnorm`.
 """
 
 from ilseg.models.aspp import ASPP, DEFAULT_DILATIONS, eval_pool
@@ -22,14 +23,17 @@ from ilseg.models.segmenter import (
     freeze_encoder,
     unfreeze,
 )
+from ilseg.models.sync_bn import CPUSyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
     "ASPP",
     "BACKBONES",
+    "CPUSyncBatchNorm",
     "DEFAULT_DILATIONS",
     "IncrementalSegmenter",
     "ResNet",
     "build_segmenter",
+    "convert_sync_batchnorm",
     "copy_for_teacher",
     "eval_pool",
     "freeze_bn",

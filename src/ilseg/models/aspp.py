@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ilseg.errors import IlsegError
+from ilseg.models.sync_bn import SYNC_BATCHNORM_TYPES
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -88,7 +89,7 @@ def _needs_batch_statistics_guard(bn: nn.Module) -> bool:
     """True if ``bn`` is a training-mode BN that will see only this process's batch."""
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.training:
         return False
-    if isinstance(bn, nn.SyncBatchNorm) and torch.distributed.is_available():
+    if isinstance(bn, SYNC_BATCHNORM_TYPES) and torch.distributed.is_available():
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             return False
     return True
