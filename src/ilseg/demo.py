@@ -26,10 +26,10 @@ DEMO_METHODS: tuple[str, ...] = ("joint", "finetune", "ilt", "ilt-kd-out")
 # Methods whose step 0 is plain cross-entropy on the step-0 classes can share it.
 SHARED_STEP0_FROM = "finetune"
 # The demo's synthetic set: 64 px images, enough for a small CNN to learn shapes in minutes.
-DEMO_SYNTH = {"seed": 0, "num_images": 2000, "size": 64}
+DEMO_SYNTH = {"seed": 0, "num_images": 1800, "size": 64}
 # Joint training sees every training image each epoch (about 3x step 0's share
 # under 6-2-2 disjoint), so it gets fewer epochs for about as many iterations.
-JOINT_EPOCHS = 5
+JOINT_EPOCHS = 4
 
 
 def demo_config(root: Path, *, quick: bool = False) -> RunConfig:

@@ -79,12 +79,13 @@ def read_results(run_dir: Path) -> dict[str, Any] | None:
 
 def comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """One line per run: old / new / all mIoU after the last step (Markdown)."""
-    lines = ["| method | task | old | new | all | mean over steps |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| method | task | training labels | old | new | all | mean over steps |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         last = r["steps"][-1] if r.get("steps") else {}
         task = f"{r.get('task')}{' ov' if r.get('overlap') else ''}"
         lines.append(
-            f"| {r.get('label', r.get('method'))} | {task} | {pct(last.get('miou_old'))} | "
+            f"| {r.get('label', r.get('method'))} | {task} | {r.get('labels', '-')} | {pct(last.get('miou_old'))} | "
             f"{pct(last.get('miou_new'))} | {pct(last.get('miou_all'))} | {pct(r.get('mean_miou_over_steps'))} |"
         )
     return "\n".join(lines)

@@ -12,7 +12,7 @@ Classes (:data:`ilseg.tasks.SYNTH_CLASSES`): background and ten shapes - disc,
 square, triangle, ring, cross, bar, diamond, star, crescent, checker.  What
 makes it a fair small benchmark:
 
-* 1-4 objects per image, random position, size (diameter 1/4 to 1/2 of the
+* 1-4 objects per image, random position, size (diameter 0.3 to 0.56 of the
   image side, thin shapes up to 0.65), rotation and mild aspect change; later
   objects occlude earlier ones (never hiding more than a third of one, so
   every visible object spans at least 1/5 of the image), the mask shows what
@@ -51,7 +51,7 @@ from ilseg.errors import IlsegError
 from ilseg.tasks import IGNORE_INDEX, SYNTH_CLASSES
 
 FORMAT_NAME = "ilseg-synth"
-FORMAT_VERSION = 3  # bump whenever rendering changes: old folders then no longer match
+FORMAT_VERSION = 4  # bump whenever rendering changes: old folders then no longer match
 META_FILE = "ilseg_synth.json"
 NUM_CLASSES = len(SYNTH_CLASSES)
 
@@ -78,7 +78,7 @@ _PARTNERS: dict[int, tuple[int, int]] = {
 }
 _NUM_OBJECTS_P = (0.35, 0.35, 0.2, 0.1)  # P(1..4 objects)
 _PARTNER_P = 0.6
-_RADIUS = (0.125, 0.25)  # object "radius" as a fraction of the image side
+_RADIUS = (0.15, 0.28)  # object "radius" as a fraction of the image side
 # Thin shapes cover less of their disc: draw them larger so areas stay comparable.
 _RADIUS_SCALE: dict[int, float] = {3: 1.25, 6: 1.3, 7: 1.3, 8: 1.3, 9: 1.2}
 _MIN_VISIBLE = 0.65  # an occluded object keeps at least this fraction of its area
@@ -107,9 +107,9 @@ def shape_mask(cls: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return (rho2 <= 1.0) & (rho2 >= 0.52 ** 2)
     if cls == 5:  # cross (plus sign)
         au, av = np.abs(u), np.abs(v)
-        return ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95))
+        return ((au <= 0.38) & (av <= 0.95)) | ((av <= 0.38) & (au <= 0.95))
     if cls == 6:  # bar
-        return (np.abs(u) <= 1.0) & (np.abs(v) <= 0.3)
+        return (np.abs(u) <= 1.0) & (np.abs(v) <= 0.38)
     if cls == 7:  # diamond (rhombus, 0.6 aspect, so not a rotated square)
         return np.abs(u) / 0.6 + np.abs(v) <= 1.0
     if cls == 8:  # five-pointed star

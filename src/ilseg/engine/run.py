@@ -173,7 +173,9 @@ class RunState:
 def _new_results(cfg: RunConfig, task: Task) -> dict[str, Any]:
     return {
         "method": cfg.method.name, "dataset": task.dataset, "task": task.name, "overlap": cfg.data.overlap,
-        "order": list(task.order), "step_sizes": list(task.step_sizes), "config_hash": cfg.hash(),
+        "order": list(task.order), "step_sizes": list(task.step_sizes),
+        "labels": "all classes" if cfg.method.joint else ("old kept" if cfg.method.keep_old_labels else "current step"),
+        "config_hash": cfg.hash(),
         "versions": versions(), "steps": [], "mean_miou_over_steps": None,
     }
 
