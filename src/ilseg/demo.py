@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ilseg.config import RunConfig, load_config, preset_dir
 from ilseg.data.synth import generate_synth, synth_matches
-from ilseg.engine.checkpoint import atomic_write_text
+from ilseg.fileio import atomic_write_text
 from ilseg.engine.run import run_training
 from ilseg.errors import IlsegError
 from ilseg.methods import METHOD_PRESETS

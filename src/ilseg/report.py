@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ilseg.engine.checkpoint import atomic_write_text
+from ilseg.fileio import atomic_write_text
 
 CSV_FIELDS = (
     "step", "classes_seen", "miou_all", "miou_old", "miou_old_fg", "miou_new",

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -38,6 +37,7 @@ from tqdm import tqdm
 from ilseg.data import io
 from ilseg.data.datasets import SegmentationDataset
 from ilseg.errors import IlsegError
+from ilseg.fileio import atomic_write_text
 from ilseg.tasks import Mode, Task, get_task, step_indices
 
 CACHE_VERSION = 1
@@ -95,17 +95,9 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``; warn on failure."""
+    """Write ``data`` to ``path`` atomically; warn (and go on without a cache) on failure."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, json.dumps(data))
     except OSError as exc:
         warnings.warn(f"cannot write cache file {path} ({exc}); continuing without it", stacklevel=3)
 

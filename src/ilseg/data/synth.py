@@ -13,7 +13,7 @@ square, triangle, ring, cross, bar, diamond, star, crescent, checker.  What
 makes it a fair small benchmark:
 
 * 1-4 objects per image, random position, size (diameter 0.3 to 0.56 of the
-  image side, thin shapes up to 0.65), rotation and mild aspect change; later
+  image side, thin shapes up to 0.73), rotation and mild aspect change; later
   objects occlude earlier ones (never hiding more than a third of one, so
   every visible object spans at least 1/5 of the image), the mask shows what
   is visible, and a 1-pixel 255 "boundary" ring surrounds visible objects as
@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -48,6 +47,7 @@ from PIL import Image
 
 from ilseg.data.io import write_mask_png
 from ilseg.errors import IlsegError
+from ilseg.fileio import atomic_write_text
 from ilseg.tasks import IGNORE_INDEX, SYNTH_CLASSES
 
 FORMAT_NAME = "ilseg-synth"
@@ -288,17 +288,6 @@ def _prepare_folder(out: Path) -> None:
         (out / sub).mkdir(parents=True, exist_ok=True)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def generate_synth(
     out: str | os.PathLike[str],
     *,
@@ -350,13 +339,13 @@ def generate_synth(
 
     val = _val_indices(seed, num_images, val_fraction)
     lists = out / "ImageSets" / "Segmentation"
-    _write_text_atomic(lists / "train_aug.txt", "".join(f"{image_id(i)}\n" for i in indices if i not in val))
-    _write_text_atomic(lists / "val.txt", "".join(f"{image_id(i)}\n" for i in indices if i in val))
+    atomic_write_text(lists / "train_aug.txt", "".join(f"{image_id(i)}\n" for i in indices if i not in val))
+    atomic_write_text(lists / "val.txt", "".join(f"{image_id(i)}\n" for i in indices if i in val))
     class_images = {name: sum(1 for p in present if c in p) for c, name in enumerate(SYNTH_CLASSES)}
     meta = {**_params(seed, num_images, size, val_fraction, boundary),
             "classes": list(SYNTH_CLASSES), "train_images": num_images - len(val), "val_images": len(val),
             "images_per_class": class_images}
-    _write_text_atomic(out / META_FILE, json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
     return out
 
 

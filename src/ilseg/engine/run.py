@@ -40,7 +40,6 @@ from ilseg.data.splits import step_image_indices
 from ilseg.data.transforms import test_transform, train_transform
 from ilseg.engine import distributed as D
 from ilseg.engine.checkpoint import (
-    atomic_write_text,
     check_compatible,
     load_checkpoint,
     save_checkpoint,
@@ -48,6 +47,7 @@ from ilseg.engine.checkpoint import (
 from ilseg.engine.runlog import RunLogger
 from ilseg.engine.loop import Precision, build_optimizer, evaluate, poly_schedule, train_one_epoch
 from ilseg.errors import IlsegError
+from ilseg.fileio import atomic_write_text
 from ilseg.methods import build_method
 from ilseg.metrics import mean_over_steps, segmentation_scores
 from ilseg.models import IncrementalSegmenter, build_segmenter, convert_sync_batchnorm, copy_for_teacher
