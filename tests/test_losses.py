@@ -238,3 +238,22 @@ def test_bf16_autocast_matches_float32():
         assert got.dtype == torch.float32
         assert torch.isfinite(got)
         assert got.item() == pytest.approx(ref.item(), abs=1e-2, rel=1e-2)
+
+
+def test_losses_accept_inference_mode_teacher_outputs():
+    """The engine runs the teacher under inference_mode and passes its tensors on uncopied."""
+    import torch
+
+    from ilseg.methods import feature_distillation, kd_ilt_output, kd_mib
+
+    student = torch.randn(2, 4, 3, 3, requires_grad=True)
+    feats = torch.randn(2, 5, 2, 2, requires_grad=True)
+    with torch.inference_mode():
+        t_logits = torch.randn(2, 3, 3, 3)
+        t_feats = torch.randn(2, 5, 2, 2)
+    target = torch.zeros(2, 3, 3, dtype=torch.long)
+    total = kd_mib(student, t_logits) + kd_ilt_output(student, t_logits, target) + feature_distillation(feats, t_feats)
+    total.backward()
+    assert student.grad is not None and feats.grad is not None
+    expected_fd = ((feats.detach() - t_feats) ** 2).mean()
+    assert torch.allclose(feature_distillation(feats, t_feats), expected_fd)

@@ -84,11 +84,10 @@ def train_one_epoch(
         teacher_out = None
         with precision.autocast():
             if teacher is not None:
+                # No activations kept.  The losses never save the teacher's
+                # (inference) tensors for backward, so no copy of them is needed.
                 with torch.inference_mode():
                     teacher_out = teacher(images)
-                # Inference tensors cannot be saved for backward; a plain view of
-                # them can't either, so detach into normal tensors (no copy).
-                teacher_out = {k: v.clone() if k == "features" else v for k, v in teacher_out.items()}
             student_out = model(images)
             losses = method(student_out, teacher_out, targets, step)
         loss = losses["loss"]

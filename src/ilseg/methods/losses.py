@@ -247,4 +247,6 @@ def feature_distillation(features: Tensor, teacher_features: Tensor) -> Tensor:
         raise ValueError(
             f"feature shapes differ: student {tuple(features.shape)}, teacher {tuple(teacher_features.shape)}"
         )
-    return F.mse_loss(features.float(), teacher_features.detach().float(), reduction="mean")
+    # (f - f°)² written out rather than F.mse_loss: autograd then keeps only the
+    # difference, never the teacher's tensor, which may be an inference tensor.
+    return (features.float() - teacher_features.detach().float()).pow(2).mean()
