@@ -43,8 +43,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     from ilseg.methods import METHOD_PRESETS, describe_method
 
-    for name, cfg in METHOD_PRESETS.items():
-        print(f"{name:<16} {describe_method(cfg)}")
+    for cfg in METHOD_PRESETS.values():
+        print(describe_method(cfg))
     print("Formulas and sources: docs/methods.md; override any weight with --set method.FIELD=VALUE")
     return 0
 
@@ -274,6 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ilseg: interrupted; resume with 'ilseg train --resume RUN_DIR'", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed early
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
