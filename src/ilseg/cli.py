@@ -126,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ilseg.config import load_config, resolve_config_path
-    from ilseg.engine.run import evaluate_checkpoint, step_checkpoint
+    from ilseg.engine.run import evaluate_checkpoint, last_finished_step, step_checkpoint
     from ilseg.report import pct
 
     if args.run:
@@ -134,10 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not (run_dir / "config.yaml").is_file():
             raise IlsegError(f"--run {run_dir}: no config.yaml there, so it is not an ilseg run folder")
         cfg = load_config(run_dir / "config.yaml", args.set)
-        steps = sorted(int(p.stem[4:]) for p in run_dir.glob("step*.pth") if p.stem[4:].isdigit())
-        if not steps:
-            raise IlsegError(f"--run {run_dir} has no finished step (no step*.pth)")
-        step = steps[-1] if args.step is None else args.step
+        step = last_finished_step(run_dir) if args.step is None else args.step
         ckpt = step_checkpoint(run_dir, step)
     elif args.checkpoint:
         if not args.config:

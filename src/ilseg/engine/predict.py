@@ -13,7 +13,14 @@ from ilseg.config import load_config
 from ilseg.data.io import overlay, read_image, write_mask_png
 from ilseg.data.transforms import test_transform
 from ilseg.engine.checkpoint import check_compatible, load_checkpoint
-from ilseg.engine.run import checkpoint_identity, model_from_config, resolve_device, step_checkpoint, training_task
+from ilseg.engine.run import (
+    checkpoint_identity,
+    last_finished_step,
+    model_from_config,
+    resolve_device,
+    step_checkpoint,
+    training_task,
+)
 from ilseg.errors import IlsegError
 
 
@@ -31,10 +38,7 @@ def predict_images(run_dir: Path, images: Sequence[str | Path], out_dir: Path, *
     cfg = load_config(run_dir / "config.yaml")
     task = training_task(cfg)
     if step is None:
-        done = sorted(int(p.stem[4:]) for p in run_dir.glob("step*.pth") if p.stem[4:].isdigit())
-        if not done:
-            raise IlsegError(f"--run {run_dir} has no finished step (no step*.pth)")
-        step = done[-1]
+        step = last_finished_step(run_dir)
     ckpt = step_checkpoint(run_dir, step)
     state = load_checkpoint(ckpt)
     check_compatible(state, checkpoint_identity(cfg, task, step), ckpt)

@@ -21,7 +21,6 @@ import json
 import platform
 import random
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,6 +57,14 @@ from ilseg.tasks import Task, test_lut, train_lut
 # -- small helpers ---------------------------------------------------------------
 def step_checkpoint(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / f"step{step}.pth"
+
+
+def last_finished_step(run_dir: Path) -> int:
+    """The highest step with a final checkpoint in ``run_dir``."""
+    done = [int(p.stem[4:]) for p in Path(run_dir).glob("step*.pth") if p.stem[4:].isdigit()]
+    if not done:
+        raise IlsegError(f"--run {run_dir} has no finished step (no step*.pth)")
+    return max(done)
 
 
 def resolve_device(kind: str) -> torch.device:
