@@ -12,7 +12,7 @@ from datatrees import block_mask, make_ade_tree, make_voc_tree
 
 from ilseg.data.datasets import SegmentationDataset, build_dataset
 from ilseg.data.io import read_image, write_mask_png
-from ilseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, test_transform, train_transform
+from ilseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from ilseg.errors import IlsegError
 from ilseg.tasks import get_task, train_lut
 
@@ -60,7 +60,7 @@ def test_voc_lut_subset_copies_and_pickle(voc_root):
     sub = stepped.subset([2, 0])
     assert sub.ids == ["c", "a"] and len(sub) == 2 and len(stepped) == 3
     assert sub.mask_path(0).name == "c.png"
-    resized = sub.with_transform(test_transform(4))
+    resized = sub.with_transform(eval_transform(4))
     assert resized[0][0].shape == (3, 4, 4) and sub[0][0].shape == (3, 8, 8)
     clone = pickle.loads(pickle.dumps(resized))
     torch.testing.assert_close(clone[1][1], resized[1][1])

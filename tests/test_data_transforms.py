@@ -9,7 +9,7 @@ import pytest
 import torch
 from datatrees import label_image
 
-from ilseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, test_transform, train_transform
+from ilseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 LABELS = (0, 3, 7, 255)
 
@@ -81,7 +81,7 @@ def test_masks_are_sampled_at_pixel_centres():
     mask = np.tile(np.arange(64, dtype=np.uint8), (64, 1))
     image = np.zeros((64, 64, 3), np.uint8)
     expected = np.tile(np.arange(1, 64, 2), (32, 1))
-    _, y = test_transform(32)(image, mask)
+    _, y = eval_transform(32)(image, mask)
     np.testing.assert_array_equal(y.numpy(), expected)
     _, y = train_transform(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0)(image, mask)
     np.testing.assert_array_equal(y.numpy(), expected)
@@ -93,7 +93,7 @@ def test_scale_above_one_falls_back_to_the_whole_image():
     image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
     mask = _random_blocks(3, 32, 32)
     x, y = train_transform(16, scale=(4.0, 4.0), hflip=0.0)(image, mask)
-    x_ref, y_ref = test_transform(16)(image, mask)
+    x_ref, y_ref = eval_transform(16)(image, mask)
     torch.testing.assert_close(x, x_ref)
     torch.testing.assert_close(y, y_ref)
 
@@ -101,14 +101,14 @@ def test_scale_above_one_falls_back_to_the_whole_image():
 def test_test_transform_sizes_and_normalisation():
     mask = _random_blocks(5, 40, 56)
     image = label_image(mask)
-    x, y = test_transform(32)(image, mask)
+    x, y = eval_transform(32)(image, mask)
     assert x.shape == (3, 32, 32) and y.shape == (32, 32)
     assert set(torch.unique(y).tolist()) <= set(LABELS)
     inside = _interior(y.numpy())
     np.testing.assert_array_equal(_label_from_colour(_denormalise(x))[inside], y.numpy()[inside])
-    x, y = test_transform(32, crop=False)(image, mask)
+    x, y = eval_transform(32, crop=False)(image, mask)
     assert x.shape == (3, 32, 44) and y.shape == (32, 44)
-    x, y = test_transform(None)(image, mask)
+    x, y = eval_transform(None)(image, mask)
     np.testing.assert_array_equal(y.numpy(), mask)
     np.testing.assert_allclose(_denormalise(x), image.astype(np.float32), atol=1e-3)
 

@@ -32,7 +32,8 @@ from ilseg.config import load_config, preset_dir
 from ilseg.data.datasets import SeededItems
 from ilseg.data.synth import generate_synth
 from ilseg.engine import distributed as D
-from ilseg.engine.run import evaluate_checkpoint, model_from_config, run_training
+from ilseg.engine.run import evaluate_checkpoint, run_training
+from ilseg.engine.rundir import model_from_config
 from ilseg.errors import IlsegError, ReportedByMainRank
 from ilseg.models import CPUSyncBatchNorm, convert_sync_batchnorm
 from ilseg.tasks import get_task
@@ -270,17 +271,17 @@ def test_distributed_evaluation_counts_every_image_once(two_process_run, synth_r
 _FAILING_RANK = """\
 import os, sys
 from ilseg.cli import main
-from ilseg.engine import run
+from ilseg.engine import step
 from ilseg.errors import IlsegError
 
-real = run.train_one_epoch
+real = step.train_one_epoch
 
 def fail_on_rank_1(**kwargs):
     if os.environ["RANK"] == "1":
         raise IlsegError("rank 1 failed on purpose")
     return real(**kwargs)  # rank 0 goes on into DDP's collectives and would wait for rank 1
 
-run.train_one_epoch = fail_on_rank_1
+step.train_one_epoch = fail_on_rank_1
 raise SystemExit(main(sys.argv[1:]))
 """
 

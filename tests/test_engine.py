@@ -13,10 +13,11 @@ from PIL import Image
 from ilseg.cli import main
 from ilseg.config import load_config, preset_dir
 from ilseg.data.synth import generate_synth
-from ilseg.engine import run as run_mod
+from ilseg.engine import step as step_mod
 from ilseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from ilseg.engine.loop import poly_schedule
-from ilseg.engine.run import model_from_config, run_training
+from ilseg.engine.run import run_training
+from ilseg.engine.rundir import model_from_config
 from ilseg.errors import IlsegError
 from ilseg.tasks import get_task
 
@@ -80,10 +81,10 @@ def test_run_folder_contents(finished_run):
 
 
 def _predict(model, root: Path, ids: list[str]) -> list[np.ndarray]:
-    from ilseg.data.transforms import test_transform
+    from ilseg.data.transforms import eval_transform
 
     model.eval()
-    t = test_transform(None, crop=False)
+    t = eval_transform(None, crop=False)
     preds = []
     for i in ids:
         img = np.array(Image.open(root / "JPEGImages" / f"{i}.jpg").convert("RGB"))
@@ -123,7 +124,7 @@ def test_results_agree_with_an_independent_recomputation(finished_run, synth_roo
 def test_resume_after_interruption_is_identical(synth_root, tmp_path, finished_run, monkeypatch):
     reference, cfg, ref_results = finished_run
     out = tmp_path / "interrupted"
-    real = run_mod.train_one_epoch
+    real = step_mod.train_one_epoch
     calls = {"n": 0}
 
     def interrupt_third_epoch(**kwargs):
@@ -132,11 +133,11 @@ def test_resume_after_interruption_is_identical(synth_root, tmp_path, finished_r
             raise KeyboardInterrupt
         return real(**kwargs)
 
-    monkeypatch.setattr(run_mod, "train_one_epoch", interrupt_third_epoch)
+    monkeypatch.setattr(step_mod, "train_one_epoch", interrupt_third_epoch)
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, out, quiet=True)
     assert (out / "step0.pth").is_file() and not (out / "step1.pth").exists()
-    monkeypatch.setattr(run_mod, "train_one_epoch", real)
+    monkeypatch.setattr(step_mod, "train_one_epoch", real)
     # also interrupt inside step 0 of a second run, between its two epochs
     out2 = tmp_path / "interrupted-epoch"
     calls["n"] = 0
@@ -147,11 +148,11 @@ def test_resume_after_interruption_is_identical(synth_root, tmp_path, finished_r
             raise KeyboardInterrupt
         return real(**kwargs)
 
-    monkeypatch.setattr(run_mod, "train_one_epoch", interrupt_second_epoch)
+    monkeypatch.setattr(step_mod, "train_one_epoch", interrupt_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, out2, quiet=True)
     assert load_checkpoint(out2 / "last.pth")["epoch"] == 0
-    monkeypatch.setattr(run_mod, "train_one_epoch", real)
+    monkeypatch.setattr(step_mod, "train_one_epoch", real)
 
     for folder in (out, out2):
         resumed = run_training(cfg, folder, resume=True, quiet=True)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-import types
+import math
 
 import pytest
 import torch
 
 from ilseg.errors import IlsegError
+from ilseg.models import build_segmenter
+from ilseg.tasks import get_task
 from ilseg.methods import (
     METHOD_PRESETS,
     Method,
@@ -148,27 +149,100 @@ def test_describe_method_lists_weights():
         assert line.startswith(cfg.name + ": L = CE") and "\n" not in line
 
 
-# -- freezing --------------------------------------------------------------------------
-@pytest.fixture
-def fake_models(monkeypatch):
-    """A stand-in for ilseg.models recording which freeze functions ran."""
-    calls: list[tuple[str, object]] = []
-    module = types.ModuleType("ilseg.models")
-    module.freeze_encoder = lambda model: calls.append(("encoder", model))  # type: ignore[attr-defined]
-    module.freeze_bn = lambda model: calls.append(("bn", model))  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "ilseg.models", module)
-    return calls
+# -- the step boundary, on real (tiny) models ------------------------------------------
+def _tiny_model(classes_per_step=(7,)):
+    torch.manual_seed(0)
+    return build_segmenter(backbone="resnet18", backbone_width=8, head_channels=8, output_stride=16,
+                           classes_per_step=list(classes_per_step))
 
 
-def test_begin_step_freezes_from_step_one(fake_models):
-    model = torch.nn.Linear(1, 1)
-    method = Method(method_config("ilt-ef", {"freeze_bn": True}))
-    method.begin_step(model, 0)
-    assert fake_models == []
-    method.begin_step(model, 1)
-    assert fake_models == [("encoder", model), ("bn", model)]
+TASK = get_task("synth", "6-2-2")  # 7 classes at step 0 (background + 6), then 2 and 2
 
 
-def test_begin_step_without_freezing_does_nothing(fake_models):
-    Method(METHOD_PRESETS["ilt"]).begin_step(torch.nn.Linear(1, 1), 3)
-    assert fake_models == []
+def test_step0_has_no_teacher_and_freezes_nothing():
+    model = _tiny_model()
+    setup = Method(method_config("ilt-ef", {"freeze_bn": True})).start_step(model, TASK, 0)
+    assert setup.student is model and setup.teacher is None
+    assert model.classes_per_step == (7,)
+    assert all(p.requires_grad for p in model.parameters())
+    assert setup.target_lut[TASK.order[3]] == 3  # a step-0 class keeps its channel
+    assert setup.target_lut[TASK.order[8]] == 0  # a future class is background
+
+
+def test_start_step_adds_the_classifier_and_copies_the_teacher_first():
+    model = _tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    setup = Method(METHOD_PRESETS["ilt"]).start_step(model, TASK, 1)
+    assert setup.student is model and model.classes_per_step == (7, 2)
+    teacher = setup.teacher
+    assert teacher is not None and teacher.classes_per_step == (7,)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    # the teacher shares no storage with the student: training the student leaves it alone
+    with torch.no_grad():
+        model.classifiers[0].weight.add_(1.0)
+    assert torch.equal(teacher.classifiers[0].weight, before["classifiers.0.weight"])
+    # finetune distils nothing, so it gets no teacher
+    assert Method(METHOD_PRESETS["finetune"]).start_step(_tiny_model(), TASK, 1).teacher is None
+
+
+def test_encoder_freezing_from_step_one_on_a_real_model():
+    model = _tiny_model()
+    setup = Method(METHOD_PRESETS["ilt-ef"]).start_step(model, TASK, 1)
+    assert not any(p.requires_grad for p in model.body.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+    assert all(p.requires_grad for p in model.classifiers.parameters())
+    model.train()  # the body's BNs stay in eval mode, so their statistics do not move
+    assert not any(m.training for m in model.body.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert setup.teacher is None  # ilt-ef distils nothing
+
+
+def test_bn_freezing_freezes_every_batchnorm():
+    model = _tiny_model()
+    Method(method_config("finetune", {"freeze_bn": True})).start_step(model, TASK, 1)
+    model.train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    assert not any(p.requires_grad for m in bns for p in m.parameters())
+    assert any(p.requires_grad for p in model.body.parameters())  # the convolutions still train
+
+
+def test_background_init_through_the_method():
+    model = _tiny_model()
+    w_bg = model.classifiers[0].weight[0].clone()
+    b_bg = float(model.classifiers[0].bias[0].detach())
+    Method(method_config("ilt", {"classifier_init": "background"})).start_step(model, TASK, 1)
+    new = model.classifiers[1]
+    assert torch.equal(new.weight[0], w_bg) and torch.equal(new.weight[1], w_bg)
+    expected = b_bg - math.log(3)  # two new classes + background share the background's probability
+    assert float(new.bias[0].detach()) == pytest.approx(expected)
+    assert float(model.classifiers[0].bias[0].detach()) == pytest.approx(expected)
+
+
+def test_target_labels_follow_the_label_protocol():
+    old, new, future = TASK.order[2], TASK.order[7], TASK.order[9]
+    current = Method(METHOD_PRESETS["finetune"]).start_step(_tiny_model(), TASK, 1).target_lut
+    kept = Method(METHOD_PRESETS["ilt-kd-out"]).start_step(_tiny_model(), TASK, 1).target_lut
+    assert (current[old], current[new], current[future], current[255]) == (0, 7, 0, 255)
+    assert (kept[old], kept[new], kept[future], kept[255]) == (2, 7, 0, 255)
+
+
+def test_joint_trains_one_step_of_every_class():
+    joint = Method(METHOD_PRESETS["joint"])
+    task = joint.training_task(TASK)
+    assert task.step_sizes == (11,) and task.order == TASK.order
+    assert Method(METHOD_PRESETS["ilt"]).training_task(TASK) is TASK
+    assert (joint.label_protocol, Method(METHOD_PRESETS["ilt-kd-out"]).label_protocol,
+            Method(METHOD_PRESETS["finetune"]).label_protocol) == ("all classes", "old kept", "current step")
+
+
+def test_step0_identity_leaves_out_what_acts_from_step_one():
+    ilt, ft = Method(METHOD_PRESETS["ilt"]), Method(METHOD_PRESETS["finetune"])
+    assert ilt.identity(0) == ft.identity(0) == {"ce_reduction": "valid", "joint": False}
+    assert ilt.identity(1) != ft.identity(1) and "kd_weight" in ilt.identity(1) and "name" not in ilt.identity(1)
+    assert Method(method_config("finetune", {"ce_reduction": "all"})).identity(0)["ce_reduction"] == "all"
+
+
+def test_needs_teacher_is_the_one_rule():
+    assert [name for name, cfg in METHOD_PRESETS.items() if Method(cfg).needs_teacher] == [
+        "ilt", "ilt-kd-out", "ilt-kd-feat", "ilt-ef-kd-out", "ilt-kd-out-feat"]

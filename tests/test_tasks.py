@@ -11,7 +11,7 @@ from ilseg.tasks import (
     get_task,
     keep_image,
     step_indices,
-    test_lut,
+    eval_lut,
     train_lut,
 )
 
@@ -158,15 +158,15 @@ def test_train_lut_background_shift():
 
 def test_test_lut_unseen_classes():
     task = get_task("voc", "15-1")
-    ignore = test_lut(task, 1)
+    ignore = eval_lut(task, 1)
     assert ignore[16] == 16 and ignore[5] == 5 and ignore[0] == 0
     assert ignore[17] == 255 and ignore[255] == 255
-    background = test_lut(task, 1, unseen="background")
+    background = eval_lut(task, 1, unseen="background")
     assert background[17] == 0 and background[16] == 16
-    ade = test_lut(get_task("ade", "100-50"), 0, ignore_background=True)
+    ade = eval_lut(get_task("ade", "100-50"), 0, ignore_background=True)
     assert ade[0] == 255 and ade[100] == 100 and ade[101] == 255
     with pytest.raises(IlsegError):
-        test_lut(task, 1, unseen="drop")  # type: ignore[arg-type]
+        eval_lut(task, 1, unseen="drop")  # type: ignore[arg-type]
 
 
 def test_luts_follow_a_custom_order():
@@ -174,7 +174,7 @@ def test_luts_follow_a_custom_order():
     tl = train_lut(task, 1)
     assert (tl[4], tl[3]) == (7, 8)           # channels 7, 8 stand for classes 4, 3
     assert tl[10] == 0 and tl[1] == 0         # old and future -> background
-    ev = test_lut(task, 1)
+    ev = eval_lut(task, 1)
     assert (ev[10], ev[5], ev[3]) == (1, 6, 8)
     assert ev[2] == 255 and ev[1] == 255
     mask = np.array([[10, 4], [1, 255]], dtype=np.uint8)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = 255
+from ilseg.tasks import IGNORE_INDEX
 
 
 class ConfusionMatrix:

@@ -26,16 +26,15 @@ def pct(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{100 * value:.{digits}f}"
 
 
-def results_markdown(results: Mapping[str, Any]) -> str:
-    """The paper-style table: old / new / all after each step, then per-class IoU."""
-    steps = results.get("steps", [])
+def summary_table(results: Mapping[str, Any]) -> str:
+    """Title, old / new / all after each step, and the mean over steps (Markdown)."""
     out = io.StringIO()
     title = f"{results.get('method')} on {results.get('dataset')} {results.get('task')}"
     title += " (overlapped)" if results.get("overlap") else " (disjoint)"
     out.write(f"# {title}\n\nmIoU in %; old = step-0 classes (incl. background), new = classes added since.\n\n")
     out.write("| step | classes | old | old w/o bg | new | all | pixel acc | mean acc |\n")
     out.write("|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-    for s in steps:
+    for s in results.get("steps", []):
         out.write(
             f"| {s['step']} | {s['classes_seen']} | {pct(s['miou_old'])} | {pct(s.get('miou_old_fg'))} | "
             f"{pct(s['miou_new'])} | {pct(s['miou_all'])} | {pct(s.get('pixel_accuracy'))} | "
@@ -43,14 +42,27 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         )
     if results.get("mean_miou_over_steps") is not None:
         out.write(f"\nMean of all-class mIoU over steps: {pct(results['mean_miou_over_steps'])}\n")
-    if steps:
-        names = list(steps[-1]["iou_per_class"])
-        out.write("\n## Per-class IoU (%)\n\n| class | " + " | ".join(f"step {s['step']}" for s in steps) + " |\n")
-        out.write("|---|" + "---:|" * len(steps) + "\n")
-        for name in names:
-            row = [pct(s["iou_per_class"].get(name)) if name in s["iou_per_class"] else "" for s in steps]
-            out.write(f"| {name} | " + " | ".join(row) + " |\n")
     return out.getvalue()
+
+
+def per_class_table(results: Mapping[str, Any]) -> str:
+    """IoU of every class after each step (Markdown; empty before a class is seen)."""
+    steps = results.get("steps", [])
+    if not steps:
+        return ""
+    names = list(steps[-1]["iou_per_class"])
+    lines = ["## Per-class IoU (%)", "", "| class | " + " | ".join(f"step {s['step']}" for s in steps) + " |",
+             "|---|" + "---:|" * len(steps)]
+    for name in names:
+        row = [pct(s["iou_per_class"].get(name)) if name in s["iou_per_class"] else "" for s in steps]
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def results_markdown(results: Mapping[str, Any]) -> str:
+    """The paper-style table (:func:`summary_table`), then per-class IoU (:func:`per_class_table`)."""
+    per_class = per_class_table(results)
+    return summary_table(results) + (f"\n{per_class}" if per_class else "")
 
 
 def results_csv(results: Mapping[str, Any]) -> str:

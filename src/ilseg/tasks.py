@@ -10,7 +10,7 @@ Everything that decides which pixels a step learns from lives here as pure
 functions of masks and class sets:
 
 * :func:`keep_image` - the disjoint / overlapped image filter (REFERENCE.md §2);
-* :func:`train_lut` / :func:`test_lut` - 256-entry lookup tables that remap a
+* :func:`train_lut` / :func:`eval_lut` - 256-entry lookup tables that remap a
   dataset mask to a step's training or test target (REFERENCE.md §3).
 
 Example::
@@ -30,7 +30,7 @@ import numpy as np
 
 from ilseg.errors import IlsegError
 
-IGNORE_INDEX = 255
+IGNORE_INDEX = 255  # the "ignore" label of masks and targets, everywhere in ilseg
 
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
@@ -371,7 +371,7 @@ def train_lut(task: Task, step: int, *, keep_old: bool = False) -> np.ndarray:
 Unseen = Literal["ignore", "background"]
 
 
-def test_lut(task: Task, step: int, *, unseen: Unseen = "ignore", ignore_background: bool = False) -> np.ndarray:
+def eval_lut(task: Task, step: int, *, unseen: Unseen = "ignore", ignore_background: bool = False) -> np.ndarray:
     """Lookup table turning dataset mask values into the test target after ``step``.
 
     Seen classes map to their output channel.  Classes not yet seen become 255
@@ -389,7 +389,3 @@ def test_lut(task: Task, step: int, *, unseen: Unseen = "ignore", ignore_backgro
         lut[0] = IGNORE_INDEX
     lut[IGNORE_INDEX] = IGNORE_INDEX
     return lut
-
-
-# Keep pytest from collecting test_lut as a test when imported into test modules.
-test_lut.__test__ = False  # type: ignore[attr-defined]

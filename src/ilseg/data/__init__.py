@@ -3,7 +3,7 @@
 * :mod:`ilseg.data.io` - ``read_image``, ``read_mask``, ``write_mask_png``, ``palette``, ``overlay``;
 * :mod:`ilseg.data.datasets` - ``build_dataset``, ``SegmentationDataset`` (VOC, ADE20k, synth);
 * :mod:`ilseg.data.synth` - ``generate_synth``, ``synth_matches``;
-* :mod:`ilseg.data.transforms` - ``train_transform``, ``test_transform``;
+* :mod:`ilseg.data.transforms` - ``train_transform``, ``eval_transform``;
 * :mod:`ilseg.data.splits` - ``class_presence``, ``step_image_indices``, ``split_report``,
   ``PUBLISHED_COUNTS``.
 """
@@ -18,7 +18,7 @@ from ilseg.data.splits import (
     step_image_indices,
 )
 from ilseg.data.synth import generate_synth, synth_matches
-from ilseg.data.transforms import test_transform, train_transform
+from ilseg.data.transforms import eval_transform, train_transform
 
 __all__ = [
     "PUBLISHED_COUNTS",
@@ -34,7 +34,7 @@ __all__ = [
     "split_report",
     "step_image_indices",
     "synth_matches",
-    "test_transform",
+    "eval_transform",
     "train_transform",
     "write_mask_png",
 ]

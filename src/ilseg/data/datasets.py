@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ilseg.data import io
-from ilseg.data.transforms import JointTransform, test_transform
+from ilseg.data.transforms import JointTransform, eval_transform
 from ilseg.errors import IlsegError
 from ilseg.tasks import class_names
 
@@ -197,7 +197,7 @@ class SeededItems(Dataset):
             rng.set_state(saved)
 
 
-_DEFAULT_TRANSFORM: JointTransform = test_transform(None)
+_DEFAULT_TRANSFORM: JointTransform = eval_transform(None)
 
 
 def _check_lut(lut: np.ndarray | None) -> np.ndarray | None:

@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 
 from ilseg.errors import IlsegError
+from ilseg.tasks import IGNORE_INDEX
 
-IGNORE_INDEX = 255
 
 _MASK_MODES = ("P", "L")
 

@@ -13,7 +13,7 @@ Recipes (REFERENCE.md §4):
 
 * :func:`train_transform` - ``RandomResizedCrop`` (area scale (0.5, 2.0),
   aspect (3/4, 4/3)), horizontal flip, normalisation.
-* :func:`test_transform` - resize the shorter side, centre crop (MiB's
+* :func:`eval_transform` - resize the shorter side, centre crop (MiB's
   default), or the full image.
 
 About ``scale > 1``: torchvision's ``RandomResizedCrop`` draws up to 10
@@ -142,7 +142,7 @@ def train_transform(
     return JointTransform(geometry)
 
 
-def test_transform(size: int | None, *, crop: bool = True) -> JointTransform:
+def eval_transform(size: int | None, *, crop: bool = True) -> JointTransform:
     """Evaluation transform: resize the shorter side to ``size``, then centre-crop ``size x size``.
 
     Args:
@@ -161,7 +161,3 @@ def test_transform(size: int | None, *, crop: bool = True) -> JointTransform:
         if crop:
             geometry.append(v2.CenterCrop(size))
     return JointTransform(geometry)
-
-
-# Keep pytest from collecting test_transform as a test when imported into test modules.
-test_transform.__test__ = False  # type: ignore[attr-defined]

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ilseg.errors import IlsegError
 from ilseg.fileio import atomic_write_bytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: identity lists every setting that shaped the weights
 
 
 def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
@@ -44,15 +45,50 @@ def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> 
 
 
 def check_compatible(state: Mapping[str, Any], expected: Mapping[str, Any], path: Path) -> None:
-    """Raise if the checkpoint's identity (dataset, task, order, step, model) differs."""
+    """Raise, naming every difference, if the checkpoint's identity is not ``expected``.
+
+    ``expected`` comes from :func:`ilseg.engine.rundir.checkpoint_identity`.
+    """
     found = state.get("identity", {})
     diffs = [
-        f"{k}: checkpoint has {found.get(k)!r}, this run needs {v!r}"
+        f"{k}: checkpoint has {found.get(k, '(not recorded)')!r}, this run has {v!r}"
         for k, v in expected.items()
         if found.get(k) != v
     ]
     if diffs:
         raise IlsegError(
-            f"checkpoint {path} belongs to another run: " + "; ".join(diffs)
-            + ". Use the checkpoint of the same dataset, task, class order, step and model."
+            f"checkpoint {path} belongs to another run ({len(diffs)} difference(s)): " + "; ".join(diffs)
+            + ". Use a checkpoint trained with the same settings, or change this run's config to match"
         )
+
+
+def training_state(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    step: int,
+    epoch: int,
+    epochs: int,
+    train_seconds: float,
+    identity: Mapping[str, Any],
+    config: Mapping[str, Any],
+    metrics: Mapping[str, Any] | None = None,
+    confusion_matrix: list[list[int]] | None = None,
+) -> dict[str, Any]:
+    """The one checkpoint layout, for ``last.pth`` (no metrics) and ``step{t}.pth`` (with them).
+
+    ``epoch`` is the last finished epoch (0-based) of ``epochs``; the state
+    after the last epoch is all that evaluation and the next step need.
+    """
+    state: dict[str, Any] = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "step": step, "epoch": epoch, "epochs": epochs, "train_seconds": train_seconds,
+        "identity": dict(identity), "config": dict(config),
+    }
+    if metrics is not None:
+        state["metrics"] = dict(metrics)
+        state["confusion_matrix"] = confusion_matrix
+    return state

@@ -49,10 +49,9 @@ def build_optimizer(params: Iterable[nn.Parameter], *, kind: str, lr: float, mom
     raise IlsegError(f"unknown optimizer {kind!r}; use 'sgd' or 'adamw'")
 
 
-def poly_schedule(optimizer: torch.optim.Optimizer, total_iters: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """lr_i = lr_0 * (1 - i / total_iters) ** power, stepped once per iteration."""
-    total = max(1, total_iters)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(0.0, 1.0 - i / total) ** power)
+def poly_schedule(optimizer: torch.optim.Optimizer, total_iters: int, power: float) -> torch.optim.lr_scheduler.PolynomialLR:
+    """lr_i = lr_0 * (1 - i / total_iters) ** power, stepped once per iteration (0 from ``total_iters`` on)."""
+    return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max(1, total_iters), power=power)
 
 
 def train_one_epoch(
@@ -91,7 +90,8 @@ def train_one_epoch(
             student_out = model(images)
             losses = method(student_out, teacher_out, targets, step)
         loss = losses["loss"]
-        values = {k: float(v.detach()) for k, v in losses.items()}
+        # One device-to-host copy for all the terms (one sync per iteration, not one per term).
+        values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
         if not math.isfinite(values["loss"]):
             parts = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
             raise IlsegError(

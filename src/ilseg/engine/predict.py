@@ -9,19 +9,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ilseg.config import load_config
 from ilseg.data.io import overlay, read_image, write_mask_png
-from ilseg.data.transforms import test_transform
-from ilseg.engine.checkpoint import check_compatible, load_checkpoint
-from ilseg.engine.run import (
-    checkpoint_identity,
-    last_finished_step,
-    model_from_config,
-    resolve_device,
-    step_checkpoint,
-    training_task,
-)
-from ilseg.errors import IlsegError
+from ilseg.data.transforms import eval_transform
+from ilseg.engine.run import resolve_device
+from ilseg.engine.rundir import last_finished_step, load_step_model, read_run_config, step_checkpoint, training_task
 
 
 def predict_images(run_dir: Path, images: Sequence[str | Path], out_dir: Path, *, step: int | None = None,
@@ -33,21 +24,15 @@ def predict_images(run_dir: Path, images: Sequence[str | Path], out_dir: Path, *
     dataset's palette whatever the class order.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise IlsegError(f"--run {run_dir}: no config.yaml there, so it is not an ilseg run folder")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = read_run_config(run_dir)
     task = training_task(cfg)
     if step is None:
         step = last_finished_step(run_dir)
-    ckpt = step_checkpoint(run_dir, step)
-    state = load_checkpoint(ckpt)
-    check_compatible(state, checkpoint_identity(cfg, task, step), ckpt)
-    model = model_from_config(cfg, task.classifier_sizes(step), pretrained=False)
-    model.load_state_dict(state["model"])
+    model, _ = load_step_model(cfg, step_checkpoint(run_dir, step), step)
     dev = resolve_device(device or cfg.runtime.device)
     model.to(dev).eval()
     to_dataset_ids = np.array(task.seen_classes(step), dtype=np.uint8)
-    transform = test_transform(None, crop=False)
+    transform = eval_transform(None, crop=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

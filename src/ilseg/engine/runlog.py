@@ -1,20 +1,39 @@
 """What a run prints and keeps: train.log, metrics.jsonl, progress bars, TensorBoard.
 
-Only the main process (rank 0) writes or prints; other ranks get a logger
-whose calls do nothing, so no line is printed twice.
+Every line goes through Python's ``logging``, to the ``"ilseg"`` logger: the
+engine's lines and those of library modules (``ilseg.models.pretrained``
+saying it downloads weights, ...) reach the same two places while a run is
+open: the terminal (through ``tqdm.write``, so progress bars stay intact) and
+``RUN_DIR/train.log``.  Only the main process (rank 0) attaches them; other
+ranks log nothing, so no line is printed twice.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from tqdm import tqdm
 
 from ilseg.report import pct
+
+LOGGER = logging.getLogger("ilseg")
+_FORMAT = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+
+
+class _TqdmHandler(logging.Handler):
+    """Writes records above any open progress bar (``tqdm.write``) instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:  # noqa: BLE001 (logging's own contract: never raise from emit)
+            self.handleError(record)
 
 
 class _NoBar:
@@ -24,39 +43,56 @@ class _NoBar:
 
 
 class RunLogger:
-    """Prints lines, appends them to ``train.log``, logs scalars to ``metrics.jsonl``."""
+    """Lines to the terminal and ``train.log`` (via ``logging``), scalars to ``metrics.jsonl``.
+
+    Use it as a context manager, or call :meth:`close`: the handlers it
+    attached to the ``"ilseg"`` logger are removed again.
+    """
 
     def __init__(self, run_dir: Path | None, *, enabled: bool = True, quiet: bool = False,
                  tensorboard: bool = False) -> None:
         self.enabled = enabled
         self.quiet = quiet
-        self._log = self._jsonl = self._tb = None
-        if enabled and run_dir is not None:
+        self._handlers: list[logging.Handler] = []
+        self._jsonl = None
+        self._tb: Any = None
+        self._saved_level = LOGGER.level
+        self._saved_propagate = LOGGER.propagate
+        if not enabled:
+            return
+        console: logging.Handler = logging.StreamHandler(sys.stdout) if quiet else _TqdmHandler()
+        self._attach(console)
+        if run_dir is not None:
             run_dir = Path(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            self._log = open(run_dir / "train.log", "a", encoding="utf-8")
+            self._attach(logging.FileHandler(run_dir / "train.log", encoding="utf-8"))
             self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-            if tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    self.info("runtime.tensorboard is on but tensorboard is not installed "
-                              "(pip install 'ilseg[tensorboard]'); continuing without it")
-                else:
-                    self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        LOGGER.setLevel(logging.INFO)
+        LOGGER.propagate = False  # printed here once, not again by a root handler
+        if tensorboard and run_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.info("runtime.tensorboard is on but tensorboard is not installed "
+                          "(pip install 'ilseg[tensorboard]'); continuing without it")
+            else:
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
         self._scalar_index = 0
 
+    def _attach(self, handler: logging.Handler) -> None:
+        handler.setFormatter(_FORMAT)
+        LOGGER.addHandler(handler)
+        self._handlers.append(handler)
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
     def info(self, message: str) -> None:
-        if not self.enabled:
-            return
-        line = f"[{time.strftime('%H:%M:%S')}] {message}"
-        if self.quiet:
-            print(line, flush=True)
-        else:
-            tqdm.write(line, file=sys.stdout)
-        if self._log is not None:
-            self._log.write(line + "\n")
-            self._log.flush()
+        if self.enabled:
+            LOGGER.info(message)
 
     def scalars(self, values: dict[str, Any]) -> None:
         if not self.enabled or self._jsonl is None:
@@ -69,7 +105,7 @@ class RunLogger:
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):
                     self._tb.add_scalar(f"step{values.get('step', 0)}/{k}", v, values.get("epoch", self._scalar_index))
 
-    def progress(self, total: int, desc: str):
+    def progress(self, total: int, desc: str) -> Any:
         if not self.enabled or self.quiet:
             return _NoBar()
         return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
@@ -84,8 +120,16 @@ class RunLogger:
         self.info("  IoU: " + per_class)
 
     def close(self) -> None:
-        for f in (self._log, self._jsonl):
-            if f is not None:
-                f.close()
+        for handler in self._handlers:
+            LOGGER.removeHandler(handler)
+            handler.close()
+        if self._handlers:
+            LOGGER.setLevel(self._saved_level)
+            LOGGER.propagate = self._saved_propagate
+        self._handlers = []
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None

@@ -1,7 +1,9 @@
 """Training methods: fine-tuning, ILT (each variant) and joint training.
 
-A method turns the model's outputs (and the previous model's, when it
-distils) into a dict of named losses for one batch.  See docs/methods.md for
+A method decides what happens at each step boundary (the student, the
+teacher, the training labels: :meth:`Method.start_step`) and turns the
+model's outputs (and the previous model's, when it distils) into a dict of
+named losses for one batch.  See docs/methods.md for
 each preset's formula and source.
 """
 
@@ -9,6 +11,7 @@ from ilseg.methods.base import (
     METHOD_PRESETS,
     Method,
     MethodConfig,
+    StepSetup,
     build_method,
     describe_method,
     method_config,
@@ -19,6 +22,7 @@ __all__ = [
     "METHOD_PRESETS",
     "Method",
     "MethodConfig",
+    "StepSetup",
     "build_method",
     "cross_entropy",
     "describe_method",

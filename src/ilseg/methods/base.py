@@ -1,4 +1,4 @@
-"""Training methods: the loss of one batch, and what to freeze at each step.
+"""Training methods: what changes at each step boundary, and the loss of one batch.
 
 A method is described by a frozen :class:`MethodConfig` (data: it is loaded
 from the run config and written back with the run) and run by a small
@@ -24,7 +24,8 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from torch import Tensor, nn
+import numpy as np
+from torch import Tensor
 
 from ilseg.errors import IlsegError
 from ilseg.methods.losses import (
@@ -35,6 +36,8 @@ from ilseg.methods.losses import (
     kd_ilt_output,
     kd_mib,
 )
+from ilseg.models import IncrementalSegmenter, copy_for_teacher, freeze_bn, freeze_encoder
+from ilseg.tasks import Task, train_lut
 
 KDKind = Literal["none", "mib", "ilt_output"]
 ClassifierInit = Literal["default", "background"]
@@ -66,9 +69,9 @@ class MethodConfig:
         fd_weight: weight of the feature distillation (MSE of layer4 features).
         freeze_encoder: from step 1 on, no gradient into the ResNet body (ILT's EF).
         freeze_bn: from step 1 on, BatchNorm statistics and affine parameters frozen.
-        classifier_init: how the engine initialises a new step's classifier:
+        classifier_init: how a new step's classifier starts:
             ``"default"`` (PyTorch's init) or ``"background"`` (from the
-            background channel, as MiB does).  Read by the engine, not here.
+            background channel, as MiB does); see :meth:`Method.start_step`.
         keep_old_labels: training targets keep old classes' labels (the ILT
             paper's own protocol) instead of turning them into background.
         joint: train all classes in one step (the upper bound).
@@ -200,11 +203,37 @@ def describe_method(cfg: MethodConfig) -> str:
     return f"{cfg.name}: L = {' + '.join(terms)} [labels: {labels}{step0}{extra}]"
 
 
-class Method:
-    """The loss of one training batch, and the freezing of each step.
+@dataclasses.dataclass
+class StepSetup:
+    """What a method hands the engine at the start of a step.
 
-    ``Method(cfg)`` holds nothing but its config: the engine owns the teacher
-    model and passes its outputs in.  A method edits no trainer state.
+    Attributes:
+        student: the model to train, with the step's classifier added and what
+            the method freezes already frozen.
+        teacher: a frozen copy of the previous step's model to distil from, or
+            ``None`` (step 0, or a method that does not distil).
+        target_lut: 256-entry ``uint8`` lookup table from dataset mask values
+            to this step's training targets (channel ids, 255 ignored).
+    """
+
+    student: IncrementalSegmenter
+    teacher: IncrementalSegmenter | None
+    target_lut: np.ndarray
+
+
+# Method fields that change what step 0 trains on or how; every other field acts from step 1 on.
+_STEP0_FIELDS = ("ce_reduction", "joint")
+
+
+class Method:
+    """One continual-learning method: its step boundary and the loss of one batch.
+
+    ``Method(cfg)`` holds nothing but its config.  At the start of every step
+    the engine calls :meth:`start_step` and gets the student, the teacher and
+    the training labels; during the step it calls the method on each batch.
+    The engine asks the method every question of protocol (which task is
+    trained, which labels, whether there is a teacher); it reads no
+    ``cfg.method`` field itself.
 
     Example::
 
@@ -223,20 +252,60 @@ class Method:
 
     @property
     def needs_teacher(self) -> bool:
-        """Whether steps > 0 need the previous model's outputs."""
+        """Whether steps > 0 need the previous model's outputs (the one rule for it)."""
         return self.cfg.uses_kd or self.cfg.fd_weight > 0
 
-    def begin_step(self, model: nn.Module, step: int) -> None:
-        """Freeze what the config asks for, once at the start of ``step`` (> 0 only)."""
-        if step <= 0:
-            return
-        if self.cfg.freeze_encoder or self.cfg.freeze_bn:
-            from ilseg.models import freeze_bn, freeze_encoder
+    @property
+    def label_protocol(self) -> str:
+        """Which labels the training targets keep, in words (shown in results)."""
+        if self.cfg.joint:
+            return "all classes"
+        return "old kept" if self.cfg.keep_old_labels else "current step"
 
+    def training_task(self, task: Task) -> Task:
+        """The task this method trains: ``task`` itself, or one step of all its classes (joint)."""
+        if self.cfg.joint:
+            return dataclasses.replace(task, name=f"{task.name}-joint", step_sizes=(len(task.order),))
+        return task
+
+    def identity(self, step: int) -> dict[str, Any]:
+        """The fields of this method that shaped the weights of steps ``0..step``.
+
+        Step 0 of every method here is plain cross-entropy, so only the CE
+        reduction and joint training matter for it: a step-0 model can be
+        shared by runs whose methods differ only from step 1 on.
+        """
+        values = dataclasses.asdict(self.cfg)
+        del values["name"]
+        if step == 0:
+            return {k: values[k] for k in _STEP0_FIELDS}
+        return values
+
+    def start_step(self, model: IncrementalSegmenter, task: Task, step: int) -> StepSetup:
+        """Turn the model at the end of step ``step - 1`` into step ``step``'s student.
+
+        Args:
+            model: at step 0 the freshly built model with step 0's classifier;
+                later the previous step's final model (classifiers ``0..step-1``).
+                It becomes the student (modified in place).
+            task: the trained task (:meth:`training_task`).
+            step: the step about to be trained.
+
+        From step 1 on: the teacher is a frozen copy of ``model`` taken before
+        anything changes, then the step's classifier is added (initialised as
+        ``classifier_init`` says), then the encoder and/or BatchNorm are frozen.
+        """
+        teacher = None
+        if step > 0:
+            if self.needs_teacher:
+                teacher = copy_for_teacher(model)
+            model.add_step(task.step_sizes[step], init=self.cfg.classifier_init)
             if self.cfg.freeze_encoder:
                 freeze_encoder(model)
             if self.cfg.freeze_bn:
                 freeze_bn(model)
+        lut = train_lut(task, step, keep_old=self.cfg.keep_old_labels)
+        return StepSetup(student=model, teacher=teacher, target_lut=lut)
 
     def __call__(
         self,

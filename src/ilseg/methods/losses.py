@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = 255
+from ilseg.tasks import IGNORE_INDEX
+
 
 CEReduction = Literal["valid", "all"]
 KDMask = Literal["old_bgr", "all", "old"]

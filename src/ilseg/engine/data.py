@@ -1,0 +1,99 @@
+"""The data of one step: its training images and loader, and the test split after it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ilseg.config import RunConfig
+from ilseg.data.datasets import SeededItems, SegmentationDataset, build_dataset
+from ilseg.data.splits import step_image_indices
+from ilseg.data.transforms import eval_transform, train_transform
+from ilseg.engine import distributed
+from ilseg.errors import IlsegError
+from ilseg.tasks import Task, eval_lut
+
+
+@dataclass
+class TrainingData:
+    """A step's training images, seeded per image, in global batches sharded over ranks."""
+
+    dataset: SegmentationDataset
+    items: SeededItems
+    batches: distributed.GlobalBatchSampler
+    loader: DataLoader
+
+    def set_epoch(self, epoch: int) -> None:
+        """Order and augmentation of ``epoch``: the same for any number of processes or workers."""
+        self.batches.set_epoch(epoch)
+        self.items.set_epoch(epoch)
+
+
+def training_data(cfg: RunConfig, task: Task, step: int, target_lut: np.ndarray, *,
+                  dist: distributed.DistInfo, progress: bool) -> TrainingData:
+    """The images ``step`` trains on (filter or index file), with the method's targets.
+
+    Every rank takes its slice of the same global batches, and each image's
+    augmentation is a function of (seed, step, epoch, image).
+    """
+    data = cfg.data
+    ds = build_dataset(data.dataset, data.root, "train", lut=target_lut,
+                       transform=train_transform(data.crop_size, scale=data.scale))
+    index_file = data.index_file.replace("{step}", str(step)) if data.index_file else None
+    mode = "overlap" if data.overlap else "disjoint"
+
+    def image_list() -> list[int]:
+        indices = step_image_indices(ds, task, step, mode, cache_dir=data.cache_dir, workers=data.workers,
+                                     index_file=index_file, progress=progress)
+        if not indices:
+            raise IlsegError(
+                f"step {step} of {task.dataset} {task.name} ({mode}) has no training image: no image in "
+                f"{data.root} contains its classes {[task.class_names[c] for c in task.new_classes(step)]}"
+            )
+        return indices
+
+    ds = ds.subset(distributed.on_main(image_list))  # rank 0 reads the masks (or the cache) once
+    batch_size = cfg.optim.batch_size
+    if len(ds) < batch_size:
+        raise IlsegError(f"step {step} has only {len(ds)} training images, fewer than optim.batch_size={batch_size}")
+    seed = cfg.runtime.seed + 1000 * step
+    items = SeededItems(ds, seed)
+    batches = distributed.GlobalBatchSampler(len(ds), batch_size, rank=dist.rank, world_size=dist.world_size,
+                                             seed=seed)
+    loader = make_loader(items, batch_sampler=batches, workers=data.workers)
+    return TrainingData(dataset=ds, items=items, batches=batches, loader=loader)
+
+
+def eval_dataset(cfg: RunConfig, task: Task, step: int) -> SegmentationDataset:
+    """The test split with the labels of REFERENCE.md §3 after ``step``."""
+    data = cfg.data
+    lut = eval_lut(task, step, unseen=data.unseen,
+                   ignore_background=(data.dataset == "ade" and data.ade_zero == "ignore"))
+    return build_dataset(data.dataset, data.root, "val", transform=eval_transform(data.test_size, crop=data.test_crop),
+                         lut=lut)
+
+
+def eval_loader(cfg: RunConfig, task: Task, step: int, dist: distributed.DistInfo) -> DataLoader:
+    """The test split after ``step``, sharded over ranks without repeats; batched when images share a size."""
+    ds = eval_dataset(cfg, task, step)
+    batch = cfg.eval.batch_size if (cfg.data.test_size is not None and cfg.data.test_crop) else 1
+    sampler = distributed.ShardSampler(len(ds), dist.rank, dist.world_size)
+    return make_loader(ds, batch_size=batch, sampler=sampler, workers=cfg.data.workers)
+
+
+def make_loader(ds: Dataset, *, workers: int, batch_size: int = 1, sampler: Sampler | None = None,
+                batch_sampler: Sampler | None = None) -> DataLoader:
+    """A DataLoader with ilseg's settings; the (batch) sampler decides order and sharding.
+
+    Workers are started again for every pass (``persistent_workers=False``),
+    so they see the epoch set on a :class:`SeededItems` dataset.
+    """
+    pin = torch.cuda.is_available()
+    if batch_sampler is not None:
+        return DataLoader(ds, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin,
+                          persistent_workers=False)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
+                      persistent_workers=False)
