@@ -10,6 +10,17 @@ Three sources, all mapped onto torchvision's names (``conv1``, ``bn1``,
 * MiB's InPlace-ABN checkpoint ``resnet101_iabn_sync.pth.tar``, recognised by
   its ``mod1..mod5`` keys, see :func:`load_iabn_checkpoint`.
 
+InPlace-ABN does not scale by its stored BatchNorm weight ``w`` but by
+``|w| + eps`` (mapillary/inplace_abn, ``src/inplace_abn_cpu.cpp``,
+``forward_cpu``: ``abs_weight = weight.abs() + eps``, ``inv_std = 1 /
+sqrt(var + eps)``, ``y = (x - mean) * abs_weight * inv_std + bias``, one
+``eps``, the layer's; inplace_abn issue 180 tells users deploying with standard
+BN to replace every weight by its absolute value).  So when reading that
+format each BN ``weight`` becomes ``|w| + eps`` (:func:`iabn_bn_weight`),
+which makes our plain ``nn.BatchNorm2d`` compute what InPlace-ABN computed,
+also for the channels whose stored weight is negative.  Conv weights, BN biases and running
+statistics are copied unchanged; torchvision-format files are never converted.
+
 Every load is strict: a missing or unexpected key (apart from the ImageNet
 classifier, which is dropped on purpose, and BN ``num_batches_tracked``
 counters, which these files may lack) or a shape mismatch raises
@@ -44,6 +55,11 @@ StateDict = dict[str, torch.Tensor]
 _WRAPPER_PREFIX = "module."
 _TORCHVISION_IGNORED = ("fc.",)
 _IABN_IGNORED = ("classifier.",)
+
+# InPlace-ABN's default (and MiB's) BatchNorm epsilon; it enters both
+# ``sqrt(var + eps)`` and the scale ``|w| + eps``.  Equal to nn.BatchNorm2d's
+# default eps, so a default-built body computes the same normalisation.
+IABN_EPS = 1e-5
 
 _IABN_STEM = re.compile(r"^mod1\.(conv1|bn1)\.(\w+)$")
 _IABN_BLOCK = re.compile(r"^mod([2-5])\.block(\d+)\.(?:convs\.(conv[123]|bn[123])|(proj_conv|proj_bn))\.(\w+)$")
@@ -130,8 +146,15 @@ def load_iabn_checkpoint(path: str | os.PathLike[str], model_body: nn.Module) ->
     ``classifier.*``                    dropped (the ImageNet classifier)
     ==================================  ===================================
 
-    Values are copied as they are (InPlace-ABN may store BN weights as their
-    absolute value; so it ran).  Every other key is reported.
+    Every BN ``weight`` (``mod1.bn1``, ``convs.bnI``, ``proj_bn``) is loaded
+    as ``|w| + eps`` (:func:`iabn_bn_weight`), because InPlace-ABN stores the
+    signed ``w`` but scales by ``|w| + eps`` (inplace_abn
+    ``src/inplace_abn_cpu.cpp``, ``forward_cpu``; inplace_abn issue 180);
+    copying ``w`` as it is would flip every channel whose ``w`` is negative.
+    ``eps`` is the target BN's ``eps`` (:data:`IABN_EPS`, 1e-5, for a
+    default body; a different one is logged as a warning).  Conv weights, BN
+    biases and running statistics are copied unchanged.  Every other key is
+    reported.
 
     Raises:
         IlsegError: unreadable file, unknown, missing or mis-shaped keys.
@@ -140,12 +163,31 @@ def load_iabn_checkpoint(path: str | os.PathLike[str], model_body: nn.Module) ->
     _load_iabn_state_dict(_read_state_dict(path), model_body, source=str(path))
 
 
-def iabn_to_torchvision_names(state_dict: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
-    """Rename an InPlace-ABN ResNet state dict to torchvision names.
+def iabn_bn_weight(weight: torch.Tensor, eps: float = IABN_EPS) -> torch.Tensor:
+    """The plain-BatchNorm weight equivalent to an InPlace-ABN stored ``weight``: ``|w| + eps``.
+
+    InPlace-ABN scales the normalised input by ``weight.abs() + eps`` where
+    standard BN scales by ``weight`` (inplace_abn ``src/inplace_abn_cpu.cpp``,
+    ``forward_cpu``; inplace_abn issue 180), with the same ``eps`` as in
+    ``sqrt(var + eps)``.
+    """
+    return weight.abs() + eps
+
+
+def iabn_to_torchvision_names(
+    state_dict: Mapping[str, torch.Tensor], bn_eps: Mapping[str, float] | None = None
+) -> tuple[StateDict, list[str]]:
+    """Rename an InPlace-ABN ResNet state dict to torchvision names, converting BN weights.
 
     Returns the renamed dict (``classifier.*`` dropped, ``module.`` stripped)
-    and the list of keys that have no counterpart.
+    and the list of keys that have no counterpart.  Every BN ``weight``
+    (``mod1.bn1.weight``, ``convs.bnI.weight``, ``proj_bn.weight``) is replaced
+    by :func:`iabn_bn_weight` of it, ``|w| + eps``, so that a standard BN gives
+    InPlace-ABN's output; all other values are passed through unchanged.
+    ``bn_eps`` maps our BN module names (``"bn1"``, ``"layer1.0.downsample.1"``)
+    to the target BN's ``eps``; a name not in it uses :data:`IABN_EPS`.
     """
+    bn_eps = bn_eps or {}
     renamed: StateDict = {}
     unknown: list[str] = []
     for key, value in _strip_wrapper_prefix(state_dict).items():
@@ -154,16 +196,21 @@ def iabn_to_torchvision_names(state_dict: Mapping[str, torch.Tensor]) -> tuple[S
         stem = _IABN_STEM.match(key)
         block = _IABN_BLOCK.match(key)
         if stem:
-            renamed[f"{stem[1]}.{stem[2]}"] = value
+            module, attr, is_bn = stem[1], stem[2], stem[1] == "bn1"
         elif block:
             stage, index, inner, proj, attr = block.groups()
             if int(index) < 1:
                 unknown.append(key)
                 continue
             name = inner if inner else {"proj_conv": "downsample.0", "proj_bn": "downsample.1"}[proj]
-            renamed[f"layer{int(stage) - 1}.{int(index) - 1}.{name}.{attr}"] = value
+            module = f"layer{int(stage) - 1}.{int(index) - 1}.{name}"
+            is_bn = name.startswith("bn") or name == "downsample.1"
         else:
             unknown.append(key)
+            continue
+        if is_bn and attr == "weight":
+            value = iabn_bn_weight(value, bn_eps.get(module, IABN_EPS))
+        renamed[f"{module}.{attr}"] = value
     return renamed, unknown
 
 
@@ -205,8 +252,26 @@ def _is_iabn(state_dict: Mapping[str, torch.Tensor]) -> bool:
 
 
 def _load_iabn_state_dict(state_dict: Mapping[str, torch.Tensor], model_body: nn.Module, *, source: str) -> None:
-    renamed, unknown = iabn_to_torchvision_names(state_dict)
+    bn_eps = _bn_eps_of(model_body)
+    renamed, unknown = iabn_to_torchvision_names(state_dict, bn_eps)
     _load_strict(renamed, model_body, source=source, unexpected_extra=unknown, name_hint=_torchvision_to_iabn_name)
+
+
+def _bn_eps_of(model_body: nn.Module) -> dict[str, float]:
+    """``eps`` of every BatchNorm in ``model_body`` by module name; warns where it is not :data:`IABN_EPS`."""
+    found = {
+        name: float(module.eps)
+        for name, module in model_body.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+    }
+    other = sorted(name for name, eps in found.items() if eps != IABN_EPS)
+    if other:
+        logger.warning(
+            "BatchNorm eps differs from InPlace-ABN's %g in %s; converting their weights with their own eps",
+            IABN_EPS,
+            ", ".join(f"{name} ({found[name]:g})" for name in other),
+        )
+    return found
 
 
 def _load_torchvision_state_dict(
