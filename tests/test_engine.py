@@ -16,9 +16,10 @@ from ilseg.data.synth import generate_synth
 from ilseg.engine import step as step_mod
 from ilseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from ilseg.engine.loop import poly_schedule
-from ilseg.engine.run import run_training
+from ilseg.engine.run import evaluate_checkpoint, run_training
 from ilseg.engine.rundir import model_from_config
 from ilseg.errors import IlsegError
+from ilseg.methods import Method
 from ilseg.tasks import get_task
 
 TINY = [
@@ -289,3 +290,173 @@ def test_cli_train_into_foreign_folder_refuses(synth_root, tmp_path, capsys):
     assert main(argv) == 2
     assert "not an ilseg run folder" in capsys.readouterr().err
     assert (foreign / "important.txt").read_text() == "keep me"
+
+
+# -- what the fidelity/structure review found missing --------------------------------------
+def _models(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_resume_after_a_crash_during_evaluation_does_not_retrain(finished_run, tmp_path, monkeypatch):
+    """Killed while evaluating step 1 (its last.pth written, step1.pth not): resume evaluates, trains nothing."""
+    reference, cfg, ref_results = finished_run
+    out = tmp_path / "killed-in-eval"
+    real_evaluate = step_mod.evaluate_step
+
+    def crash_in_step1_eval(cfg_, task, train_task, model, step, *args):
+        if step == 1:
+            raise KeyboardInterrupt
+        return real_evaluate(cfg_, task, train_task, model, step, *args)
+
+    monkeypatch.setattr(step_mod, "evaluate_step", crash_in_step1_eval)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, out, quiet=True)
+    last = load_checkpoint(out / "last.pth")
+    assert (last["step"], last["epoch"] + 1) == (1, last["epochs"]) and not (out / "step1.pth").exists()
+    monkeypatch.setattr(step_mod, "evaluate_step", real_evaluate)
+
+    trained: list[int] = []
+    real_epoch = step_mod.train_one_epoch
+
+    def record(**kwargs):
+        trained.append(kwargs["step"])
+        return real_epoch(**kwargs)
+
+    monkeypatch.setattr(step_mod, "train_one_epoch", record)
+    resumed = run_training(cfg, out, resume=True, quiet=True)
+    assert trained == [2]  # step 1 was only evaluated; step 2 trained as usual
+    for step in (1, 2):
+        a, b = _models(reference / f"step{step}.pth"), _models(out / f"step{step}.pth")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda r: [{k: v for k, v in s.items() if k != "train_seconds"} for s in r["steps"]]
+    assert strip(resumed) == strip(ref_results)
+
+
+def test_init_from_names_every_step0_difference(finished_run, synth_root, tmp_path):
+    src, _, _ = finished_run
+    other = tiny_config(synth_root, "method.name=finetune", "data.overlap=true", "data.crop_size=24",
+                        "runtime.seed=1", "method.ce_reduction=all", "model.width=16")
+    with pytest.raises(IlsegError) as info:
+        run_training(other, tmp_path / "ft", init_from=src, quiet=True)
+    message = str(info.value)
+    for name in ("data.overlap", "data.crop_size", "runtime.seed", "method.ce_reduction", "model.width"):
+        assert name in message, name
+    assert "5 difference(s)" in message
+    # what acts only from step 1 on (method, later learning rate) or only at test time does not matter
+    fine = tiny_config(synth_root, "method.name=ilt-kd-out", "optim.lr_next=0.01", "data.unseen=background")
+    res = run_training(fine, tmp_path / "kd-out", init_from=src, quiet=True, steps="0")
+    assert res["steps"][0]["adopted_from"].endswith("step0.pth")
+
+
+def test_adopted_step0_is_rescored_under_another_test_protocol(finished_run, synth_root, tmp_path):
+    src, cfg, results = finished_run
+    same = run_training(cfg, tmp_path / "same", init_from=src, quiet=True, steps="0")
+    assert same["steps"][0]["miou_all"] == results["steps"][0]["miou_all"]
+    other = tiny_config(synth_root, "data.unseen=background")
+    rescored = run_training(other, tmp_path / "bg", init_from=src, quiet=True, steps="0")
+    assert rescored["steps"][0]["num_train_images"] == results["steps"][0]["num_train_images"]
+    # the scores are recomputed: the confusion matrix of this protocol counts unseen classes as background
+    assert rescored["steps"][0]["miou_all"] == pytest.approx(
+        evaluate_checkpoint(other, tmp_path / "bg" / "step0.pth")["miou_all"], abs=1e-12)
+
+
+def test_teacher_is_the_previous_step_and_stays_unchanged(synth_root, tmp_path, monkeypatch):
+    cfg = tiny_config(synth_root, "method.name=ilt", "optim.epochs=1")
+    teachers: dict[int, torch.nn.Module] = {}
+    real_start = Method.start_step
+
+    def keep_teacher(self, model, task, step):
+        setup = real_start(self, model, task, step)
+        teachers[step] = setup.teacher
+        return setup
+
+    monkeypatch.setattr(Method, "start_step", keep_teacher)
+    out = tmp_path / "run"
+    run_training(cfg, out, quiet=True)
+    assert teachers[0] is None
+    for step in (1, 2):
+        previous = _models(out / f"step{step - 1}.pth")
+        teacher = teachers[step].state_dict()
+        assert set(teacher) == set(previous)
+        assert all(torch.equal(teacher[k].cpu(), previous[k]) for k in previous), step  # after the whole step
+
+
+def test_frozen_encoder_keeps_body_weights_and_bn_statistics(synth_root, tmp_path):
+    cfg = tiny_config(synth_root, "method.name=ilt-ef", "optim.epochs=1")
+    out = tmp_path / "ef"
+    run_training(cfg, out, quiet=True, steps="0:2")
+    s0, s1 = _models(out / "step0.pth"), _models(out / "step1.pth")
+    body = [k for k in s0 if k.startswith("body.")]
+    assert any(k.endswith("running_mean") for k in body) and any(k.endswith("conv1.weight") for k in body)
+    assert all(torch.equal(s0[k], s1[k]) for k in body)
+    head = [k for k in s0 if k.startswith("head.") and k.endswith("weight")]
+    assert any(not torch.equal(s0[k], s1[k]) for k in head)  # the head did train
+
+
+@pytest.mark.parametrize("method, old_labels_kept", [("ilt-kd-out", True), ("finetune", False)])
+def test_training_targets_follow_the_methods_label_protocol(synth_root, tmp_path, monkeypatch, method,
+                                                            old_labels_kept):
+    cfg = tiny_config(synth_root, f"method.name={method}", "optim.epochs=1")
+    seen: dict[int, set[int]] = {}
+    real_call = Method.__call__
+
+    def record(self, student, teacher, target, step):
+        seen.setdefault(step, set()).update(int(v) for v in target.unique())
+        return real_call(self, student, teacher, target, step)
+
+    monkeypatch.setattr(Method, "__call__", record)
+    run_training(cfg, tmp_path / method, quiet=True, steps="0:2")
+    assert seen[1] <= {0, 7, 8, 255} | (set(range(1, 7)) if old_labels_kept else set())
+    assert bool(seen[1] & set(range(1, 7))) == old_labels_kept  # old classes' channels appear only when kept
+    assert seen[1] & {7, 8}
+
+
+def test_background_init_resumes_bit_identically(synth_root, tmp_path, monkeypatch):
+    cfg = tiny_config(synth_root, "method.name=ilt", "method.classifier_init=background", "optim.epochs=1",
+                      "optim.epochs_next=2")
+    reference = tmp_path / "ref"
+    run_training(cfg, reference, quiet=True, steps="0:2")
+    out = tmp_path / "interrupted"
+    real = step_mod.train_one_epoch
+    calls = {"n": 0}
+
+    def interrupt_second_epoch_of_step1(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 0: 1 epoch; step 1: 2 epochs, killed before its second
+            raise KeyboardInterrupt
+        return real(**kwargs)
+
+    monkeypatch.setattr(step_mod, "train_one_epoch", interrupt_second_epoch_of_step1)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, out, quiet=True, steps="0:2")
+    monkeypatch.setattr(step_mod, "train_one_epoch", real)
+    run_training(cfg, out, resume=True, quiet=True, steps="0:2")
+    a, b = _models(reference / "step1.pth"), _models(out / "step1.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    s0 = _models(reference / "step0.pth")
+    assert not torch.equal(a["classifiers.0.bias"][0], s0["classifiers.0.bias"][0])  # the init did act
+
+
+def test_index_file_per_step_chooses_the_training_images(synth_root, tmp_path):
+    ids = (synth_root / "ImageSets/Segmentation/train_aug.txt").read_text().split()
+    chosen = {0: ids[:8], 1: ids[8:14], 2: ids[14:18]}
+    for step, items in chosen.items():
+        (tmp_path / f"step{step}.txt").write_text("\n".join(items) + "\n")
+    cfg = tiny_config(synth_root, "method.name=finetune", "optim.epochs=1",
+                      f"data.index_file={tmp_path}/step{{step}}.txt")
+    res = run_training(cfg, tmp_path / "run", quiet=True)
+    assert [s["num_train_images"] for s in res["steps"]] == [8, 6, 4]
+
+
+@pytest.mark.parametrize("ade_zero, expected", [("ignore", 255), ("class", 0)])
+def test_ade_label_zero_at_test_time(tmp_path, ade_zero, expected):
+    from datatrees import block_mask, make_ade_tree
+
+    from ilseg.engine.data import eval_dataset
+
+    root = make_ade_tree(tmp_path, train={"a": block_mask([0, 1])}, val={"v": block_mask([0, 1, 120])})
+    cfg = load_config(None, ["data.dataset=ade", f"data.root={root}", "data.task=100-50", f"data.ade_zero={ade_zero}",
+                             "data.test_size=null", "data.test_crop=false", "model.pretrained=null"])
+    _, target = eval_dataset(cfg, cfg.build_task(), 0)[0]
+    # label 1 is a step-0 class (channel 1); 120 is unseen at step 0 and ignored, like 255
+    assert set(np.unique(target.numpy()).tolist()) == {expected, 1, 255}
