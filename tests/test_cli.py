@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ilseg.cli import main
+from ilseg.cli import build_parser, main
 from ilseg.methods import METHOD_PRESETS
 
 
@@ -20,6 +20,47 @@ def test_tasks_lists_and_shows_steps_by_name(capsys):
     out = capsys.readouterr().out
     assert "6 step(s)" in out and "step 5 (1 classes, 21 outputs): 20:tvmonitor" in out
     assert "step 0 (16 classes, 16 outputs): 0:background, 1:aeroplane" in out
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["tasks", "--set", "a=1", "b=2", "--set", "c=3"], ["a=1", "b=2", "c=3"]),
+        (["tasks", "--set", "a=1"], ["a=1"]),
+        (["tasks"], []),
+        (["train", "--config", "synth-demo", "--set", "a=1", "b=2", "--out", "run", "--set", "c=3", "--quiet"],
+         ["a=1", "b=2", "c=3"]),
+        (["splits", "--set", "a=1", "b=2", "--json"], ["a=1", "b=2"]),
+        (["eval", "--run", "run", "--set", "a=1", "--set", "b=2", "c=3"], ["a=1", "b=2", "c=3"]),
+    ],
+)
+def test_set_takes_several_items_and_repeats(argv, expected):
+    args = build_parser().parse_args(argv)
+    assert args.set == expected
+    if argv[0] == "train":
+        assert (args.out, args.quiet) == ("run", True)  # the options after the items are still read
+
+
+def test_set_items_end_at_options_and_positionals_go_first(capsys):
+    parser = build_parser()
+    args = parser.parse_args(["tasks", "voc", "15-1", "--set", "a=1", "b=2"])
+    assert (args.dataset, args.task, args.set) == ("voc", "15-1", ["a=1", "b=2"])
+    args = parser.parse_args(["tasks", "--set", "a=1", "--", "voc", "15-1"])  # or after --
+    assert (args.dataset, args.task, args.set) == ("voc", "15-1", ["a=1"])
+    assert parser.parse_args(["tasks"]).set == []  # the default list is not shared between parses
+    # Through the command: two items in one --set and a third in another all reach the config.
+    assert main(["tasks", "--config", "synth-demo", "--set", "data.task=custom",
+                 "data.class_order=[0,3,1,2,4,5,6,7,8,9,10]", "--set", "data.step_sizes=[7,2,2]"]) == 0
+    out = capsys.readouterr().out
+    assert "synth custom: 3 step(s)" in out and "step 0 (7 classes, 7 outputs): 0:background, 3:triangle, 1:disc" in out
+    # A positional after --set is read as an item: the error says where positionals go.
+    assert main(["tasks", "--config", "synth-demo", "--set", "data.task=6-2-2", "synth"]) == 2
+    err = capsys.readouterr().err
+    assert "--set 'synth': expected key=value" in err and "put positional arguments before --set" in err
+    with pytest.raises(SystemExit):
+        main(["tasks", "--help"])
+    assert "the KEY=VALUE items end at the next option, so put positional arguments before --set" in " ".join(
+        capsys.readouterr().out.split())
 
 
 def test_methods_and_presets_listing(capsys):

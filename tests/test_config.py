@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-
 import pytest
+import yaml
 
 from ilseg.config import (
     RunConfig,
+    RuntimeConfig,
     config_from_dict,
     dump_config,
     load_config,
@@ -15,8 +16,10 @@ from ilseg.config import (
     resolve_config_path,
 )
 from ilseg.errors import IlsegError
+from ilseg.methods import METHOD_PRESETS
 
 PRESETS = sorted(preset_dir().glob("*.yaml"))
+PAPER_PRESETS = [p for p in PRESETS if p.stem != "synth-demo"]
 
 
 def test_presets_exist_for_every_published_setting():
@@ -40,6 +43,56 @@ def test_every_preset_loads_and_validates(path):
     assert task.num_steps >= 1
     # The round trip through the run folder's config.yaml is lossless.
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("path", PAPER_PRESETS, ids=[p.stem for p in PAPER_PRESETS])
+def test_every_paper_preset_runs_the_published_recipe(path):
+    """REFERENCE.md §5-7, as the run config of every VOC / ADE20k preset holds it."""
+    cfg = load_config(path)
+    epochs = {"voc": 30, "ade": 60}[cfg.data.dataset]
+    epochs_next = 10 if cfg.data.task == "10-1" else epochs  # cssegmentation's 10-1
+    o = cfg.optim
+    assert (o.optimizer, o.lr, o.lr_next, o.epochs, o.epochs_next) == ("sgd", 0.01, 0.001, epochs, epochs_next)
+    assert (o.batch_size, o.momentum, o.nesterov, o.weight_decay, o.poly_power) == (24, 0.9, True, 1e-4, 0.9)
+    m = cfg.model
+    assert (m.backbone, m.output_stride, m.head_channels, m.width) == ("resnet101", 16, 256, 64)
+    assert m.pretrained == "imagenet"
+    d = cfg.data
+    assert (d.crop_size, d.scale, d.test_size, d.test_crop, d.unseen) == (512, (0.5, 2.0), 512, True, "ignore")
+    assert d.root == {"voc": "data/VOCdevkit", "ade": "data/ADEChallengeData2016"}[d.dataset]
+    assert (cfg.runtime.amp, cfg.runtime.channels_last) == ("auto", "auto")  # bf16, channels-last on CUDA
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_a_preset_states_only_what_differs_from_the_defaults(path):
+    """Apart from what names the setting, every value in a preset file is one the defaults do not give."""
+    written = yaml.safe_load(path.read_text())
+    cfg, defaults = load_config(path), RunConfig()
+    assert written["name"] == path.stem
+    assert isinstance(written["method"], dict) and written["method"]["name"] in METHOD_PRESETS
+    defining = {("data", "dataset"), ("data", "task"), ("data", "overlap"), ("method", "name")}
+    for section, values in written.items():
+        if section == "name":
+            continue
+        assert isinstance(values, dict), f"{section}: expected a section"
+        # A method field's default is the value of the method preset it names.
+        default_section = METHOD_PRESETS[cfg.method.name] if section == "method" else getattr(defaults, section)
+        for key in values:
+            if (section, key) in defining:
+                continue
+            value, default = getattr(getattr(cfg, section), key), getattr(default_section, key)
+            assert value != default, f"{path.name} restates the default {section}.{key}: {default!r}"
+
+
+@pytest.mark.parametrize("name, task, old_classes", [("voc-joint", "15-1", 16), ("ade-joint", "100-50", 101)])
+def test_joint_presets_have_a_task_with_steps_to_split_old_and_new(name, task, old_classes):
+    cfg = load_config(resolve_config_path(name))
+    assert cfg.method.joint and cfg.data.task == task
+    steps = cfg.build_task()
+    assert steps.num_steps > 1 and steps.step_sizes[0] == old_classes
+    # another split of the same classes is one override away
+    other, other_old = {"voc": ("19-1", 20), "ade": ("50-50", 51)}[cfg.data.dataset]
+    assert load_config(resolve_config_path(name), [f"data.task={other}"]).build_task().step_sizes[0] == other_old
 
 
 def test_paper_recipe_values_in_a_preset():
@@ -87,6 +140,10 @@ def test_dump_and_reload(tmp_path):
         (["optim.batch_size=0"], "optim.batch_size"),
         (["data.class_order=[0,1,2]"], "data.step_sizes"),
         (["lr"], "expected key=value"),
+        (["runtime.amp=fp32"], "runtime.amp"),
+        (["runtime.channels_last=fast"], "expected 'auto' | bool, got 'fast'"),
+        (["runtime.channels_last=1"], "runtime.channels_last"),
+        (["runtime.channels_last=null"], "runtime.channels_last"),
     ],
 )
 def test_bad_values_are_rejected_with_the_key_named(overrides, fragment):
@@ -111,7 +168,43 @@ def test_bad_files(tmp_path):
 
 
 def test_defaults_are_the_paper_recipe():
+    """REFERENCE.md §5-7 for VOC: what every paper preset runs unless it says otherwise."""
     cfg = RunConfig()
-    assert cfg.model.backbone == "resnet101" and cfg.model.output_stride == 16
-    assert cfg.optim.optimizer == "sgd" and cfg.optim.weight_decay == 1e-4
-    assert cfg.data.crop_size == 512 and cfg.data.scale == (0.5, 2.0)
+    d = cfg.data
+    assert (d.dataset, d.root, d.task, d.overlap) == ("voc", "data/VOCdevkit", "15-1", False)
+    assert (d.crop_size, d.scale, d.test_size, d.workers) == (512, (0.5, 2.0), 512, 8)
+    m = cfg.model
+    assert (m.backbone, m.output_stride, m.head_channels, m.width) == ("resnet101", 16, 256, 64)
+    assert m.pretrained == "imagenet"
+    o = cfg.optim
+    assert (o.optimizer, o.lr, o.lr_next, o.epochs, o.epochs_next) == ("sgd", 0.01, 0.001, 30, 30)
+    assert (o.batch_size, o.momentum, o.nesterov, o.weight_decay, o.poly_power) == (24, 0.9, True, 1e-4, 0.9)
+    assert cfg.method == METHOD_PRESETS["ilt"]
+    assert (cfg.runtime.amp, cfg.runtime.channels_last) == ("auto", "auto")
+
+
+@pytest.mark.parametrize(
+    "amp, channels_last, device_type, expected",
+    [
+        ("auto", "auto", "cuda", ("bf16", True)),  # the recipe's mixed precision on GPUs
+        ("auto", "auto", "cpu", ("none", False)),  # bf16 autocast is ~20x slower on CPUs
+        ("auto", "auto", "mps", ("none", False)),
+        ("fp16", False, "cuda", ("fp16", False)),  # an explicit value wins on every device
+        ("bf16", True, "cpu", ("bf16", True)),
+        ("none", False, "cuda", ("none", False)),
+    ],
+)
+def test_runtime_auto_resolves_per_device(amp, channels_last, device_type, expected):
+    runtime = RuntimeConfig(amp=amp, channels_last=channels_last)
+    assert (runtime.amp_for(device_type), runtime.channels_last_for(device_type)) == expected
+
+
+def test_runtime_channels_last_reads_auto_or_a_bool(tmp_path):
+    assert load_config(None, ["runtime.channels_last=true"]).runtime.channels_last is True
+    assert load_config(None, ["runtime.channels_last=false"]).runtime.channels_last is False
+    assert load_config(None, ["runtime.channels_last=auto"]).runtime.channels_last == "auto"
+    path = tmp_path / "config.yaml"  # a dumped config reads back the same, for a bool and for "auto"
+    for value in ("true", "auto"):
+        cfg = load_config(None, [f"runtime.channels_last={value}", "runtime.amp=fp16"])
+        path.write_text(dump_config(cfg))
+        assert load_config(path) == cfg

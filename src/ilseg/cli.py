@@ -103,15 +103,14 @@ def cmd_splits(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from ilseg.config import load_config, resolve_config_path
     from ilseg.engine.run import run_training
-    from ilseg.report import results_markdown
+    from ilseg.engine.rundir import read_run_config
+    from ilseg.report import summary_table
 
     if args.resume:
         run_dir = Path(args.resume)
         if args.config or args.set:
             raise IlsegError("--resume continues a run with its saved config; do not pass --config or --set")
-        cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
-        if cfg is None:
-            raise IlsegError(f"--resume {run_dir}: no config.yaml there, so it is not an ilseg run folder")
+        cfg = read_run_config(run_dir)
     else:
         if not args.config or not args.out:
             raise IlsegError("ilseg train needs --config FILE and --out RUN_DIR (or --resume RUN_DIR)")
@@ -120,20 +119,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     results = run_training(cfg, run_dir, steps=args.steps, resume=bool(args.resume), init_from=args.init_from,
                            quiet=args.quiet)
     if _rank_and_world()[0] == 0:  # under torchrun, only rank 0 prints
-        print(results_markdown(results).split("\n## Per-class")[0])
+        print(summary_table(results))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ilseg.config import load_config, resolve_config_path
-    from ilseg.engine.run import evaluate_checkpoint, last_finished_step, step_checkpoint
+    from ilseg.engine.run import evaluate_checkpoint
+    from ilseg.engine.rundir import last_finished_step, read_run_config, step_checkpoint
     from ilseg.report import pct
 
     if args.run:
         run_dir = Path(args.run)
-        if not (run_dir / "config.yaml").is_file():
-            raise IlsegError(f"--run {run_dir}: no config.yaml there, so it is not an ilseg run folder")
-        cfg = load_config(run_dir / "config.yaml", args.set)
+        cfg = read_run_config(run_dir, args.set)
         step = last_finished_step(run_dir) if args.step is None else args.step
         ckpt = step_checkpoint(run_dir, step)
     elif args.checkpoint:
@@ -176,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_set(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set optim.lr=0.02 (repeatable)")
+        sp.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config values, e.g. --set optim.lr=0.02 data.overlap=true; the KEY=VALUE "
+                             "items end at the next option, so put positional arguments before --set (or after --); "
+                             "repeatable")
 
     t = sub.add_parser("tasks", help="list incremental tasks, or show one task's steps")
     t.add_argument("dataset", nargs="?", help="voc, ade or synth")

@@ -8,13 +8,13 @@ impossible value raises :class:`~ilseg.errors.IlsegError` naming the key.
 :func:`dump_config` writes the resolved config back (``config.yaml`` in the
 run folder), which :func:`load_config` reads again unchanged.
 
-Example YAML::
+The defaults are the published VOC recipe (REFERENCE.md §5-7), so a file
+states only what makes it that run.  Example YAML::
 
-    name: voc-15-1-ilt
-    data: {dataset: voc, root: data/VOCdevkit, task: 15-1, overlap: true}
-    model: {backbone: resnet101, output_stride: 16}
+    name: voc-10-1-ov-ilt
+    data: {dataset: voc, task: 10-1, overlap: true}
     method: {name: ilt}              # a preset from ``ilseg methods``, fields overridable
-    optim: {lr: 0.01, lr_next: 0.001, epochs: 30, batch_size: 24}
+    optim: {epochs_next: 10}         # only what differs from the recipe
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class DataConfig:
     scale: tuple[float, float] = (0.5, 2.0)
     test_size: int | None = 512  # None: evaluate on full images
     test_crop: bool = True
-    workers: int = 4
+    workers: int = 8  # data loader processes per GPU; also read the masks for the per-step image lists
     cache_dir: str | None = None
 
 
@@ -91,14 +91,49 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
+    """Where and how a run computes; none of it changes what is learned beyond rounding.
+
+    ``amp`` and ``channels_last`` default to ``"auto"``: the recipe's mixed
+    precision (bf16 autocast) and channels-last memory on CUDA, plain fp32 and
+    contiguous tensors elsewhere, because bf16 autocast on a CPU without
+    bf16 instructions is about 20x slower than fp32 (BENCHMARKS.md).  Resolve
+    them for a device with :meth:`amp_for` and :meth:`channels_last_for`.
+    """
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    channels_last: bool = False
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
+    channels_last: Literal["auto"] | bool = "auto"
     seed: int = 42
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # distributed backend under torchrun
     sync_bn: bool = True  # SyncBatchNorm in distributed runs
     collective_timeout_s: int = 600
     tensorboard: bool = False
+
+    def amp_for(self, device_type: str) -> str:
+        """The autocast mode on a device of type ``device_type`` (``torch.device.type``).
+
+        Returns ``"none"``, ``"bf16"`` or ``"fp16"``: ``amp`` itself when it is
+        set, and for ``"auto"`` bf16 on ``"cuda"`` and none on anything else.
+
+        >>> RuntimeConfig().amp_for("cuda"), RuntimeConfig().amp_for("cpu")
+        ('bf16', 'none')
+        """
+        if self.amp != "auto":
+            return self.amp
+        return "bf16" if device_type == "cuda" else "none"
+
+    def channels_last_for(self, device_type: str) -> bool:
+        """Whether images and weights use channels-last memory on a device of type ``device_type``.
+
+        ``channels_last`` itself when it is a bool; for ``"auto"``, True on
+        ``"cuda"`` (faster convolutions under autocast) and False elsewhere.
+
+        >>> RuntimeConfig().channels_last_for("cuda"), RuntimeConfig(channels_last=True).channels_last_for("cpu")
+        (True, True)
+        """
+        if self.channels_last == "auto":
+            return device_type == "cuda"
+        return bool(self.channels_last)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,7 +316,8 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise IlsegError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.02")
+            raise IlsegError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.02 (the items of --set end at "
+                             "the next option: put positional arguments before --set)")
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw.strip() else None

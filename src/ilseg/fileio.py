@@ -1,27 +1,45 @@
-"""Atomic file writes: a crash leaves the old file or the new one, never half of one."""
+"""Atomic file writes: a crash leaves the old file or the new one, never half of one.
+
+The new file gets the permissions an ordinary ``open(path, "w")`` would give
+it (``0o666`` less the umask, e.g. ``0o644``), or those of the file it
+replaces, so results, logs and checkpoints stay readable by whoever could read
+them before.
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync, rename it over ``path``."""
+    """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync, rename it over ``path``.
+
+    If ``write`` raises, ``path`` is left as it was and the temporary file is
+    removed.  Mode of the result: that of the existing ``path``, else
+    ``0o666 & ~umask`` as for any newly created file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        existing_mode: int | None = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        existing_mode = None
+    fd, tmp = _create_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
+            if existing_mode is not None:  # before writing: new content of a 0o600 file is never more open
+                os.chmod(tmp, existing_mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -35,3 +53,24 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[BinaryIO],
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def _create_beside(path: Path) -> tuple[int, Path]:
+    """Create a new, empty, uniquely named file in ``path``'s folder; return its descriptor and path.
+
+    ``tempfile.mkstemp`` would create it with mode 0o600.  Asking the kernel for
+    mode 0o666 instead lets it apply the process umask (and a folder's default
+    ACL) exactly as for ``open(path, "w")``, without reading the umask: the
+    only way to read it, ``os.umask``, sets it too, and another thread creating
+    a file between the set and the restore would get the wrong mode.
+    ``O_EXCL`` makes the creation fail rather than reuse an existing file or
+    follow a planted symlink.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {path}")
