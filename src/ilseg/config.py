@@ -252,7 +252,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-    elif dataclasses.is_dataclass(tp):
+    elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, Mapping):
             return _build(tp, value, key)
     raise IlsegError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")

@@ -288,6 +288,7 @@ def get_task(
                 f"unknown task {name!r} for dataset {dataset!r}; built-in tasks: {known}; "
                 f"or give 'N-M' whose steps add up to {num_fg} classes, or a custom order and step sizes"
             )
+    assert sizes is not None  # narrowed for the type checker: the branch above raised
     full_order = tuple(int(c) for c in order) if order is not None else tuple(range(len(names)))
     return Task(dataset=dataset, name=name, order=full_order, step_sizes=sizes, class_names=names)
 

@@ -30,6 +30,7 @@ import copy
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -187,7 +188,7 @@ class SeededItems(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> Any:
         rng = torch.default_generator  # the CPU generator only (torch.manual_seed costs ~100x more)
         saved = rng.get_state()
         rng.manual_seed(self.item_seed(index))

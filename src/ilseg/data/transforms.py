@@ -66,7 +66,7 @@ class JointTransform:
         """Args: ``HxWx3`` uint8 image, ``HxW`` uint8 mask. Returns ``3xH'xW'`` float32, ``H'xW'`` int64."""
         if image.ndim != 3 or image.shape[2] != 3 or mask.shape != image.shape[:2]:
             raise ValueError(f"need an HxWx3 image and an HxW mask, got {image.shape} and {mask.shape}")
-        image, mask = np.require(image, requirements="CW"), np.require(mask, requirements="CW")
+        image, mask = np.require(image, requirements=["C", "W"]), np.require(mask, requirements=["C", "W"])
         img = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
         msk = tv_tensors.Mask(torch.from_numpy(mask))
         out_img, out_mask = self.pipeline(img, msk)

@@ -14,7 +14,7 @@ from ilseg.data.splits import step_image_indices
 from ilseg.data.transforms import eval_transform, train_transform
 from ilseg.engine import distributed
 from ilseg.errors import IlsegError
-from ilseg.tasks import Task, eval_lut
+from ilseg.tasks import Mode, Task, eval_lut
 
 
 @dataclass
@@ -43,7 +43,7 @@ def training_data(cfg: RunConfig, task: Task, step: int, target_lut: np.ndarray,
     ds = build_dataset(data.dataset, data.root, "train", lut=target_lut,
                        transform=train_transform(data.crop_size, scale=data.scale))
     index_file = data.index_file.replace("{step}", str(step)) if data.index_file else None
-    mode = "overlap" if data.overlap else "disjoint"
+    mode: Mode = "overlap" if data.overlap else "disjoint"
 
     def image_list() -> list[int]:
         indices = step_image_indices(ds, task, step, mode, cache_dir=data.cache_dir, workers=data.workers,

@@ -26,7 +26,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -130,7 +130,7 @@ def average_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
-def broadcast_object(obj):
+def broadcast_object(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if not _active():
         return obj

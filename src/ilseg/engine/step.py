@@ -145,7 +145,7 @@ def place_models(ctx: RunContext, setup: StepSetup) -> nn.Module:
         if model is not None:
             model.to(device)
             if ctx.precision.channels_last:
-                model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+                model.to(memory_format=torch.channels_last)
     if not ctx.dist.enabled:
         return setup.student
     if ctx.cfg.runtime.sync_bn:  # the teacher stays plain BN: it runs in eval mode

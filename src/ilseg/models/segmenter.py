@@ -73,8 +73,9 @@ class IncrementalSegmenter(nn.Module):
         _check_classes_per_step(classes_per_step)
         self.body = body
         self.head = head
+        self.head_channels = int(getattr(head, "out_channels"))
         self.classifiers = nn.ModuleList(
-            nn.Conv2d(int(head.out_channels), int(n), kernel_size=1) for n in classes_per_step
+            nn.Conv2d(self.head_channels, int(n), kernel_size=1) for n in classes_per_step
         )
         self.bn_frozen = False
         self.encoder_frozen = False
@@ -83,7 +84,7 @@ class IncrementalSegmenter(nn.Module):
     @property
     def classes_per_step(self) -> tuple[int, ...]:
         """Output channels of each step's classifier, in step order."""
-        return tuple(int(cls.out_channels) for cls in self.classifiers)
+        return tuple(cls.out_channels for cls in self._classifier_convs())
 
     @property
     def num_outputs(self) -> int:
@@ -114,11 +115,11 @@ class IncrementalSegmenter(nn.Module):
             raise IlsegError(f"a new step needs a positive number of classes, got {num_classes!r}")
         if init not in ("default", "background"):
             raise IlsegError(f"classifier init must be 'default' or 'background', got {init!r}")
-        reference = self.classifiers[0].weight
-        new = nn.Conv2d(int(self.head.out_channels), num_classes, kernel_size=1)
-        new = new.to(device=reference.device, dtype=reference.dtype)
+        old = self._classifier_convs()[0]
+        new = nn.Conv2d(self.head_channels, num_classes, kernel_size=1)
+        new = new.to(device=old.weight.device, dtype=old.weight.dtype)
         if init == "background":
-            old = self.classifiers[0]
+            assert old.bias is not None and new.bias is not None  # every classifier has a bias
             with torch.no_grad():
                 bias = old.bias[0] - math.log(num_classes + 1)
                 new.weight.copy_(old.weight[0:1].expand_as(new.weight))
@@ -128,6 +129,9 @@ class IncrementalSegmenter(nn.Module):
             new.requires_grad_(False)
         new.train(self.training and not self.is_teacher)
         self.classifiers.append(new)
+
+    def _classifier_convs(self) -> list[nn.Conv2d]:
+        return [cls for cls in self.classifiers if isinstance(cls, nn.Conv2d)]
 
     def train(self, mode: bool = True) -> IncrementalSegmenter:
         """Set train/eval mode, keeping frozen BNs (and a teacher) in eval mode."""

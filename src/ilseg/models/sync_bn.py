@@ -19,6 +19,8 @@ Example (inside a process group)::
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -38,8 +40,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-                group) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                group: Any) -> tuple[Tensor, Tensor, Tensor]:
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
         shape = [1, channels] + [1] * (x.dim() - 2)
@@ -69,7 +71,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return y.to(x.dtype), mean, unbiased
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor):
+    def backward(ctx: Any, grad_y: Tensor, _grad_mean: Tensor,
+                 _grad_var: Tensor) -> tuple[Tensor | None, ...]:
         xhat, invstd, weight = ctx.saved_tensors
         channels = xhat.shape[1]
         dims = [0, *range(2, xhat.dim())]
@@ -111,9 +114,11 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
         self._check_input_dim(input)
         y, mean, unbiased_var = _SyncBatchNormFunction.apply(input, self.weight, self.bias, self.eps,
                                                              dist.group.WORLD)
-        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
-            self.num_batches_tracked.add_(1)
-            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        tracked = self.num_batches_tracked
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None \
+                and tracked is not None:
+            tracked.add_(1)
+            factor = self.momentum if self.momentum is not None else 1.0 / float(tracked)
             with torch.no_grad():
                 self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
                 self.running_var.mul_(1 - factor).add_(unbiased_var.to(self.running_var.dtype), alpha=factor)
