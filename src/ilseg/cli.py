@@ -55,7 +55,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
     for path in sorted(preset_dir().glob("*.yaml")):
         cfg = load_config(path)
         d = cfg.data
-        print(f"{path.stem:<32} {cfg.method.name:<16} {d.dataset} {d.task} {'overlap' if d.overlap else 'disjoint'}")
+        mode = "all classes in one step" if cfg.method.joint else ("overlap" if d.overlap else "disjoint")
+        print(f"{path.stem:<32} {cfg.method.name:<16} {d.dataset} {d.task} {mode}")
     print(f"(files in {preset_dir()}; use one with: ilseg train --config NAME --out RUN_DIR)")
     return 0
 

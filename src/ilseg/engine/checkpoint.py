@@ -56,9 +56,12 @@ def check_compatible(state: Mapping[str, Any], expected: Mapping[str, Any], path
         if found.get(k) != v
     ]
     if diffs:
+        older = state.get("format_version", 0) < FORMAT_VERSION
+        hint = (f" (it was written by an older ilseg, checkpoint format {state.get('format_version')}, that recorded "
+                f"fewer settings: train that step again with this version)") if older else ""
         raise IlsegError(
             f"checkpoint {path} belongs to another run ({len(diffs)} difference(s)): " + "; ".join(diffs)
-            + ". Use a checkpoint trained with the same settings, or change this run's config to match"
+            + f". Use a checkpoint trained with the same settings, or change this run's config to match{hint}"
         )
 
 

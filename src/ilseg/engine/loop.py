@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ilseg.config import RuntimeConfig
 from ilseg.engine.distributed import all_reduce_sum, average_over_ranks
 from ilseg.errors import IlsegError
 from ilseg.metrics import ConfusionMatrix
@@ -31,11 +32,25 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    @classmethod
+    def for_runtime(cls, runtime: RuntimeConfig, device: torch.device) -> Precision:
+        """The precision ``runtime`` asks for on ``device`` (``"auto"`` resolved for it)."""
+        return cls(device, runtime.amp_for(device.type), runtime.channels_last_for(device.type))
+
     def images(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
+
+
+def resolve_device(kind: str) -> torch.device:
+    """``"cuda"``, ``"cpu"`` or ``"auto"`` (CUDA when there is one) as a device, or a clear error."""
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise IlsegError("runtime.device is 'cuda' but no CUDA device is available; use runtime.device=cpu")
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def build_optimizer(params: Iterable[nn.Parameter], *, kind: str, lr: float, momentum: float,

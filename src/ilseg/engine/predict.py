@@ -11,7 +11,7 @@ from PIL import Image
 
 from ilseg.data.io import overlay, read_image, write_mask_png
 from ilseg.data.transforms import eval_transform
-from ilseg.engine.run import resolve_device
+from ilseg.engine.loop import resolve_device
 from ilseg.engine.rundir import last_finished_step, load_step_model, read_run_config, step_checkpoint, training_task
 
 

@@ -21,7 +21,7 @@ import ilseg
 from ilseg.config import RunConfig
 from ilseg.engine import distributed
 from ilseg.engine.checkpoint import check_compatible, load_checkpoint
-from ilseg.engine.loop import Precision
+from ilseg.engine.loop import Precision, resolve_device
 from ilseg.engine.rundir import (
     checkpoint_identity,
     last_checkpoint,
@@ -97,18 +97,10 @@ def run_context(cfg: RunConfig, run_dir: Path, dist: distributed.DistInfo, devic
                 *, progress: bool = True) -> RunContext:
     method = build_method(cfg.method)
     task = cfg.build_task()
-    precision = Precision(device, cfg.runtime.amp_for(device.type), cfg.runtime.channels_last_for(device.type))
+    precision = Precision.for_runtime(cfg.runtime, device)
     return RunContext(cfg=cfg, method=method, run_dir=run_dir, task=task, train_task=method.training_task(task),
                       dist=dist, precision=precision, log=log,
                       results=read_results(run_dir) or new_results(cfg, method), progress=progress)
-
-
-def resolve_device(kind: str) -> torch.device:
-    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise IlsegError("runtime.device is 'cuda' but no CUDA device is available; use runtime.device=cpu")
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def check_runtime(cfg: RunConfig, device: torch.device) -> None:
@@ -200,6 +192,6 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: Path, *, step: int | None = 
     model.to(dev)
     task = cfg.build_task()
     train_task = build_method(cfg.method).training_task(task)
-    precision = Precision(dev, cfg.runtime.amp_for(dev.type), cfg.runtime.channels_last_for(dev.type))
+    precision = Precision.for_runtime(cfg.runtime, dev)
     scores = evaluate_step(cfg, task, train_task, model, step, distributed.DistInfo(), precision)
     return scores | {"step": step, "classes_seen": train_task.num_outputs(step)}
