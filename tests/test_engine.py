@@ -18,7 +18,7 @@ from ilseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from ilseg.engine.loop import poly_schedule
 from ilseg.engine.run import evaluate_checkpoint, run_training
 from ilseg.engine.rundir import model_from_config
-from ilseg.errors import IlsegError
+from ilseg.errors import IlsegError, WriteError
 from ilseg.methods import Method
 from ilseg.tasks import get_task
 
@@ -244,7 +244,7 @@ def test_atomic_save_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match="c.pth"):
         save_checkpoint(path, {"model": {"w": torch.zeros(1)}})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]

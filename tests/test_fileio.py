@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator
 
 import pytest
 
+from ilseg.errors import WriteError
 from ilseg.fileio import atomic_write_bytes, atomic_write_text
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes and umask")
@@ -58,7 +60,7 @@ def test_a_failing_writer_leaves_the_old_file_and_no_temporary_file(tmp_path, ex
         f.write(b"half of a new checkpoint")
         raise RuntimeError("disk full")
 
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(WriteError, match=r"cannot write .*last\.pth \(disk full\)"):
         atomic_write_bytes(path, write_half_then_fail)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["last.pth"] if exists else [])
     if exists:
@@ -71,3 +73,34 @@ def test_creates_missing_folders_and_leaves_only_the_target(tmp_path):
     atomic_write_bytes(path, lambda f: f.write(b"name: again\n"))
     assert path.read_bytes() == b"name: again\n"
     assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]
+
+
+def test_a_full_disk_is_one_clear_error_naming_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "step1.pth"
+    path.write_bytes(b"previous")
+
+    def no_space(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(WriteError) as info:
+        atomic_write_bytes(path, no_space)
+    message = str(info.value)
+    assert str(path) in message and "No space left on device" in message and "MiB free" in message
+    assert "intact" in message and path.read_bytes() == b"previous"
+
+
+def test_torch_save_failure_message_is_its_first_line(tmp_path):
+    def torch_style(f):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\nframe #0: ...")
+
+    with pytest.raises(WriteError) as info:
+        atomic_write_bytes(tmp_path / "last.pth", torch_style)
+    assert "unexpected pos 64 vs 0" in str(info.value) and "frame #0" not in str(info.value)
+
+
+def test_a_folder_that_is_a_file_is_refused_clearly(tmp_path):
+    (tmp_path / "run").write_text("I am a file")
+    with pytest.raises(WriteError, match="its folder is a file"):
+        atomic_write_bytes(tmp_path / "run" / "config.yaml", lambda f: f.write(b"x"))
+    assert (tmp_path / "run").read_text() == "I am a file"

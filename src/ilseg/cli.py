@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ilseg import __version__
-from ilseg.errors import IlsegError, ReportedByMainRank
+from ilseg.errors import IlsegError, Interrupted, ReportedByMainRank, WriteError, one_line
 
 
 # -- tasks / methods / presets -----------------------------------------------------
@@ -109,16 +109,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         run_dir = Path(args.resume)
-        if args.config or args.set:
-            raise IlsegError("--resume continues a run with its saved config; do not pass --config or --set")
-        cfg = read_run_config(run_dir)
+        if args.config or args.out:
+            raise IlsegError("--resume continues a run with its saved config; do not pass --config or --out "
+                             "(--set may change the optimisation from the step being resumed, e.g. optim.lr_next)")
+        cfg = read_run_config(run_dir, args.set)
     else:
         if not args.config or not args.out:
             raise IlsegError("ilseg train needs --config FILE and --out RUN_DIR (or --resume RUN_DIR)")
         cfg = load_config(resolve_config_path(args.config), args.set)
         run_dir = Path(args.out)
-    results = run_training(cfg, run_dir, steps=args.steps, resume=bool(args.resume), init_from=args.init_from,
-                           quiet=args.quiet)
+    results = run_training(cfg, run_dir, steps=args.steps, resume=bool(args.resume), overwrite=args.overwrite,
+                           init_from=args.init_from, quiet=args.quiet)
     if _rank_and_world()[0] == 0:  # under torchrun, only rank 0 prints
         print(summary_table(results))
     return 0
@@ -220,7 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_set(tr)
     tr.add_argument("--out", help="the run folder")
     tr.add_argument("--steps", help="START:STOP or one step (default: all)")
-    tr.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    tr.add_argument("--resume", metavar="RUN_DIR",
+                    help="continue an interrupted run (with --set optim.*=...: from the step being resumed, which "
+                         "starts again)")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="start the run in --out over: its checkpoints, results and logs are removed first")
     tr.add_argument("--init-from", metavar="RUN_DIR", help="take step 0 from another run (same task and model)")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     tr.set_defaults(func=cmd_train)
@@ -257,24 +262,58 @@ def _rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """The real resume command when a run folder is known, else where to look."""
+    run = getattr(args, "resume", None) or (getattr(args, "out", None) if getattr(args, "func", None) is cmd_train
+                                           else None)
+    if run and (Path(run) / "config.yaml").is_file():
+        return f"continue with: ilseg train --resume {Path(run).resolve()}"
+    return "nothing to resume"
+
+
+def _is_collective_failure(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is a collective that failed because a peer process died (gloo / NCCL wording)."""
+    text = str(exc)
+    markers = ("Connection closed by peer", "Connection reset by peer", "NCCL", "Gloo", "gloo",
+               "ProcessGroup", "Broken pipe", "timed out")
+    return any(m in text for m in markers) or type(exc).__name__ == "DistBackendError"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    rank, world = _rank_and_world()
+    where = f" (rank {rank} of {world})" if rank > 0 else ""
     try:
         return int(args.func(args) or 0)
     except ReportedByMainRank:
         return 2  # rank 0 prints the message; torchrun then ends every process
+    except Interrupted as exc:
+        if rank == 0:
+            print(f"ilseg: {exc}", file=sys.stderr)
+        return 128 + exc.signal_number
     except IlsegError as exc:
-        rank, world = _rank_and_world()
-        where = f" (rank {rank} of {world})" if rank > 0 else ""
-        print(f"ilseg: error{where}: {exc}", file=sys.stderr)
+        hint = f"; {_resume_hint(args)}" if isinstance(exc, WriteError) and args.func is cmd_train else ""
+        print(f"ilseg: error{where}: {one_line(exc)}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ilseg: interrupted; resume with 'ilseg train --resume RUN_DIR'", file=sys.stderr)
+        print(f"ilseg: interrupted{where}; {_resume_hint(args)}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # a file-system fault outside ilseg's own writes (e.g. a folder removed mid-run)
+        name = f" {exc.filename}" if exc.filename else ""
+        print(f"ilseg: error{where}: cannot use{name} ({exc.strerror or exc}); {_resume_hint(args)}",
+              file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if world > 1 and _is_collective_failure(exc):
+            print(f"ilseg: error{where}: another process of this job stopped, so this one cannot go on "
+                  f"({str(exc).strip().splitlines()[0][:160]}); its own message says why. {_resume_hint(args)}",
+                  file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

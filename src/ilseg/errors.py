@@ -19,3 +19,38 @@ class ReportedByMainRank(IlsegError):
     Rank 0 prints the message; the other processes exit with status 2 without
     printing it again (see :func:`ilseg.engine.distributed.on_main`).
     """
+
+
+class WriteError(IlsegError):
+    """A file could not be written (full disk, read-only or vanished folder, no permission).
+
+    The message names the file and the reason; the file's previous version,
+    if any, is intact (writes are atomic).
+    """
+
+
+class Interrupted(IlsegError):
+    """Training stopped on request (SIGINT / SIGTERM) after saving its state at a safe point."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number
+
+
+_WORKER_WRAPPER = "Original Traceback (most recent call last):"
+
+
+def one_line(exc: BaseException) -> str:
+    """The user-facing message of ``exc``, without a DataLoader worker's wrapped traceback.
+
+    An error raised in a DataLoader worker process reaches the main process as
+    ``"Caught IlsegError in DataLoader worker process 0.\\nOriginal Traceback
+    ...\\nilseg.errors.IlsegError: <message>"``; the message after the last
+    ``"<ExceptionType>: "`` line is the one the user needs.
+    """
+    text = str(exc)
+    if _WORKER_WRAPPER not in text:
+        return text
+    name = type(exc).__name__
+    tail = text.rstrip().rsplit(f"{name}: ", 1)
+    return tail[1].strip() if len(tail) == 2 else text.strip().splitlines()[-1]

@@ -8,12 +8,15 @@ them before.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from ilseg.errors import WriteError
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
@@ -22,8 +25,43 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[BinaryIO],
     If ``write`` raises, ``path`` is left as it was and the temporary file is
     removed.  Mode of the result: that of the existing ``path``, else
     ``0o666 & ~umask`` as for any newly created file.
+
+    Raises:
+        WriteError: the file system refused (full disk, read-only or vanished
+            folder, no permission), or ``write`` failed with an ``OSError`` or
+            a ``RuntimeError`` (``torch.save`` reports a full disk as one).
+            The message names ``path`` and the reason.
     """
     path = Path(path)
+    try:
+        _atomic_write(path, write)
+    except (OSError, RuntimeError) as exc:
+        raise WriteError(write_failure(path, exc)) from None
+
+
+def write_failure(path: Path, exc: BaseException) -> str:
+    """``"cannot write PATH (reason); ..."`` with the free space of its file system when that is the cause."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0][:200]
+    free = _free_bytes(path)
+    if free is not None and (free < 64 * 2**20 or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)):
+        reason += f"; {free / 2**20:.0f} MiB free on that file system"
+    return (f"cannot write {path} ({reason}); the previous version of the file, if any, is intact. "
+            "Free space or fix the folder's permissions, then run the command again")
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path.parent, *path.parent.parents):
+        try:
+            st = os.statvfs(folder)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize
+    return None
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "its folder is a file", str(path.parent))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         existing_mode: int | None = stat.S_IMODE(os.stat(path).st_mode)

@@ -84,20 +84,33 @@ _IMAGE_FIX = "re-download the dataset (or regenerate it with `ilseg data synth -
 _MASK_FIX = "re-download the dataset's annotations (or regenerate it with `ilseg data synth --out DIR`)"
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+# For a user's own photo (``ilseg predict``) rather than a dataset file.
+PHOTO_FIX = "give a JPEG or PNG image file (check the path, or open the file in an image viewer)"
+
+
+def read_image(path: str | os.PathLike[str], *, fix: str = _IMAGE_FIX) -> np.ndarray:
     """Read an image file as an ``HxWx3`` ``uint8`` RGB array.
 
-    Palette, grayscale, RGBA, CMYK ... images are converted to RGB.
+    Palette, grayscale, RGBA, CMYK ... images are converted to RGB.  ``fix``
+    is the advice given when the file cannot be read (by default: a dataset
+    file, so re-download the dataset; :data:`PHOTO_FIX` for a user's photo).
 
     Raises:
         IlsegError: the file is missing, unreadable or corrupt.
     """
     path = Path(path)
-    with _open(path, "image", _IMAGE_FIX) as img:
-        _load(img, path, "image", _IMAGE_FIX)
+    with _open(path, "image", fix) as img:
+        _load(img, path, "image", fix)
         if img.mode != "RGB":
             img = img.convert("RGB")
         return np.array(img, dtype=np.uint8)
+
+
+def image_size(path: str | os.PathLike[str], what: str = "image") -> tuple[int, int]:
+    """``(height, width)`` from the file's header, without decoding its pixels."""
+    path = Path(path)
+    with _open(path, what, _IMAGE_FIX if what == "image" else _MASK_FIX) as img:
+        return img.size[1], img.size[0]
 
 
 def read_mask_and_counts(

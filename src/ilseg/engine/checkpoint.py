@@ -79,11 +79,14 @@ def training_state(
     config: Mapping[str, Any],
     metrics: Mapping[str, Any] | None = None,
     confusion_matrix: list[list[int]] | None = None,
+    partial: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The one checkpoint layout, for ``last.pth`` (no metrics) and ``step{t}.pth`` (with them).
 
     ``epoch`` is the last finished epoch (0-based) of ``epochs``; the state
     after the last epoch is all that evaluation and the next step need.
+    ``partial`` (``last.pth`` of a run stopped mid-epoch) records the epoch
+    under way, the iterations done in it and their loss sums.
     """
     state: dict[str, Any] = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -91,6 +94,8 @@ def training_state(
         "step": step, "epoch": epoch, "epochs": epochs, "train_seconds": train_seconds,
         "identity": dict(identity), "config": dict(config),
     }
+    if partial is not None:
+        state["partial"] = dict(partial)
     if metrics is not None:
         state["metrics"] = dict(metrics)
         state["confusion_matrix"] = confusion_matrix

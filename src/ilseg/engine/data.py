@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ilseg.config import RunConfig
 from ilseg.data.datasets import SeededItems, SegmentationDataset, build_dataset
-from ilseg.data.splits import step_image_indices
+from ilseg.data.io import image_size
+from ilseg.data.splits import class_presence, step_image_indices
 from ilseg.data.transforms import eval_transform, train_transform
 from ilseg.engine import distributed
 from ilseg.errors import IlsegError
@@ -26,9 +27,10 @@ class TrainingData:
     batches: distributed.GlobalBatchSampler
     loader: DataLoader
 
-    def set_epoch(self, epoch: int) -> None:
-        """Order and augmentation of ``epoch``: the same for any number of processes or workers."""
-        self.batches.set_epoch(epoch)
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Order and augmentation of ``epoch`` (the same for any number of processes or workers),
+        from its ``skip``-th batch on."""
+        self.batches.set_epoch(epoch, skip)
         self.items.set_epoch(epoch)
 
 
@@ -65,6 +67,39 @@ def training_data(cfg: RunConfig, task: Task, step: int, target_lut: np.ndarray,
                                              seed=seed)
     loader = make_loader(items, batch_sampler=batches, workers=data.workers)
     return TrainingData(dataset=ds, items=items, batches=batches, loader=loader)
+
+
+def check_data(cfg: RunConfig, task: Task, steps: range, *, progress: bool) -> None:
+    """What can be checked in seconds before hours of training, so a bad input fails now, not at step 5.
+
+    * every step to train has training images, at least one global batch of
+      them (the message names the step and its classes);
+    * every test mask is readable and holds only the dataset's labels (read
+      once and cached, as the training masks are), and every test image's
+      header is readable and matches its mask's size.
+
+    Pixel data of the test *images* is decoded only when they are evaluated.
+    """
+    data = cfg.data
+    mode: Mode = "overlap" if data.overlap else "disjoint"
+    train = build_dataset(data.dataset, data.root, "train")
+    for step in steps:
+        index_file = data.index_file.replace("{step}", str(step)) if data.index_file else None
+        indices = step_image_indices(train, task, step, mode, cache_dir=data.cache_dir, workers=data.workers,
+                                     index_file=index_file, progress=progress)
+        classes = [task.class_names[c] for c in task.new_classes(step)]
+        if not indices:
+            raise IlsegError(f"step {step} of {task.dataset} {task.name} ({mode}) has no training image: no image "
+                             f"in {data.root} contains its classes {classes}")
+        if len(indices) < cfg.optim.batch_size:
+            raise IlsegError(f"step {step} of {task.dataset} {task.name} ({mode}, classes {classes}) has only "
+                             f"{len(indices)} training images, fewer than optim.batch_size={cfg.optim.batch_size}")
+    test = build_dataset(data.dataset, data.root, "val")
+    class_presence(test, workers=data.workers, cache_dir=data.cache_dir, progress=progress)
+    for image, mask in zip(test.images, test.masks):
+        if image_size(image) != image_size(mask, "mask"):
+            raise IlsegError(f"mask {mask} is not the size of its image {image}; the mask does not belong to the "
+                             "image: check the dataset's lists or re-download it")
 
 
 def eval_dataset(cfg: RunConfig, task: Task, step: int) -> SegmentationDataset:

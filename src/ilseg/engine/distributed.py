@@ -189,15 +189,16 @@ class GlobalBatchSampler(Sampler[list[int]]):
                              f"{world_size} processes")
         self.length, self.global_batch = length, global_batch
         self.rank, self.world_size = rank, world_size
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.skip = seed, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Yield ``epoch``'s batches from the ``skip``-th on (to finish an epoch stopped part-way)."""
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self) -> Iterator[list[int]]:
         perm = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         per_rank = self.global_batch // self.world_size
-        for i in range(len(self)):
+        for i in range(self.skip, len(self)):
             start = i * self.global_batch + self.rank * per_rank
             yield perm[start:start + per_rank]
 

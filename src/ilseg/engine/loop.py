@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,6 +70,35 @@ def poly_schedule(optimizer: torch.optim.Optimizer, total_iters: int, power: flo
     return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max(1, total_iters), power=power)
 
 
+@dataclass
+class EpochProgress:
+    """Running sums of the loss terms over the iterations of one epoch done so far.
+
+    Saved inside ``last.pth`` when a run stops mid-epoch, so that a resumed
+    epoch reports the same means as an uninterrupted one.
+    """
+
+    sums: dict[str, float] = field(default_factory=dict)
+    iterations: int = 0
+    finished: bool = False
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.iterations += 1
+
+    def means(self) -> dict[str, float]:
+        """The mean of each term over this epoch's iterations and over ranks."""
+        return average_over_ranks({k: v / max(1, self.iterations) for k, v in self.sums.items()})
+
+    def state(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "iterations": self.iterations}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> EpochProgress:
+        return cls() if not state else cls(sums=dict(state["sums"]), iterations=int(state["iterations"]))
+
+
 def train_one_epoch(
     *,
     model: nn.Module,
@@ -80,18 +110,22 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None,
     precision: Precision,
     step: int,
+    progress: EpochProgress | None = None,
+    should_stop: Callable[[], bool] | None = None,
     on_iteration: Callable[[dict[str, float], float], None] | None = None,
-) -> dict[str, float]:
-    """Train ``model`` for one pass over ``loader``; return the mean of each loss (over ranks too).
+) -> EpochProgress:
+    """Train ``model`` over ``loader`` (the rest of an epoch); return the running loss sums.
 
     ``method(student_out, teacher_out, target, step)`` gives the named losses;
     the teacher runs under ``torch.inference_mode`` so none of its activations
     are kept.  A non-finite loss stops training with a clear error before the
-    optimiser step, so the weights of the last checkpoint stay valid.
+    optimiser step, so the weights of the last checkpoint stay valid.  After
+    each iteration ``should_stop()`` may end the pass early (a stop request):
+    the result then has ``finished=False``.  ``progress`` continues the sums
+    of an epoch that was stopped part-way.
     """
     model.train()
-    totals: dict[str, float] = {}
-    count = 0
+    progress = progress if progress is not None else EpochProgress()
     for images, targets in loader:
         images = precision.images(images)
         targets = targets.to(precision.device, non_blocking=True)
@@ -109,11 +143,8 @@ def train_one_epoch(
         values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
         if not math.isfinite(values["loss"]):
             parts = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-            raise IlsegError(
-                f"the training loss became non-finite at step {step} ({parts}); nothing of this epoch was saved. "
-                "Lower the learning rate (optim.lr / optim.lr_next), use runtime.amp=bf16 instead of fp16, "
-                "or check the data; resume from the last checkpoint with 'ilseg train --resume RUN_DIR'"
-            )
+            raise NonFiniteLoss(f"the training loss became non-finite at step {step} ({parts}); nothing of this "
+                                "epoch after the last checkpoint was saved")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -123,12 +154,17 @@ def train_one_epoch(
             loss.backward()
             optimizer.step()
         scheduler.step()
-        count += 1
-        for k, v in values.items():
-            totals[k] = totals.get(k, 0.0) + v
+        progress.add(values)
         if on_iteration is not None:
             on_iteration(values, optimizer.param_groups[0]["lr"])
-    return average_over_ranks({k: v / max(1, count) for k, v in totals.items()})
+        if should_stop is not None and should_stop():
+            return progress
+    progress.finished = True
+    return progress
+
+
+class NonFiniteLoss(IlsegError):
+    """The loss became NaN or infinite; the engine adds how to continue with a lower learning rate."""
 
 
 @torch.inference_mode()

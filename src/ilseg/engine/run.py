@@ -22,19 +22,33 @@ from ilseg.config import RunConfig
 from ilseg.engine import distributed
 from ilseg.engine.checkpoint import check_compatible, load_checkpoint
 from ilseg.engine.loop import Precision, resolve_device
+from ilseg.config import load_config
+from ilseg.engine.data import check_data
 from ilseg.engine.rundir import (
+    CONFIG_FILE,
+    HISTORY_FILE,
+    RunLock,
+    check_run_dir,
     checkpoint_identity,
+    create_run_dir,
+    finished_steps,
     last_checkpoint,
     load_step_model,
-    prepare_run_dir,
+    read_run_config,
+    rebuild_results,
+    record_config_change,
+    remove_temporaries,
+    resume_changes,
     same_eval_protocol,
     step_checkpoint,
 )
 from ilseg.engine.runlog import RunLogger
+from ilseg.engine.signals import StopRequests, signal_name
 from ilseg.engine.step import RunContext, evaluate_step, record_step, train_step
-from ilseg.errors import IlsegError
+from ilseg.errors import IlsegError, Interrupted
 from ilseg.methods import Method, build_method
-from ilseg.report import read_results
+from ilseg.metrics import mean_over_steps
+from ilseg.report import read_results, write_results
 
 
 def run_training(
@@ -43,74 +57,123 @@ def run_training(
     *,
     steps: str | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     init_from: str | Path | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate the steps of ``cfg``'s task; return the results dict.
 
     Args:
-        cfg: the run configuration.
+        cfg: the run configuration (with ``resume``: the saved one, possibly
+            with optimisation values changed from the step being resumed).
         run_dir: the run folder (created; an existing one must hold the same config).
         steps: ``"START:STOP"`` or one step; all steps by default.
-        resume: continue after the last completed epoch recorded in ``last.pth``.
+        resume: continue after the last saved iteration (``last.pth``), skip finished steps.
+        overwrite: start the run in ``run_dir`` over (its checkpoints and results are removed).
         init_from: a run folder (or step-0 checkpoint) whose step 0 this run reuses.
         quiet: no progress bars (logs only).
+
+    Everything that can be refused is refused before the run folder is
+    created or changed: the step range, the batch size, the run folder's
+    state, each step's training images and the test split's masks.
     """
     run_dir = Path(run_dir)
     device = resolve_device(cfg.runtime.device)
-    check_runtime(cfg, device)
+    todo = check_runtime(cfg, device, steps, resume=resume, overwrite=overwrite)
     dist = distributed.setup(cfg.runtime.backend, device.type, cfg.runtime.collective_timeout_s)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    lock = RunLock(run_dir)
     try:
-        distributed.on_main(lambda: prepare_run_dir(cfg, run_dir, resume))
-        with RunLogger(run_dir, enabled=dist.is_main, quiet=quiet, tensorboard=cfg.runtime.tensorboard) as log:
-            ctx = run_context(cfg, run_dir, dist, device, log, progress=not quiet)
-            return run_steps(ctx, parse_steps(steps, ctx.train_task.num_steps), resume=resume,
-                             init_from=init_from)
+        distributed.on_main(lambda: check_run_dir(cfg, run_dir, todo, resume=resume, overwrite=overwrite))
+        train_task = build_method(cfg.method).training_task(cfg.build_task())
+        first = 1 if (init_from is not None and todo.start == 0) else todo.start
+        distributed.on_main(lambda: check_data(cfg, train_task, range(first, todo.stop), progress=not quiet))
+        restart = distributed.on_main(lambda: open_run_dir(cfg, run_dir, lock, todo, overwrite=overwrite))
+        with RunLogger(run_dir, enabled=dist.is_main, quiet=quiet, tensorboard=cfg.runtime.tensorboard) as log, \
+                StopRequests() as stop:
+            ctx = run_context(cfg, run_dir, dist, device, log, stop, progress=not quiet)
+            return run_steps(ctx, todo, resume=resume, restart=restart, init_from=init_from)
     finally:
+        lock.release()
         distributed.teardown()
 
 
-def run_steps(ctx: RunContext, todo: range, *, resume: bool, init_from: str | Path | None) -> dict[str, Any]:
+def open_run_dir(cfg: RunConfig, run_dir: Path, lock: RunLock, todo: range, *, overwrite: bool) -> int | None:
+    """Create and lock the run folder, clean what a killed process left, record a resumed run's new settings.
+
+    Returns the step from which a changed config applies (that step restarts), or ``None``.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    remove_temporaries(run_dir)
+    saved = run_dir / CONFIG_FILE
+    if overwrite or not saved.is_file():
+        create_run_dir(cfg, run_dir, overwrite=overwrite)
+        return None
+    old = load_config(saved)
+    changed = resume_changes(old, cfg)
+    if not changed:
+        return None
+    done = set(finished_steps(run_dir))
+    from_step = next((t for t in todo if t not in done), todo.stop)
+    record_config_change(run_dir, old, cfg, from_step, changed)
+    return from_step
+
+
+def run_steps(ctx: RunContext, todo: range, *, resume: bool, restart: int | None,
+              init_from: str | Path | None) -> dict[str, Any]:
     """Each step of ``todo`` in order: adopted, skipped (resume, already done) or trained."""
     ctx.log.info(f"ilseg {ilseg.__version__} | {ctx.cfg.method.name} on {ctx.task.dataset} {ctx.train_task.name} "
                  f"({'overlapped' if ctx.cfg.data.overlap else 'disjoint'}) | steps {todo.start}..{todo.stop - 1} "
                  f"| device {ctx.precision.device}{f' x{ctx.dist.world_size}' if ctx.dist.enabled else ''} "
                  f"| run {ctx.run_dir}")
+    if rebuild_results(ctx.run_dir, ctx.results):
+        ctx.log.info("results rebuilt from the step checkpoints (the last run stopped before writing them)")
+        ctx.results["mean_miou_over_steps"] = mean_over_steps([s["miou_all"] for s in ctx.results["steps"]])
+        distributed.on_main(lambda: write_results(ctx.run_dir, ctx.results))
+    if restart is not None:
+        ctx.log.info(f"settings changed from step {restart} on ({ctx.run_dir / HISTORY_FILE}); it starts again")
     resume_state = read_resume_state(ctx) if resume else None
     for step in todo:
-        if step == 0 and init_from is not None:
-            adopt_step0(ctx, Path(init_from))
-        elif resume and step_checkpoint(ctx.run_dir, step).is_file():
+        if ctx.stop.requested():
+            raise Interrupted(f"stopped by {signal_name(ctx.stop.signal_number or 2)} before step {step}; continue "
+                              f"with: ilseg train --resume {ctx.run_dir.resolve()}", ctx.stop.signal_number or 2)
+        if resume and step_checkpoint(ctx.run_dir, step).is_file():
             ctx.log.info(f"step {step} already complete, skipped")
+        elif step == 0 and init_from is not None:
+            adopt_step0(ctx, Path(init_from))
         else:
-            same_step = resume_state is not None and resume_state["step"] == step
+            same_step = resume_state is not None and resume_state["step"] == step and step != restart
             train_step(ctx, step, resume_state if same_step else None)
     ctx.log.info("results: " + json.dumps({s["step"]: s["miou_all"] for s in ctx.results["steps"]}))
     return ctx.results
 
 
 def run_context(cfg: RunConfig, run_dir: Path, dist: distributed.DistInfo, device: torch.device, log: RunLogger,
-                *, progress: bool = True) -> RunContext:
+                stop: StopRequests, *, progress: bool = True) -> RunContext:
     method = build_method(cfg.method)
     task = cfg.build_task()
-    precision = Precision.for_runtime(cfg.runtime, device)
     return RunContext(cfg=cfg, method=method, run_dir=run_dir, task=task, train_task=method.training_task(task),
-                      dist=dist, precision=precision, log=log,
-                      results=read_results(run_dir) or new_results(cfg, method), progress=progress)
+                      dist=dist, precision=Precision.for_runtime(cfg.runtime, device), log=log,
+                      results=read_results(run_dir) or new_results(cfg, method) | {"config_hash": cfg.hash()},
+                      stop=stop, progress=progress)
 
 
-def check_runtime(cfg: RunConfig, device: torch.device) -> None:
-    """Refuse settings this device or process count cannot run, before anything is written."""
+def check_runtime(cfg: RunConfig, device: torch.device, steps: str | None, *, resume: bool,
+                  overwrite: bool) -> range:
+    """Refuse what this device, process count or command line cannot run; return the steps to run."""
+    if resume and overwrite:
+        raise IlsegError("--resume continues a run and --overwrite starts it over: pass one of them")
     if cfg.runtime.amp_for(device.type) == "fp16" and device.type != "cuda":
         raise IlsegError("runtime.amp=fp16 needs CUDA; on the CPU use runtime.amp=bf16 or none")
     _, world = distributed.env_rank()
     if cfg.optim.batch_size % world:
         raise IlsegError(f"optim.batch_size {cfg.optim.batch_size} is the global batch and must divide by the "
                          f"{world} processes; change one of them (the learning rate is not rescaled)")
+    return parse_steps(steps, build_method(cfg.method).training_task(cfg.build_task()).num_steps)
 
 
 def versions() -> dict[str, str]:
@@ -128,12 +191,14 @@ def new_results(cfg: RunConfig, method: Method) -> dict[str, Any]:
 
 
 def read_resume_state(ctx: RunContext) -> dict[str, Any] | None:
-    """``last.pth`` of this run, checked against it; ``None`` if there is none."""
+    """``last.pth`` of this run, checked against the config its step was trained with; ``None`` if absent."""
     path = last_checkpoint(ctx.run_dir)
     if not path.is_file():
         return None
     state = load_checkpoint(path)
-    check_compatible(state, checkpoint_identity(ctx.cfg, state.get("step", -1), ctx.method), path)
+    step = state.get("step", -1)
+    cfg = read_run_config(ctx.run_dir, step=step) if isinstance(step, int) and step >= 0 else ctx.cfg
+    check_compatible(state, checkpoint_identity(cfg, step, build_method(cfg.method)), path)
     return state
 
 

@@ -16,22 +16,29 @@ cannot start a run by accident.
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from ilseg.config import RunConfig, dump_config, load_config
+from ilseg.config import RunConfig, config_from_dict, dump_config, load_config, parse_overrides
 from ilseg.engine.checkpoint import check_compatible, load_checkpoint
-from ilseg.errors import IlsegError
-from ilseg.fileio import atomic_write_text
+from ilseg.errors import IlsegError, WriteError
+from ilseg.fileio import atomic_write_text, write_failure
 from ilseg.methods import Method, build_method
 from ilseg.models import IncrementalSegmenter, build_segmenter
 from ilseg.tasks import Task
 
 CONFIG_FILE = "config.yaml"
+HISTORY_FILE = "config-history.json"
 LAST_CHECKPOINT = "last.pth"
+LOCK_FILE = ".lock"
 
 # Settings that change which images a step trains on or how (data.root, workers and caches do not).
 _DATA_TRAINING = ("overlap", "index_file", "crop_size", "scale")
@@ -64,32 +71,246 @@ def last_finished_step(run_dir: Path) -> int:
     return done[-1]
 
 
-def read_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """The config saved in ``run_dir`` (with ``--set`` overrides), or a clear error."""
+def read_run_config(run_dir: Path, overrides: Sequence[str] = (), *, step: int | None = None) -> RunConfig:
+    """The config saved in ``run_dir`` (the one step ``step`` was trained with), with ``--set`` overrides."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise IlsegError(f"--run {run_dir}: no {CONFIG_FILE} there, so it is not an ilseg run folder")
+    if step is not None:
+        for from_step, data in reversed(read_history(run_dir)):
+            if from_step <= step:
+                return load_config_dict(data, overrides)
     return load_config(path, overrides)
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
-    """Create ``run_dir`` with its ``config.yaml``, or check that the run there is ``cfg``'s."""
+# Settings ``--resume --set`` may change: the optimisation (it applies from the step being resumed, which
+# restarts) and what only says where and how the run executes.
+RESUME_SETTABLE = ("optim.", "runtime.amp", "runtime.channels_last", "runtime.device", "runtime.backend",
+                   "runtime.collective_timeout_s", "runtime.tensorboard", "data.root", "data.workers",
+                   "data.cache_dir", "eval.batch_size")
+
+
+def resume_changes(old: RunConfig, new: RunConfig) -> list[str]:
+    """The keys ``new`` changes in ``old``; refuses those a resumed run cannot change."""
+    before, after = _flatten(old.to_dict()), _flatten(new.to_dict())
+    changed = [k for k in after if before.get(k) != after[k]]
+    refused = [k for k in changed if not k.startswith(RESUME_SETTABLE)]
+    if refused:
+        raise IlsegError(
+            f"--resume cannot change {', '.join(refused)}: it changes what the finished steps were trained on; "
+            f"start a new run (--out) instead. A resumed run may change: optim.*, {', '.join(RESUME_SETTABLE[1:])}"
+        )
+    return changed
+
+
+def read_history(run_dir: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``[(from_step, config dict), ...]``: the configs a run was trained with, oldest first (empty if one)."""
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    try:
+        entries = json.loads(path.read_text())
+        return [(int(e["from_step"]), dict(e["config"])) for e in entries]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise IlsegError(f"{path} cannot be read ({exc}); restore it from a backup or start a new run") from None
+
+
+def record_config_change(run_dir: Path, old: RunConfig, new: RunConfig, from_step: int, changed: list[str]) -> None:
+    """Keep ``old`` for the steps before ``from_step`` (``config-history.json``); ``new`` becomes ``config.yaml``."""
+    entries: list[dict[str, Any]] = [{"from_step": s, "config": c} for s, c in read_history(run_dir)] or [
+        {"from_step": 0, "config": old.to_dict(), "changed": [], "time": None}]
+    entries = [e for e in entries if e["from_step"] < from_step] + [
+        {"from_step": from_step, "config": new.to_dict(), "changed": changed, "time": time.strftime("%Y-%m-%d %H:%M:%S")}]
+    atomic_write_text(Path(run_dir) / HISTORY_FILE, json.dumps(entries, indent=1) + "\n")
+    atomic_write_text(Path(run_dir) / CONFIG_FILE, dump_config(new))
+
+
+def check_run_dir(cfg: RunConfig, run_dir: Path, todo: range, *, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything is created or read for long, what would lose or silently redo work.
+
+    * ``--out`` must be a folder: new, empty, or an ilseg run folder;
+    * a run folder must hold this config (``--resume`` reads it from there);
+    * without ``--resume``, the steps to train must not be finished or begun
+      there (running the same command twice does not retrain and overwrite
+      them): ``--resume`` continues, ``--overwrite`` starts the run over.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise IlsegError(f"--out {run_dir} is a file, not a folder; choose a folder for the run")
     saved = run_dir / CONFIG_FILE
-    if saved.is_file():
-        old = load_config(saved)
-        if old.hash() != cfg.hash():
-            diff = _differences(_flatten(old.to_dict()), _flatten(cfg.to_dict()))
-            raise IlsegError(
-                f"{run_dir} holds a run with another config ({'; '.join(diff) or 'name'}); "
-                "choose another --out, or use --resume to continue that run as it was configured"
-            )
-    elif resume:
-        raise IlsegError(f"--resume {run_dir}: no {CONFIG_FILE} there, so it is not an ilseg run folder")
-    elif run_dir.exists() and any(p for p in run_dir.iterdir() if not p.name.startswith(".")):
-        raise IlsegError(f"--out {run_dir} exists and is not an ilseg run folder; choose a new or empty folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
     if not saved.is_file():
+        if resume:
+            raise IlsegError(f"--resume {run_dir}: no {CONFIG_FILE} there, so it is not an ilseg run folder")
+        if run_dir.exists() and any(p for p in run_dir.iterdir() if not p.name.startswith(".")):
+            raise IlsegError(f"--out {run_dir} exists and is not an ilseg run folder; choose a new or empty folder")
+        return
+    if overwrite:
+        return
+    old = load_config(saved)
+    if old.hash() != cfg.hash() and not resume:
+        diff = _differences(_flatten(old.to_dict()), _flatten(cfg.to_dict()))
+        raise IlsegError(
+            f"{run_dir} holds a run with another config ({'; '.join(diff) or 'name'}); choose another --out, "
+            "use --resume to continue that run as it was configured, or --overwrite to start it over with this one"
+        )
+    if resume:
+        resume_changes(old, cfg)  # refuses a change the finished steps would contradict
+        return
+    begun = [t for t in todo if step_checkpoint(run_dir, t).is_file()]
+    last = _last_step(run_dir)
+    if last is not None and last in todo and last not in begun:
+        begun.append(last)
+    if begun:
+        raise IlsegError(
+            f"{run_dir} already holds step(s) {', '.join(map(str, sorted(begun)))} of this run; continue it with "
+            f"'ilseg train --resume {run_dir}', choose a new --out, or pass --overwrite to train it again from scratch"
+        )
+
+
+def create_run_dir(cfg: RunConfig, run_dir: Path, *, overwrite: bool) -> None:
+    """Make ``run_dir`` and write its ``config.yaml``; ``overwrite`` first removes the run's files.
+
+    Call with the run folder locked (:class:`RunLock`).  ``--overwrite``
+    removes every checkpoint, the results and the logs of the old run (never
+    other files), then writes this config.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / CONFIG_FILE
+    if overwrite and saved.is_file():
+        for path in run_files(run_dir):
+            path.unlink(missing_ok=True)
+    if overwrite or not saved.is_file():
         atomic_write_text(saved, dump_config(cfg))
+
+
+def run_files(run_dir: Path) -> list[Path]:
+    """What a run writes (checkpoints, results, logs, config history), for ``--overwrite``."""
+    names = ["last.pth", "results.json", "results.csv", "results.md", "train.log", "metrics.jsonl", HISTORY_FILE]
+    return [p for p in run_dir.glob("step*.pth") if p.stem[4:].isdigit()] + [run_dir / n for n in names]
+
+
+def remove_temporaries(run_dir: Path) -> list[Path]:
+    """Delete half-written files a killed process left (``.NAME.XXXX.tmp``, ``.stepT.pth.copy``).
+
+    Call with the run folder locked, so no live writer owns them.
+    """
+    leftovers = [p for p in run_dir.glob(".*") if p.is_file() and (p.name.endswith(".tmp") or p.name.endswith(".copy"))]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
+
+
+class RunLock:
+    """An exclusive lock on a run folder: ``RUN_DIR/.lock`` holding the owner's PID, host and start time.
+
+    A second ``ilseg train`` on the same folder is refused with the holder's
+    PID and host.  A lock left by a process that died (same host, PID not
+    running) is stale and taken over; one from another host cannot be checked
+    and is reported, with the file to delete if that job is gone.  Released
+    on exit (context manager); a SIGKILL leaves a stale lock, which the next
+    start detects.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.held = False
+        self.replaced_stale: dict[str, Any] | None = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if self._is_stale(holder):
+                    self.path.unlink(missing_ok=True)
+                    self.replaced_stale = holder
+                    continue
+                raise IlsegError(
+                    f"{self.path.parent} is in use by another ilseg process (PID {holder.get('pid')} on host "
+                    f"{holder.get('host')}, since {holder.get('started')}); wait for it to finish, or, if that "
+                    f"process is gone, delete {self.path}"
+                ) from None
+            except OSError as exc:
+                raise WriteError(write_failure(self.path, exc)) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f)
+            self.held = True
+            return
+        raise IlsegError(f"could not take the lock {self.path}; another process keeps recreating it")
+
+    def release(self) -> None:
+        if self.held and self._holder().get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    @staticmethod
+    def _is_stale(holder: Mapping[str, Any]) -> bool:
+        pid = holder.get("pid")
+        if not isinstance(pid, int) or holder.get("host") != socket.gethostname():
+            return not holder  # an empty or unreadable lock file: its writer died while writing it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, owned by another user
+            return False
+        return False
+
+
+def _last_step(run_dir: Path) -> int | None:
+    """The step recorded in ``last.pth`` (read lazily), or ``None``."""
+    path = last_checkpoint(run_dir)
+    if not path.is_file():
+        return None
+    step = read_checkpoint_entry(path, "step")
+    return step if isinstance(step, int) else None
+
+
+def read_checkpoint_entry(path: Path, key: str) -> Any:
+    """One entry of a checkpoint without reading its tensors (memory-mapped); ``None`` if unreadable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 (a corrupt file is reported where it is really loaded)
+        return None
+    return state.get(key) if isinstance(state, dict) else None
+
+
+def rebuild_results(run_dir: Path, results: dict[str, Any]) -> bool:
+    """Make ``results["steps"]`` agree with the step checkpoints (which hold the metrics); True if it changed.
+
+    A process killed after ``step{t}.pth`` was renamed into place but before
+    the results were rewritten leaves results without step t; rows of steps
+    without a checkpoint (removed, or never finished) are dropped.
+    """
+    rows = {s["step"]: s for s in results.get("steps", [])}
+    rebuilt = []
+    for step in finished_steps(run_dir):
+        metrics = read_checkpoint_entry(step_checkpoint(run_dir, step), "metrics")
+        if isinstance(metrics, dict):
+            row = rows.get(step)
+            rebuilt.append(row if row is not None and _same_scores(row, metrics) else dict(metrics))
+    changed = [s["step"] for s in rebuilt] != sorted(rows) or any(r is not rows.get(r["step"]) for r in rebuilt)
+    results["steps"] = rebuilt
+    return changed
+
+
+def _same_scores(row: Mapping[str, Any], metrics: Mapping[str, Any]) -> bool:
+    return all(row.get(k) == v for k, v in metrics.items())
 
 
 def checkpoint_identity(cfg: RunConfig, step: int, method: Method | None = None) -> dict[str, Any]:
@@ -159,6 +380,14 @@ def load_step_model(cfg: RunConfig, path: Path, step: int | None = None) -> tupl
 def training_task(cfg: RunConfig) -> Task:
     """The task ``cfg``'s method trains (one step of all classes for joint training)."""
     return build_method(cfg.method).training_task(cfg.build_task())
+
+
+def load_config_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
+    """A config from a saved dict (the history), with ``--set`` overrides."""
+    merged = dict(data)
+    for section, values in parse_overrides(overrides).items():
+        merged[section] = {**merged.get(section, {}), **values} if isinstance(values, dict) else values
+    return config_from_dict(merged)
 
 
 def _plain(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,15 @@ from ilseg.config import OptimConfig, RunConfig
 from ilseg.engine import distributed
 from ilseg.engine.checkpoint import load_checkpoint, save_checkpoint, training_state, check_compatible
 from ilseg.engine.data import TrainingData, eval_loader, training_data
-from ilseg.engine.loop import Precision, build_optimizer, evaluate, poly_schedule, train_one_epoch
+from ilseg.engine.loop import (
+    EpochProgress,
+    NonFiniteLoss,
+    Precision,
+    build_optimizer,
+    evaluate,
+    poly_schedule,
+    train_one_epoch,
+)
 from ilseg.engine.rundir import (
     checkpoint_identity,
     last_checkpoint,
@@ -31,7 +39,8 @@ from ilseg.engine.rundir import (
     step_checkpoint,
 )
 from ilseg.engine.runlog import RunLogger
-from ilseg.errors import IlsegError
+from ilseg.engine.signals import StopRequests, signal_name
+from ilseg.errors import IlsegError, Interrupted
 from ilseg.methods import Method, StepSetup
 from ilseg.metrics import mean_over_steps, segmentation_scores
 from ilseg.models import IncrementalSegmenter, convert_sync_batchnorm
@@ -52,6 +61,7 @@ class RunContext:
     precision: Precision
     log: RunLogger
     results: dict[str, Any]
+    stop: StopRequests = dataclasses.field(default_factory=StopRequests)
     progress: bool = True
 
 
@@ -102,19 +112,42 @@ def train_step(ctx: RunContext, step: int, resume: dict[str, Any] | None = None)
     data = training_data(ctx.cfg, ctx.train_task, step, setup.target_lut, dist=ctx.dist, progress=ctx.progress)
     opt = Optimisation.build(ctx.cfg, train_model, lr=lr, total_iters=epochs * len(data.loader),
                              precision=ctx.precision)
-    start_epoch, seconds = 0, 0.0
-    if resume is not None:
-        opt.restore(resume)
-        start_epoch, seconds = resume["epoch"] + 1, float(resume.get("train_seconds", 0.0))
-    log_step_start(ctx, step, data, epochs, start_epoch, lr)
-    for epoch in range(start_epoch, epochs):
-        seconds += train_epoch(ctx, step, epoch, epochs, train_model, setup, data, opt)
-        save_state(ctx, last_checkpoint(ctx.run_dir), setup.student, opt, step, epoch, epochs, seconds)
+    at = Position.of(resume, opt)
+    log_step_start(ctx, step, data, epochs, at)
+    for epoch in range(at.epoch, epochs):
+        progress = train_epoch(ctx, step, epoch, epochs, train_model, setup, data, opt, at)
+        finished = epoch if progress.finished else epoch - 1
+        partial = None if progress.finished else {"epoch": epoch, **progress.state()}
+        save_state(ctx, last_checkpoint(ctx.run_dir), setup.student, opt, step, finished, epochs, at.seconds,
+                   partial=partial)
+        if not progress.finished:
+            raise interrupted(ctx, step, epoch, epochs, progress.iterations, len(data.loader))
     scores = evaluate_step(ctx.cfg, ctx.task, ctx.train_task, setup.student, step, ctx.dist, ctx.precision)
-    entry = step_entry(ctx.train_task, step, scores, len(data.dataset), epochs, seconds)
-    save_state(ctx, step_checkpoint(ctx.run_dir, step), setup.student, opt, step, epochs - 1, epochs, seconds,
+    entry = step_entry(ctx.train_task, step, scores, len(data.dataset), epochs, at.seconds)
+    save_state(ctx, step_checkpoint(ctx.run_dir, step), setup.student, opt, step, epochs - 1, epochs, at.seconds,
                entry=entry, confusion_matrix=scores["confusion_matrix"])
     record_step(ctx, entry)
+
+
+@dataclasses.dataclass
+class Position:
+    """Where a step starts: the first epoch to train, an epoch stopped part-way, the time already spent."""
+
+    epoch: int = 0
+    partial: EpochProgress | None = None
+    seconds: float = 0.0
+
+    @classmethod
+    def of(cls, resume: dict[str, Any] | None, opt: Optimisation) -> Position:
+        """The start of the step, or where ``resume`` (a ``last.pth`` state) left it (optimiser restored)."""
+        if resume is None:
+            return cls()
+        opt.restore(resume)
+        partial = resume.get("partial")
+        seconds = float(resume.get("train_seconds", 0.0))
+        if partial:
+            return cls(epoch=int(partial["epoch"]), partial=EpochProgress.from_state(partial), seconds=seconds)
+        return cls(epoch=int(resume["epoch"]) + 1, seconds=seconds)
 
 
 def initial_model(ctx: RunContext, step: int) -> IncrementalSegmenter:
@@ -155,54 +188,84 @@ def place_models(ctx: RunContext, setup: StepSetup) -> nn.Module:
         find_unused_parameters=False)
 
 
-def log_step_start(ctx: RunContext, step: int, data: TrainingData, epochs: int, start_epoch: int, lr: float) -> None:
+def log_step_start(ctx: RunContext, step: int, data: TrainingData, epochs: int, at: Position) -> None:
     task = ctx.train_task
+    lr = step_recipe(ctx.cfg.optim, step)[1]
     ctx.log.info(f"step {step}: classes {[task.class_names[c] for c in task.new_classes(step)]}, "
                  f"{len(data.dataset)} training images, {epochs} epochs x {len(data.loader)} iterations, lr {lr:g}")
-    if start_epoch >= epochs:
+    if at.epoch >= epochs:
         ctx.log.info(f"step {step}: all {epochs} epochs were trained ({last_checkpoint(ctx.run_dir).name}); "
                      "evaluating them")
-    elif start_epoch > 0:
-        ctx.log.info(f"resuming step {step} after epoch {start_epoch}/{epochs}")
+    elif at.partial is not None:
+        ctx.log.info(f"resuming step {step} in epoch {at.epoch + 1}/{epochs} after iteration {at.partial.iterations}")
+    elif at.epoch > 0:
+        ctx.log.info(f"resuming step {step} after epoch {at.epoch}/{epochs}")
 
 
 def train_epoch(ctx: RunContext, step: int, epoch: int, epochs: int, train_model: nn.Module, setup: StepSetup,
-                data: TrainingData, opt: Optimisation) -> float:
-    """One epoch with a progress bar and its logged means; returns its wall time in seconds."""
+                data: TrainingData, opt: Optimisation, at: Position) -> EpochProgress:
+    """One epoch (or its rest) with a progress bar and its logged means; adds its wall time to ``at``."""
     # Every epoch's randomness is a function of (seed, step, epoch): a resumed
     # run draws exactly the crops and order an uninterrupted run would.
     seed_everything(ctx.cfg.runtime.seed + 1000 * step + epoch)
-    data.set_epoch(epoch)
-    bar = ctx.log.progress(len(data.loader), f"step {step} epoch {epoch + 1}/{epochs}")
+    partial = at.partial if epoch == at.epoch else None
+    done = partial.iterations if partial is not None else 0
+    data.set_epoch(epoch, skip=done)
+    bar = ctx.log.progress(len(data.loader) - done, f"step {step} epoch {epoch + 1}/{epochs}")
 
     def on_iteration(values: dict[str, float], lr: float) -> None:
         bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()} | {"lr": f"{lr:.2e}"}, refresh=False)
         bar.update()
 
     start = time.perf_counter()
-    means = train_one_epoch(model=train_model, teacher=setup.teacher, method=ctx.method, loader=data.loader,
-                            optimizer=opt.optimizer, scheduler=opt.scheduler, scaler=opt.scaler,
-                            precision=ctx.precision, step=step, on_iteration=on_iteration)
-    seconds = time.perf_counter() - start
-    bar.close()
-    lr = opt.optimizer.param_groups[0]["lr"]
-    ctx.log.scalars({"step": step, "epoch": epoch + 1, "lr": lr, **{f"train/{k}": v for k, v in means.items()}})
-    ctx.log.info(f"step {step} epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
-                 + f", lr {lr:.2e}")
-    return seconds
+    try:
+        progress = train_one_epoch(model=train_model, teacher=setup.teacher, method=ctx.method, loader=data.loader,
+                                   optimizer=opt.optimizer, scheduler=opt.scheduler, scaler=opt.scaler,
+                                   precision=ctx.precision, step=step, progress=partial,
+                                   should_stop=ctx.stop.requested, on_iteration=on_iteration)
+    except NonFiniteLoss as exc:
+        raise IlsegError(f"{exc}. {lower_lr_advice(ctx, step)}") from None
+    finally:
+        bar.close()
+    at.seconds += time.perf_counter() - start
+    if progress.finished:
+        means = progress.means()
+        lr = opt.optimizer.param_groups[0]["lr"]
+        ctx.log.scalars({"step": step, "epoch": epoch + 1, "lr": lr, **{f"train/{k}": v for k, v in means.items()}})
+        ctx.log.info(f"step {step} epoch {epoch + 1}/{epochs}: "
+                     + ", ".join(f"{k} {v:.4f}" for k, v in means.items()) + f", lr {lr:.2e}")
+    return progress
+
+
+def lower_lr_advice(ctx: RunContext, step: int) -> str:
+    """How to continue a run whose loss diverged: the same run, this step again, a lower learning rate."""
+    key = "lr" if step == 0 else "lr_next"
+    lr = getattr(ctx.cfg.optim, key)
+    fp16 = " (or use runtime.amp=bf16 instead of fp16)" if ctx.precision.amp == "fp16" else ""
+    return (f"Lower the learning rate{fp16} and train step {step} again, keeping the finished steps: "
+            f"ilseg train --resume {ctx.run_dir.resolve()} --set optim.{key}={lr / 10:g}")
+
+
+def interrupted(ctx: RunContext, step: int, epoch: int, epochs: int, done: int, total: int) -> Interrupted:
+    signum = ctx.stop.signal_number or 2
+    return Interrupted(
+        f"stopped by {signal_name(signum)} in step {step}, epoch {epoch + 1}/{epochs}, after iteration {done}/{total}; "
+        f"the state is saved in {last_checkpoint(ctx.run_dir)}. Continue with: "
+        f"ilseg train --resume {ctx.run_dir.resolve()}", signum)
 
 
 def save_state(ctx: RunContext, path: Path, model: nn.Module, opt: Optimisation, step: int, epoch: int,
                epochs: int, seconds: float, *, entry: dict[str, Any] | None = None,
-               confusion_matrix: list[list[int]] | None = None) -> None:
-    """Write ``last.pth`` or ``step{t}.pth`` on rank 0; every rank waits for it."""
-    if ctx.dist.is_main:
+               confusion_matrix: list[list[int]] | None = None, partial: dict[str, Any] | None = None) -> None:
+    """Write ``last.pth`` or ``step{t}.pth`` on rank 0; every rank waits for it (and gets its error)."""
+    def write() -> None:
         save_checkpoint(path, training_state(
             model=model, optimizer=opt.optimizer, scheduler=opt.scheduler, scaler=opt.scaler, step=step,
             epoch=epoch, epochs=epochs, train_seconds=round(seconds, 2),
             identity=checkpoint_identity(ctx.cfg, step, ctx.method), config=ctx.cfg.to_dict(),
-            metrics=entry, confusion_matrix=confusion_matrix))
-    distributed.barrier()
+            metrics=entry, confusion_matrix=confusion_matrix, partial=partial))
+
+    distributed.on_main(write)
 
 
 def evaluate_step(cfg: RunConfig, task: Task, train_task: Task, model: nn.Module, step: int,
