@@ -133,8 +133,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.run:
         run_dir = Path(args.run)
-        cfg = read_run_config(run_dir, args.set)
+        read_run_config(run_dir)  # one clear error if it is not a run folder
         step = last_finished_step(run_dir) if args.step is None else args.step
+        cfg = read_run_config(run_dir, args.set, step=step)  # the settings that step was trained with
         ckpt = step_checkpoint(run_dir, step)
     elif args.checkpoint:
         if not args.config:

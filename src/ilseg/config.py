@@ -23,6 +23,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -247,8 +249,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = _float_or_none(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise IlsegError(f"config key {key!r}: {value!r} is not a finite number")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -256,6 +261,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, Mapping):
             return _build(tp, value, key)
     raise IlsegError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _float_or_none(value: Any) -> float | None:
+    """``value`` as a float if it is a number or a number's text, else ``None``.
+
+    PyYAML follows YAML 1.1, which reads ``1e-3`` (no dot) as a *string*; people
+    write learning rates that way, so such strings are accepted where a float is
+    expected.  ``inf`` and ``nan`` are floats too, refused by the caller.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+        return float(value)
+    return None
 
 
 def _build(cls: type, data: Mapping[str, Any], prefix: str, base: Any = None) -> Any:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -106,10 +107,10 @@ def read_image(path: str | os.PathLike[str], *, fix: str = _IMAGE_FIX) -> np.nda
         return np.array(img, dtype=np.uint8)
 
 
-def image_size(path: str | os.PathLike[str], what: str = "image") -> tuple[int, int]:
+def image_size(path: str | os.PathLike[str], what: str = "image", *, fix: str | None = None) -> tuple[int, int]:
     """``(height, width)`` from the file's header, without decoding its pixels."""
     path = Path(path)
-    with _open(path, what, _IMAGE_FIX if what == "image" else _MASK_FIX) as img:
+    with _open(path, what, fix or (_IMAGE_FIX if what == "image" else _MASK_FIX)) as img:
         return img.size[1], img.size[0]
 
 
@@ -176,8 +177,8 @@ def read_mask(
     return read_mask_and_counts(path, num_classes, image_size=image_size)[0]
 
 
-def write_mask_png(path: str | os.PathLike[str], mask: np.ndarray) -> None:
-    """Write an ``HxW`` ``uint8`` label mask as a palette PNG with the VOC colours.
+def write_mask_png(path: str | os.PathLike[str] | BinaryIO, mask: np.ndarray) -> None:
+    """Write an ``HxW`` ``uint8`` label mask as a palette PNG with the VOC colours (to a path or a binary file).
 
     The palette indices are the labels, so :func:`read_mask` gives ``mask``
     back exactly.
@@ -191,7 +192,7 @@ def write_mask_png(path: str | os.PathLike[str], mask: np.ndarray) -> None:
         mask = mask.astype(np.uint8)
     img = Image.fromarray(np.ascontiguousarray(mask))  # mode "L"
     img.putpalette(palette())  # turns it into a "P" image with the same indices
-    img.save(Path(path), format="PNG")
+    img.save(path if hasattr(path, "write") else Path(path), format="PNG")
 
 
 def colorize(mask: np.ndarray) -> np.ndarray:

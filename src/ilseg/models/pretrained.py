@@ -232,7 +232,10 @@ def _read_state_dict(path: Path) -> StateDict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, pickle with arbitrary objects, ...
-        raise IlsegError(f"{path} is not a readable PyTorch checkpoint ({exc})") from exc
+        reason = "it holds Python objects, not only tensors" if "weights_only" in str(exc) else \
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}"
+        raise IlsegError(f"pretrained weights file {path} is not a weights file ({reason}); give a state dict saved "
+                         "with torch.save (torchvision's or InPlace-ABN's ImageNet ResNet checkpoint)") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj:
