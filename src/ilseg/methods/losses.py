@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -71,8 +72,7 @@ def cross_entropy(
     """
     total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
     if reduction == "valid":
-        count = (target != ignore_index).sum().clamp_min(1)
-        return total / count
+        return total / per_process_share((target != ignore_index).sum())
     if reduction == "all":
         return total / max(target.numel(), 1)
     raise ValueError(f"unknown cross-entropy reduction {reduction!r}; use 'valid' or 'all'")
@@ -118,8 +118,27 @@ def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
         return values.mean()
     if mask.shape != values.shape:
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the pixels {tuple(values.shape)}")
-    mask = mask.to(dtype=values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1)
+    return (values * mask.to(dtype=values.dtype)).sum() / per_process_share(mask.sum())
+
+
+def per_process_share(count: Tensor) -> Tensor:
+    """The denominator that makes a per-process mean exact under DistributedDataParallel.
+
+    A mean over a data-dependent set of pixels (the non-ignored ones, the
+    old-class ones) divides by this process's count; DDP then averages the
+    processes' gradients, which weights each process's pixels by 1 / its own
+    count instead of 1 / the global count.  Dividing by ``global count / W``
+    instead (one all-reduce of a scalar) makes the averaged gradient, and the
+    logged loss averaged over processes, exactly those of one process on the
+    whole batch.  Without a process group this is ``count`` itself; at least 1.
+    """
+    count = count.detach().to(torch.float32)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+        return count.clamp_min(1.0 / dist.get_world_size())
+    return count.clamp_min(1)
 
 
 def kd_mib(
