@@ -1,0 +1,203 @@
+"""Killed, stopped or diverged runs continue to exactly what an uninterrupted run gives.
+
+The kills are real: a child process running ``ilseg train`` SIGKILLs itself at
+a chosen point (no ``finally`` runs, the lock and half-written files stay
+behind), then ``ilseg train --resume`` finishes the run, and every step's
+weights and scores are compared with those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import ilseg
+from ilseg.cli import main
+from ilseg.data.synth import generate_synth
+
+TINY = [
+    "model.width=8", "model.head_channels=8", "model.output_stride=16",
+    "optim.batch_size=4", "optim.epochs=2", "optim.epochs_next=2",
+    "data.crop_size=32", "data.workers=0", "eval.batch_size=16", "method.name=ilt",
+]
+
+# Runs ``ilseg train ARGS`` after arranging for this process to die (SIGKILL) or
+# be asked to stop (SIGTERM) at the point named by ILSEG_TEST_FAULT.
+_FAULTY_TRAIN = textwrap.dedent('''
+    import os, signal, sys
+    import torch
+    from ilseg.cli import main
+    from ilseg.engine import step as step_mod
+    from ilseg.methods import Method
+
+    fault = os.environ["ILSEG_TEST_FAULT"]
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    calls = {"batch": 0, "save": 0}
+    real_call, real_save = Method.__call__, torch.save
+    real_eval, real_record, real_initial = step_mod.evaluate_step, step_mod.record_step, step_mod.initial_model
+
+    def method_call(self, student, teacher, target, step):
+        if step == 1:
+            calls["batch"] += 1
+            if fault == "mid-epoch" and calls["batch"] == 7:  # step 1, epoch 2, iteration 3 of 4
+                die()
+            if fault == "sigterm" and calls["batch"] == 6:
+                os.kill(os.getpid(), signal.SIGTERM)  # the loop finishes this iteration, saves, stops
+        return real_call(self, student, teacher, target, step)
+
+    def save(obj, f, *args, **kwargs):
+        last_of_step1 = isinstance(obj, dict) and obj.get("step") == 1 and "metrics" not in obj  # last.pth
+        if fault == "epoch-checkpoint-write" and last_of_step1:
+            f.write(b"half a checkpoint")
+            f.flush()
+            die()
+        return real_save(obj, f, *args, **kwargs)
+
+    def evaluate(cfg, task, train_task, model, step, *args):
+        if fault == "evaluation" and step == 1:
+            die()
+        return real_eval(cfg, task, train_task, model, step, *args)
+
+    def record(ctx, entry):
+        if fault == "after-step-checkpoint" and entry["step"] == 1:
+            die()  # step1.pth is in place, the results do not have step 1 yet
+        return real_record(ctx, entry)
+
+    def initial(ctx, step):
+        if fault == "between-steps" and step == 2:
+            die()
+        return real_initial(ctx, step)
+
+    Method.__call__ = method_call
+    torch.save = save
+    step_mod.evaluate_step, step_mod.record_step, step_mod.initial_model = evaluate, record, initial
+    raise SystemExit(main(sys.argv[1:]))
+''')
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    generate_synth(root, seed=3, num_images=60, size=32, workers=1)
+    return root
+
+
+def _train_args(root: Path, cache: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--config", "synth-demo", "--quiet", "--set", f"data.root={root}", f"data.cache_dir={cache}",
+            *TINY, *extra, "--out", str(out)]
+
+
+def _child(args: list[str], fault: str, script: Path) -> subprocess.CompletedProcess:
+    src = str(Path(ilseg.__file__).resolve().parents[1])
+    env = dict(os.environ, ILSEG_TEST_FAULT=fault, PYTHONPATH=src)
+    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("faults") / "faulty_train.py"
+    path.write_text(_FAULTY_TRAIN)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(synth_root, script, tmp_path_factory) -> Path:
+    """An uninterrupted run, in a child process like the interrupted ones."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    done = _child(_train_args(synth_root, out.parent / "cache", out), "none", script)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def _same_run(a: Path, b: Path) -> None:
+    for step in (0, 1, 2):
+        wa, wb = _weights(a / f"step{step}.pth"), _weights(b / f"step{step}.pth")
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), (b.name, step)
+    ra, rb = (json.loads((run / "results.json").read_text()) for run in (a, b))
+    scores = lambda r: [{k: v for k, v in s.items() if k != "train_seconds"} for s in r["steps"]]
+    assert scores(rb) == scores(ra)
+    assert rb["mean_miou_over_steps"] == ra["mean_miou_over_steps"]
+
+
+@pytest.mark.parametrize("fault", ["mid-epoch", "epoch-checkpoint-write", "evaluation", "after-step-checkpoint",
+                                   "between-steps"])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(fault, synth_root, script, reference, tmp_path):
+    out = tmp_path / "run"
+    killed = _child(_train_args(synth_root, tmp_path / "cache", out), fault, script)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (out / ".lock").is_file()  # the dead process could not release it
+    if fault == "epoch-checkpoint-write":
+        assert list(out.glob(".last.pth.*.tmp"))  # the half-written file it left
+    if fault == "after-step-checkpoint":
+        assert (out / "step1.pth").is_file()
+        assert [s["step"] for s in json.loads((out / "results.json").read_text())["steps"]] == [0]
+    resumed = _child(["train", "--resume", str(out), "--quiet"], "none", script)
+    assert resumed.returncode == 0, resumed.stderr
+    _same_run(reference, out)
+    assert not (out / ".lock").exists()
+    assert not [p for p in out.iterdir() if p.name.endswith((".tmp", ".copy"))]
+    trained = (out / "train.log").read_text()
+    if fault in ("evaluation", "after-step-checkpoint"):  # nothing of step 1 is trained twice
+        assert trained.count("step 1 epoch 2/2") == 1
+
+
+def test_sigterm_stops_at_the_next_iteration_and_resumes_there(synth_root, script, reference, tmp_path):
+    out = tmp_path / "run"
+    stopped = _child(_train_args(synth_root, tmp_path / "cache", out), "sigterm", script)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    lines = [line for line in stopped.stderr.splitlines() if line.startswith("ilseg:")]
+    assert len(lines) == 1 and "SIGTERM" in lines[0] and "Traceback" not in stopped.stderr
+    assert f"ilseg train --resume {out.resolve()}" in lines[0]
+    last = torch.load(out / "last.pth", weights_only=True)
+    assert last["step"] == 1 and last["partial"]["epoch"] == 1 and last["partial"]["iterations"] == 2
+    assert not (out / ".lock").exists()  # a clean stop releases the lock
+    command = lines[0].split("Continue with: ", 1)[1]
+    resumed = _child(shlex.split(command)[1:] + ["--quiet"], "none", script)
+    assert resumed.returncode == 0, resumed.stderr
+    _same_run(reference, out)
+    # the interrupted epoch's logged means are those of the whole epoch
+    means = lambda run: [(e["step"], e["epoch"], e["train/loss"])
+                         for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                         if "train/loss" in e]
+    assert means(out) == means(reference)
+
+
+def test_following_the_non_finite_loss_advice_finishes_the_run(synth_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = _train_args(synth_root, tmp_path / "cache", out, "method.name=finetune", "optim.lr_next=1e6",
+                       "optim.epochs_next=1")
+    code = main(args)
+    for _ in range(8):  # follow each piece of advice as a user would, until the run finishes
+        err = capsys.readouterr().err
+        if code == 0:
+            break
+        assert code == 2 and "non-finite" in err and "Traceback" not in err
+        advice = err.strip().split("keeping the finished steps: ", 1)[1]
+        argv = shlex.split(advice)
+        assert argv[:3] == ["ilseg", "train", "--resume"] and argv[3] == str(out.resolve())
+        code = main(argv[1:] + ["--quiet"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [s["step"] for s in results["steps"]] == [0, 1, 2]
+    history = json.loads((out / "config-history.json").read_text())
+    assert history[0]["config"]["optim"]["lr_next"] == 1e6 and history[-1]["from_step"] == 1
+    assert history[-1]["config"]["optim"]["lr_next"] < 1e6
+    assert history[-1]["changed"] == ["optim.lr_next"]
+    # step 0 was kept, and the finished steps still load and evaluate under the settings they were trained with
+    assert main(["eval", "--run", str(out), "--step", "0", "--json"]) == 0
+    assert main(["eval", "--run", str(out), "--step", "2", "--json"]) == 0
