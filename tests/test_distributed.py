@@ -309,3 +309,38 @@ def test_a_bad_mask_seen_by_rank_0_ends_every_rank(synth_root, tmp_path):
     # only rank 0 read the masks (rank 1 receives the image list, or here the error, from it) and printed it
     errors = [line for line in done.stderr.splitlines() if line.startswith("ilseg: error")]
     assert len(errors) == 1 and errors[0].startswith("ilseg: error: cannot read mask") and f"{first}.png" in errors[0]
+
+
+_DYING_RANK = """\
+import os, signal, sys
+from ilseg.cli import main
+from ilseg.methods import Method
+
+real = Method.__call__
+calls = {"n": 0}
+
+def die_on_rank_1(self, *args, **kwargs):
+    calls["n"] += 1
+    if os.environ["RANK"] == "1" and calls["n"] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # no message, no cleanup: a crashed or OOM-killed process
+    return real(self, *args, **kwargs)
+
+Method.__call__ = die_on_rank_1
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_rank_ends_the_job_with_one_ilseg_line(synth_root, tmp_path):
+    script = tmp_path / "dying_rank.py"
+    script.write_text(_DYING_RANK)
+    out = tmp_path / "run"
+    sets = _sets(synth_root, tmp_path / "cache", "runtime.collective_timeout_s=300")
+    done, seconds = torchrun(["train", "--config", "synth-demo", *_set_args(sets), "--steps", "0", "--quiet",
+                              "--out", str(out)], script=script)
+    assert done.returncode != 0 and seconds < 60
+    ours = [line for line in done.stderr.splitlines() if line.startswith("ilseg:")]
+    assert len(ours) == 1, done.stderr
+    assert ours[0].startswith("ilseg: error: another process of this job stopped")
+    assert f"ilseg train --resume {out.resolve()}" in ours[0]
+    # and rank 0's own traceback is gone: the first lines of the output are ours or torchrun's summary
+    assert "Traceback" not in done.stderr.split("ilseg: error", 1)[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -310,9 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except RuntimeError as exc:
         if world > 1 and _is_collective_failure(exc):
+            cause = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0]).split(". ")[0][:160]
             print(f"ilseg: error{where}: another process of this job stopped, so this one cannot go on "
-                  f"({str(exc).strip().splitlines()[0][:160]}); its own message says why. {_resume_hint(args)}",
-                  file=sys.stderr)
+                  f"({cause}); that process's own output says why; {_resume_hint(args)}", file=sys.stderr)
             return 2
         raise
 
