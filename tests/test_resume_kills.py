@@ -201,3 +201,42 @@ def test_following_the_non_finite_loss_advice_finishes_the_run(synth_root, tmp_p
     # step 0 was kept, and the finished steps still load and evaluate under the settings they were trained with
     assert main(["eval", "--run", str(out), "--step", "0", "--json"]) == 0
     assert main(["eval", "--run", str(out), "--step", "2", "--json"]) == 0
+
+
+def test_changed_optimisation_restarts_the_unfinished_step_and_a_moved_dataset_does_not(synth_root, tmp_path,
+                                                                                         monkeypatch, capsys):
+    from ilseg.engine import step as step_mod
+
+    out = tmp_path / "run"
+    real = step_mod.train_one_epoch
+    calls = {"n": 0}
+
+    def stop_in_step1_epoch2(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # step 0: 2 epochs; step 1: interrupted in its second epoch
+            raise KeyboardInterrupt
+        return real(**kwargs)
+
+    monkeypatch.setattr(step_mod, "train_one_epoch", stop_in_step1_epoch2)
+    assert main(_train_args(synth_root, tmp_path / "cache", out)) == 130
+    assert torch.load(out / "last.pth", weights_only=True)["step"] == 1  # step 1's first epoch is saved
+    monkeypatch.setattr(step_mod, "train_one_epoch", real)
+    capsys.readouterr()
+
+    assert main(["train", "--resume", str(out), "--set", "optim.lr_next=0.0001", "--quiet"]) == 0
+    log = (out / "train.log").read_text()
+    assert "settings changed from step 1 on" in log
+    assert log.count("step 1 epoch 1/2") == 2  # step 1 started again with the new learning rate
+    history = json.loads((out / "config-history.json").read_text())
+    assert [e["from_step"] for e in history] == [0, 1]
+    assert [e["config"]["optim"]["lr_next"] for e in history] == [0.0004, 0.0001]  # the preset's, then the new
+    assert torch.load(out / "step1.pth", weights_only=True)["identity"]["optim.lr_next"] == 0.0001
+
+    moved = tmp_path / "moved-data"
+    moved.symlink_to(synth_root, target_is_directory=True)
+    assert main(["train", "--resume", str(out), "--set", f"data.root={moved}", "--quiet"]) == 0
+    history = json.loads((out / "config-history.json").read_text())
+    assert [e["from_step"] for e in history] == [0, 1]  # no new era: where the data is changes no step
+    assert all(e["config"]["data"]["root"] == str(moved) for e in history)
+    assert "step 2 already complete" in (out / "train.log").read_text()
+    assert main(["eval", "--run", str(out), "--step", "0", "--json"]) == 0  # step 0: old lr, new root

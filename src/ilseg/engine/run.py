@@ -119,8 +119,7 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, lock: RunLock, todo: range, *, o
         return None
     done = set(finished_steps(run_dir))
     from_step = next((t for t in todo if t not in done), todo.stop)
-    record_config_change(run_dir, old, cfg, from_step, changed)
-    return from_step
+    return from_step if record_config_change(run_dir, old, cfg, from_step, changed) else None
 
 
 def run_steps(ctx: RunContext, todo: range, *, resume: bool, restart: int | None,
@@ -136,7 +135,7 @@ def run_steps(ctx: RunContext, todo: range, *, resume: bool, restart: int | None
         distributed.on_main(lambda: write_results(ctx.run_dir, ctx.results))
     if restart is not None:
         ctx.log.info(f"settings changed from step {restart} on ({ctx.run_dir / HISTORY_FILE}); it starts again")
-    resume_state = read_resume_state(ctx) if resume else None
+    resume_state = read_resume_state(ctx, restart) if resume else None
     for step in todo:
         if ctx.stop.requested():
             raise Interrupted(f"stopped by {signal_name(ctx.stop.signal_number or 2)} before step {step}; continue "
@@ -146,7 +145,7 @@ def run_steps(ctx: RunContext, todo: range, *, resume: bool, restart: int | None
         elif step == 0 and init_from is not None:
             adopt_step0(ctx, Path(init_from))
         else:
-            same_step = resume_state is not None and resume_state["step"] == step and step != restart
+            same_step = resume_state is not None and resume_state["step"] == step
             train_step(ctx, step, resume_state if same_step else None)
     ctx.log.info("results: " + json.dumps({s["step"]: s["miou_all"] for s in ctx.results["steps"]}))
     return ctx.results
@@ -190,13 +189,19 @@ def new_results(cfg: RunConfig, method: Method) -> dict[str, Any]:
     }
 
 
-def read_resume_state(ctx: RunContext) -> dict[str, Any] | None:
-    """``last.pth`` of this run, checked against the config its step was trained with; ``None`` if absent."""
+def read_resume_state(ctx: RunContext, restart: int | None) -> dict[str, Any] | None:
+    """``last.pth`` of this run, checked against the config its step was trained with.
+
+    ``None`` if there is none, or if it belongs to a step that starts again
+    (``restart`` and later: trained with settings that changed).
+    """
     path = last_checkpoint(ctx.run_dir)
     if not path.is_file():
         return None
     state = load_checkpoint(path)
     step = state.get("step", -1)
+    if restart is not None and isinstance(step, int) and step >= restart:
+        return None
     cfg = read_run_config(ctx.run_dir, step=step) if isinstance(step, int) and step >= 0 else ctx.cfg
     check_compatible(state, checkpoint_identity(cfg, step, build_method(cfg.method)), path)
     return state

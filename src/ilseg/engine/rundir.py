@@ -115,14 +115,35 @@ def read_history(run_dir: Path) -> list[tuple[int, dict[str, Any]]]:
         raise IlsegError(f"{path} cannot be read ({exc}); restore it from a backup or start a new run") from None
 
 
-def record_config_change(run_dir: Path, old: RunConfig, new: RunConfig, from_step: int, changed: list[str]) -> None:
-    """Keep ``old`` for the steps before ``from_step`` (``config-history.json``); ``new`` becomes ``config.yaml``."""
+# Of those, the settings that change how a step trains: the step being resumed starts again with them.
+RESUME_RESTARTS = ("optim.", "runtime.amp")
+
+
+def record_config_change(run_dir: Path, old: RunConfig, new: RunConfig, from_step: int,
+                         changed: list[str]) -> bool:
+    """Make ``new`` the run's config; return whether step ``from_step`` must start again.
+
+    Settings that only say where and how the run executes (``data.root``,
+    workers, device, ...) apply to every step, past ones included.  Settings
+    that change training (:data:`RESUME_RESTARTS`) apply from ``from_step``
+    on: ``config-history.json`` keeps the config each earlier step was trained
+    with, so its checkpoint is still checked against its own settings.
+    """
     entries: list[dict[str, Any]] = [{"from_step": s, "config": c} for s, c in read_history(run_dir)] or [
-        {"from_step": 0, "config": old.to_dict(), "changed": [], "time": None}]
-    entries = [e for e in entries if e["from_step"] < from_step] + [
-        {"from_step": from_step, "config": new.to_dict(), "changed": changed, "time": time.strftime("%Y-%m-%d %H:%M:%S")}]
+        {"from_step": 0, "config": old.to_dict()}]
+    new_plain, flat_new = new.to_dict(), _flatten(new.to_dict())
+    everywhere = [k for k in changed if not k.startswith(RESUME_RESTARTS)]
+    for entry in entries:  # where the data is, how many workers...: true of every step
+        for key in everywhere:
+            section, name = key.split(".", 1)
+            entry["config"][section][name] = flat_new[key]
+    restart = len(everywhere) < len(changed)
+    if restart:
+        entries = [e for e in entries if e["from_step"] < from_step] + [{"from_step": from_step, "config": new_plain}]
+    entries[-1] |= {"changed": changed, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic_write_text(Path(run_dir) / HISTORY_FILE, json.dumps(entries, indent=1) + "\n")
     atomic_write_text(Path(run_dir) / CONFIG_FILE, dump_config(new))
+    return restart
 
 
 def check_run_dir(cfg: RunConfig, run_dir: Path, todo: range, *, resume: bool, overwrite: bool) -> None:
