@@ -344,3 +344,34 @@ def test_a_killed_rank_ends_the_job_with_one_ilseg_line(synth_root, tmp_path):
     assert f"ilseg train --resume {out.resolve()}" in ours[0]
     # and rank 0's own traceback is gone: the first lines of the output are ours or torchrun's summary
     assert "Traceback" not in done.stderr.split("ilseg: error", 1)[0]
+
+
+_FROZEN_RANK = """\
+import os, sys, time
+from ilseg.cli import main
+from ilseg.methods import Method
+
+real = Method.__call__
+
+def freeze_rank_1(self, *args, **kwargs):
+    if os.environ["RANK"] == "1":
+        time.sleep(20)  # stuck (a hung file system, a GPU fault): no message, no exit
+    return real(self, *args, **kwargs)
+
+Method.__call__ = freeze_rank_1
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_ends_the_job_after_the_collective_timeout(synth_root, tmp_path):
+    script = tmp_path / "frozen_rank.py"
+    script.write_text(_FROZEN_RANK)
+    out = tmp_path / "run"
+    sets = _sets(synth_root, tmp_path / "cache", "runtime.collective_timeout_s=4")
+    done, seconds = torchrun(["train", "--config", "synth-demo", *_set_args(sets), "--steps", "0", "--quiet",
+                              "--out", str(out)], script=script)
+    assert done.returncode != 0
+    assert seconds < 45  # the 4 s timeout, the frozen process's sleep, torchrun's shutdown: not 600 s
+    ours = [line for line in done.stderr.splitlines() if line.startswith("ilseg:")]
+    assert ours and ours[0].startswith("ilseg: error: another process of this job stopped"), done.stderr

@@ -312,8 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         if world > 1 and _is_collective_failure(exc):
             cause = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0]).split(". ")[0][:160]
-            print(f"ilseg: error{where}: another process of this job stopped, so this one cannot go on "
-                  f"({cause}); that process's own output says why; {_resume_hint(args)}", file=sys.stderr)
+            print(f"ilseg: error{where}: another process of this job stopped or stopped responding, so this one "
+                  f"cannot go on ({cause}); that process's own output says why; {_resume_hint(args)}", file=sys.stderr)
             return 2
         raise
 
