@@ -112,3 +112,17 @@ def _create_beside(path: Path) -> tuple[int, Path]:
         except FileExistsError:
             continue
     raise FileExistsError(f"could not create a temporary file beside {path}")
+
+
+def load_failure(exc: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in a few words and without torch's advice.
+
+    torch wraps every refusal in a text that suggests ``weights_only=False``
+    (which would run code from the file): that advice is never repeated.
+    """
+    text = str(exc)
+    if "Unsupported global" in text or "not an allowed global" in text:
+        return "it holds Python objects, not only tensors; ilseg never loads such files"
+    if isinstance(exc, (OSError, EOFError)) and "Weights only load failed" not in text:
+        return f"{type(exc).__name__}: {text.strip().splitlines()[0][:160]}" if text.strip() else type(exc).__name__
+    return "not a PyTorch tensor file, or a truncated or corrupt one"

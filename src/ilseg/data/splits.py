@@ -177,6 +177,7 @@ def step_image_indices(
     workers: int = 0,
     index_file: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    allow_empty_index: bool = False,
 ) -> list[int]:
     """Indices into ``dataset`` of the images step ``step`` trains on.
 
@@ -193,7 +194,7 @@ def step_image_indices(
     if task.dataset != dataset.name:
         raise IlsegError(f"task {task.dataset}/{task.name} does not belong to dataset {dataset.name!r}")
     if index_file is not None:
-        return load_index_file(index_file, dataset)
+        return load_index_file(index_file, dataset, allow_empty=allow_empty_index)
 
     pkey = presence_key(dataset)
     key = _hash({"presence": pkey, "task": _task_key(task), "mode": mode})
@@ -210,12 +211,16 @@ def step_image_indices(
     return steps[step]
 
 
-def load_index_file(path: str | os.PathLike[str], dataset: SegmentationDataset) -> list[int]:
+def load_index_file(path: str | os.PathLike[str], dataset: SegmentationDataset, *,
+                    allow_empty: bool = False) -> list[int]:
     """Read a per-step image list for ``dataset``.
 
     Formats: ``.npy`` - integer array of indices into the split (MiB's
     ADE20k lists); ``.json`` - a list of indices or of image ids; any other
     extension (``.txt``) - image ids, one per line.
+
+    ``allow_empty``: an empty list is returned instead of refused (the
+    engine then says which step has no images).
 
     Raises:
         IlsegError: missing/unreadable file, non-integer, negative, out of
@@ -261,7 +266,7 @@ def load_index_file(path: str | os.PathLike[str], dataset: SegmentationDataset) 
             indices.append(entry)
     if len(set(indices)) != len(indices):
         raise IlsegError(f"index file {path} lists some images more than once")
-    if not indices:
+    if not indices and not allow_empty:
         raise IlsegError(f"index file {path} is empty")
     return indices
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ilseg.errors import IlsegError
-from ilseg.fileio import atomic_write_bytes
+from ilseg.fileio import atomic_write_bytes, load_failure
 
 FORMAT_VERSION = 2  # 2: identity lists every setting that shaped the weights
 
@@ -36,8 +36,8 @@ def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt, truncated, or not a torch file
         raise IlsegError(
-            f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            "it is corrupt or not an ilseg checkpoint: delete it and train that step again"
+            f"checkpoint {path} cannot be read ({load_failure(exc)}); it is corrupt or not an ilseg "
+            "checkpoint: delete it and train that step again"
         ) from None
     if not isinstance(state, dict) or "model" not in state or "format_version" not in state:
         raise IlsegError(f"checkpoint {path} is not an ilseg checkpoint (no 'model' / 'format_version' entry)")

@@ -49,7 +49,7 @@ def training_data(cfg: RunConfig, task: Task, step: int, target_lut: np.ndarray,
 
     def image_list() -> list[int]:
         indices = step_image_indices(ds, task, step, mode, cache_dir=data.cache_dir, workers=data.workers,
-                                     index_file=index_file, progress=progress)
+                                     index_file=index_file, progress=progress, allow_empty_index=True)
         if not indices:
             raise IlsegError(
                 f"step {step} of {task.dataset} {task.name} ({mode}) has no training image: no image in "
@@ -86,7 +86,7 @@ def check_data(cfg: RunConfig, task: Task, steps: range, *, progress: bool) -> N
     for step in steps:
         index_file = data.index_file.replace("{step}", str(step)) if data.index_file else None
         indices = step_image_indices(train, task, step, mode, cache_dir=data.cache_dir, workers=data.workers,
-                                     index_file=index_file, progress=progress)
+                                     index_file=index_file, progress=progress, allow_empty_index=True)
         classes = [task.class_names[c] for c in task.new_classes(step)]
         if not indices:
             raise IlsegError(f"step {step} of {task.dataset} {task.name} ({mode}) has no training image: no image "

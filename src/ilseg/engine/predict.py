@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ilseg.data.io import PHOTO_FIX, image_size, overlay, read_image, write_mask_png
+from ilseg.data.io import PHOTO_FIX, overlay, read_image, write_mask_png
 from ilseg.data.transforms import eval_transform
 from ilseg.engine.loop import resolve_device
 from ilseg.engine.rundir import last_finished_step, load_step_model, read_run_config, step_checkpoint, training_task
@@ -40,8 +40,8 @@ def predict_images(run_dir: Path, images: Sequence[str | Path], out_dir: Path, *
     if out_dir.exists() and not out_dir.is_dir():
         raise IlsegError(f"--out {out_dir} is a file, not a folder; give a folder for the masks and overlays")
     photos = [Path(p) for p in images]
-    for path in photos:  # every input is checked before anything is written
-        image_size(path, fix=PHOTO_FIX)
+    for path in photos:  # every input is decoded once before anything is written
+        read_image(path, fix=PHOTO_FIX)
     written = []
     for path in photos:
         rgb = read_image(path, fix=PHOTO_FIX)

@@ -46,6 +46,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from ilseg.errors import IlsegError
+from ilseg.fileio import load_failure
 
 logger = logging.getLogger(__name__)
 
@@ -232,8 +233,7 @@ def _read_state_dict(path: Path) -> StateDict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, pickle with arbitrary objects, ...
-        reason = "it holds Python objects, not only tensors" if "weights_only" in str(exc) else \
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}"
+        reason = load_failure(exc)
         raise IlsegError(f"pretrained weights file {path} is not a weights file ({reason}); give a state dict saved "
                          "with torch.save (torchvision's or InPlace-ABN's ImageNet ResNet checkpoint)") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
