@@ -55,8 +55,10 @@ _FAULTY_TRAIN = textwrap.dedent('''
         return real_call(self, student, teacher, target, step)
 
     def save(obj, f, *args, **kwargs):
-        last_of_step1 = isinstance(obj, dict) and obj.get("step") == 1 and "metrics" not in obj  # last.pth
-        if fault == "epoch-checkpoint-write" and last_of_step1:
+        of_step1 = isinstance(obj, dict) and obj.get("step") == 1
+        final = of_step1 and "metrics" in obj  # step1.pth, else last.pth
+        if (fault == "epoch-checkpoint-write" and of_step1 and not final) or (
+                fault == "step-checkpoint-write" and final):
             f.write(b"half a checkpoint")
             f.flush()
             die()
@@ -134,8 +136,8 @@ def _same_run(a: Path, b: Path) -> None:
     assert rb["mean_miou_over_steps"] == ra["mean_miou_over_steps"]
 
 
-@pytest.mark.parametrize("fault", ["mid-epoch", "epoch-checkpoint-write", "evaluation", "after-step-checkpoint",
-                                   "between-steps"])
+@pytest.mark.parametrize("fault", ["mid-epoch", "epoch-checkpoint-write", "evaluation", "step-checkpoint-write",
+                                   "after-step-checkpoint", "between-steps"])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(fault, synth_root, script, reference, tmp_path):
     out = tmp_path / "run"
     killed = _child(_train_args(synth_root, tmp_path / "cache", out), fault, script)
@@ -143,6 +145,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(fault, synth_root, scri
     assert (out / ".lock").is_file()  # the dead process could not release it
     if fault == "epoch-checkpoint-write":
         assert list(out.glob(".last.pth.*.tmp"))  # the half-written file it left
+    if fault == "step-checkpoint-write":
+        assert list(out.glob(".step1.pth.*.tmp")) and not (out / "step1.pth").exists()
     if fault == "after-step-checkpoint":
         assert (out / "step1.pth").is_file()
         assert [s["step"] for s in json.loads((out / "results.json").read_text())["steps"]] == [0]
@@ -152,7 +156,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(fault, synth_root, scri
     assert not (out / ".lock").exists()
     assert not [p for p in out.iterdir() if p.name.endswith((".tmp", ".copy"))]
     trained = (out / "train.log").read_text()
-    if fault in ("evaluation", "after-step-checkpoint"):  # nothing of step 1 is trained twice
+    if fault in ("evaluation", "step-checkpoint-write", "after-step-checkpoint"):  # step 1 is not trained twice
         assert trained.count("step 1 epoch 2/2") == 1
 
 

@@ -231,6 +231,35 @@ def test_disk_full_during_a_checkpoint_then_resume(synth_root, cache, tmp_path, 
     assert [s["step"] for s in json.loads((run / "results.json").read_text())["steps"]] == [0, 1]
 
 
+def test_run_folder_unwritable_mid_run_for_the_log_then_resume(synth_root, cache, tmp_path, monkeypatch, capsys):
+    """train.log cannot be written any more after step 0 (folder gone read-only, disk full): one line, resumable."""
+    from ilseg.engine import runlog
+
+    run = tmp_path / "run"
+    broken = {"on": False}
+    real_table, real_flush = runlog.RunLogger.step_table, runlog._LogFile.flush
+
+    def table_then_break(self, entry):
+        real_table(self, entry)
+        broken["on"] = True
+
+    def flush(self):
+        if broken["on"]:
+            raise OSError(errno.EACCES, "Permission denied")
+        real_flush(self)
+
+    monkeypatch.setattr(runlog.RunLogger, "step_table", table_then_break)
+    monkeypatch.setattr(runlog._LogFile, "flush", flush)
+    line = one_error(main(train_argv(synth_root, run, cache, flags=("--steps", "0:2"))), capsys)
+    assert f"cannot write {run / 'train.log'} (Permission denied)" in line
+    assert f"ilseg train --resume {run.resolve()}" in line
+    assert load_checkpoint(run / "step0.pth")["step"] == 0 and leftovers(run) == []
+    monkeypatch.setattr(runlog._LogFile, "flush", real_flush)
+    monkeypatch.setattr(runlog.RunLogger, "step_table", real_table)
+    assert main(["train", "--resume", str(run), "--quiet", "--steps", "0:2"]) == 0
+    assert load_checkpoint(run / "step1.pth")["step"] == 1
+
+
 # -- 4. predict ----------------------------------------------------------------------------
 def _photo(path: Path, seed: int) -> Path:
     rng = np.random.default_rng(seed)

@@ -20,6 +20,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ilseg.errors import WriteError
+from ilseg.fileio import write_failure
 from ilseg.report import pct
 
 LOGGER = logging.getLogger("ilseg")
@@ -34,6 +36,16 @@ class _TqdmHandler(logging.Handler):
             tqdm.write(self.format(record), file=sys.stdout)
         except Exception:  # noqa: BLE001 (logging's own contract: never raise from emit)
             self.handleError(record)
+
+
+class _LogFile(logging.FileHandler):
+    """``train.log``; a failed write ends the run with one clear line (logging would print and go on)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            raise WriteError(write_failure(Path(self.baseFilename), exc)) from None
+        super().handleError(record)
 
 
 class _NoBar:
@@ -65,8 +77,12 @@ class RunLogger:
         if run_dir is not None:
             run_dir = Path(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            self._attach(logging.FileHandler(run_dir / "train.log", encoding="utf-8"))
-            self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            try:
+                self._attach(_LogFile(run_dir / "train.log", encoding="utf-8"))
+                self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            except OSError as exc:
+                self.close()
+                raise WriteError(write_failure(Path(exc.filename or run_dir), exc)) from None
         LOGGER.setLevel(logging.INFO)
         LOGGER.propagate = False  # printed here once, not again by a root handler
         if tensorboard and run_dir is not None:
@@ -97,8 +113,11 @@ class RunLogger:
     def scalars(self, values: dict[str, Any]) -> None:
         if not self.enabled or self._jsonl is None:
             return
-        self._jsonl.write(json.dumps({"time": round(time.time(), 3), **values}) + "\n")
-        self._jsonl.flush()
+        try:
+            self._jsonl.write(json.dumps({"time": round(time.time(), 3), **values}) + "\n")
+            self._jsonl.flush()
+        except OSError as exc:
+            raise WriteError(write_failure(Path(self._jsonl.name), exc)) from None
         if self._tb is not None:
             self._scalar_index += 1
             for k, v in values.items():
@@ -122,13 +141,19 @@ class RunLogger:
     def close(self) -> None:
         for handler in self._handlers:
             LOGGER.removeHandler(handler)
-            handler.close()
+            try:
+                handler.close()
+            except OSError:  # its failed write was reported already
+                pass
         if self._handlers:
             LOGGER.setLevel(self._saved_level)
             LOGGER.propagate = self._saved_propagate
         self._handlers = []
         if self._jsonl is not None:
-            self._jsonl.close()
+            try:
+                self._jsonl.close()
+            except OSError:
+                pass
             self._jsonl = None
         if self._tb is not None:
             self._tb.close()
