@@ -430,9 +430,3 @@ def _differences(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[st
     return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in dict.fromkeys([*before, *after])
             if before.get(k) != after.get(k)]
 
-
-__all__ = [
-    "CONFIG_FILE", "EVAL_PROTOCOL", "checkpoint_identity", "finished_steps", "last_checkpoint",
-    "last_finished_step", "load_step_model", "load_weights", "model_from_config", "prepare_run_dir",
-    "read_run_config", "same_eval_protocol", "step_checkpoint", "training_task",
-]
