@@ -360,3 +360,29 @@ def test_channels_last_equals_contiguous() -> None:
         last = model(x.contiguous(memory_format=torch.channels_last))
     for key in ("logits", "features"):
         torch.testing.assert_close(last[key], dense[key], atol=1e-5, rtol=1e-4)
+
+
+def test_folding_the_teachers_batchnorm_keeps_its_outputs():
+    from ilseg.models import copy_for_teacher, fold_batchnorm
+
+    torch.manual_seed(0)
+    model = build_segmenter(backbone="resnet50", backbone_width=8, head_channels=16, classes_per_step=[5, 2])
+    for m in model.modules():  # non-trivial statistics and affine parameters, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(-1.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    teacher = copy_for_teacher(model)
+    folded = copy_for_teacher(model)
+    count = fold_batchnorm(folded)
+    # stem 1 + 16 bottlenecks x 3 + 4 downsamples + the ASPP pooling branch
+    assert count == 1 + 16 * 3 + 4 + 1
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) == 2  # ASPP map_bn, red_bn
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = teacher(x), folded(x)
+    torch.testing.assert_close(b["features"], a["features"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b["logits"], a["logits"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="eval-mode"):
+        fold_batchnorm(model.train())

@@ -43,7 +43,7 @@ from ilseg.engine.signals import StopRequests, signal_name
 from ilseg.errors import IlsegError, Interrupted
 from ilseg.methods import Method, StepSetup
 from ilseg.metrics import mean_over_steps, segmentation_scores
-from ilseg.models import IncrementalSegmenter, convert_sync_batchnorm
+from ilseg.models import IncrementalSegmenter, convert_sync_batchnorm, fold_batchnorm
 from ilseg.report import write_results
 from ilseg.tasks import Task
 
@@ -168,12 +168,14 @@ def initial_model(ctx: RunContext, step: int) -> IncrementalSegmenter:
 
 
 def place_models(ctx: RunContext, setup: StepSetup) -> nn.Module:
-    """Move student and teacher to the device and memory format; wrap the student for DDP.
+    """Fold the teacher's BNs; move student and teacher to the device and memory format; wrap the student for DDP.
 
     Returns the module to train (the student, or its DDP wrapper); the student
     itself keeps its state-dict keys (SyncBN conversion is in place).
     """
     device = ctx.precision.device
+    if setup.teacher is not None:
+        fold_batchnorm(setup.teacher)  # forward-only in eval mode: one conv instead of conv + BN (same outputs)
     for model in (setup.student, setup.teacher):
         if model is not None:
             model.to(device)

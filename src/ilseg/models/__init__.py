@@ -8,6 +8,7 @@ Entry points (docs/architecture.md): :func:`build_segmenter`,
 
 from ilseg.models.aspp import ASPP, DEFAULT_DILATIONS, eval_pool
 from ilseg.models.backbone import ResNet
+from ilseg.models.fusion import fold_batchnorm
 from ilseg.models.pretrained import (
     imagenet_cache_path,
     load_iabn_checkpoint,
@@ -36,6 +37,7 @@ __all__ = [
     "convert_sync_batchnorm",
     "copy_for_teacher",
     "eval_pool",
+    "fold_batchnorm",
     "freeze_bn",
     "freeze_encoder",
     "imagenet_cache_path",
