@@ -29,7 +29,8 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=64, help="side in pixels of the generated synthetic images")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set data.crop_size=512 (repeatable)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (where the model runs)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the model runs (auto: CUDA when there is one)")
     p.add_argument("--out", default="benchmarks/results", help="folder of the JSON result")
 
 
@@ -87,13 +88,14 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], left: int = 1) -> None:
-    """Columns padded to their widest cell; the first ``left`` columns left-aligned, the others right-aligned."""
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], left: Sequence[int] = (0,)) -> None:
+    """Columns padded to their widest cell; the columns ``left`` left-aligned, the others right-aligned."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
     def line(row: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        padded = (c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        return "  ".join(padded).rstrip()
 
     print(line(cells[0]))
     print("  ".join("-" * w for w in widths))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from _common import add_common_options, bench_config, print_table, save_record, 
 from ilseg.config import RunConfig
 from ilseg.data.datasets import SegmentationDataset
 from ilseg.engine.data import eval_dataset, make_loader
-from ilseg.engine.loop import Precision, evaluate
+from ilseg.engine.loop import Precision, evaluate, resolve_device
 from ilseg.engine.rundir import model_from_config, training_task
 from ilseg.metrics import ConfusionMatrix
 from ilseg.tasks import IGNORE_INDEX
@@ -90,7 +91,7 @@ def measure(cfg: RunConfig, model: nn.Module, ds: SegmentationDataset, num_class
         for pred, target in pairs:
             cm.update(pred, target)
 
-    def best(fn: Any) -> float:
+    def best(fn: Callable[[], object]) -> float:
         return min(seconds(fn, device) for _ in range(max(1, repeat)))
 
     evaluate(model, memory[:2], num_classes, precision)  # warm-up (allocator, cuDNN autotuning)
@@ -119,7 +120,7 @@ def main() -> None:
                    help="images kept in memory for the forward / confusion-matrix timings")
     p.add_argument("--repeat", type=int, default=2, help="passes per timing; the best is kept")
     args = p.parse_args()
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     with tempfile.TemporaryDirectory(prefix="ilseg-bench-eval-") as tmp:
         cfg = bench_config(args, Path(tmp))
         task = training_task(cfg)

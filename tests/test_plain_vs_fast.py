@@ -1,0 +1,78 @@
+"""The engine's fast iteration computes what the plain one computes (the yardstick of the benchmarks)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ilseg.engine.loop import Precision, build_optimizer, poly_schedule, train_one_epoch
+from ilseg.engine.plain import plain_iteration, plain_losses, plain_sgd
+from ilseg.methods import METHOD_PRESETS, Method
+from ilseg.models import build_segmenter, copy_for_teacher, fold_batchnorm
+
+DISTILLING = [name for name, cfg in METHOD_PRESETS.items() if Method(cfg).needs_teacher]
+
+
+def _batch(seed: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, 32, 32, generator=g)
+    target = torch.randint(0, classes, (2, 32, 32), generator=g)
+    target[:, :4] = 255  # some ignored pixels, a different number per image
+    target[0, 4:6] = 255
+    return images, target
+
+
+def _models() -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = build_segmenter(backbone="resnet18", backbone_width=8, head_channels=8, classes_per_step=[5])
+    teacher = copy_for_teacher(model)
+    model.add_step(2)
+    return model, teacher
+
+
+@pytest.mark.parametrize("name", list(METHOD_PRESETS))
+def test_method_losses_equal_their_plain_formulas(name):
+    cfg = METHOD_PRESETS[name]
+    model, teacher = _models()
+    images, target = _batch(0, 7)
+    with torch.no_grad():
+        t_out = teacher(images)
+    student = model(images)
+    fast = Method(cfg)(student, t_out if Method(cfg).needs_teacher else None, target, step=1)
+    plain = plain_losses(cfg, student, t_out, target, step=1)
+    assert fast.keys() == plain.keys()
+    for key in fast:
+        torch.testing.assert_close(fast[key], plain[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+
+
+@pytest.mark.parametrize("name", ["finetune", *DISTILLING])
+def test_a_fast_iteration_makes_the_update_of_a_plain_one(name):
+    """One iteration (folded teacher, the method's losses, fused SGD) against the plain one.
+
+    One iteration: on a model this small (batch statistics of 2 images),
+    float rounding grows over several iterations; the gradients and the first
+    update are what the fast path must get right.
+    """
+    cfg = METHOD_PRESETS[name]
+    needs_teacher = Method(cfg).needs_teacher
+    model, teacher = _models()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    plain_model, plain_teacher = copy.deepcopy(model), copy.deepcopy(teacher)
+    fold_batchnorm(teacher)  # what the engine does to its teacher
+    batch = [_batch(0, 7)]
+    opt = build_optimizer(model.parameters(), kind="sgd", lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    progress = train_one_epoch(model=model, teacher=teacher if needs_teacher else None, method=Method(cfg),
+                               loader=batch, optimizer=opt, scheduler=poly_schedule(opt, 10, 0.9), scaler=None,
+                               precision=Precision(torch.device("cpu")), step=1)
+    plain_opt = plain_sgd(list(plain_model.parameters()), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    values = plain_iteration(plain_model, plain_teacher if needs_teacher else None, cfg, *batch[0], plain_opt, 1)
+    assert progress.sums == pytest.approx(values, rel=1e-5)
+    fast_state, plain_state = model.state_dict(), plain_model.state_dict()
+    for key, plain_value in plain_state.items():
+        if not plain_value.is_floating_point():
+            continue
+        update = (plain_value - start[key]).norm()
+        error = (fast_state[key] - plain_value).norm()
+        assert error <= 1e-4 * update + 1e-7, f"{name} {key}: {float(error):.3g} vs update {float(update):.3g}"
