@@ -13,8 +13,8 @@
    ``--workers``, images/s, worker start-up included (the engine restarts
    workers every epoch).  Next to it the rate one training iteration of the
    config's model and method consumes images (``train_one_epoch`` on random
-   tensors, or ``--consume-ips``), and whether the pipeline would be the
-   bottleneck.
+   tensors, median iteration; or ``--consume-ips``), and whether the
+   pipeline would be the bottleneck.
 3. Split indexing: ``class_presence`` over the training masks with an empty
    cache folder and again cached, and ``step_image_indices`` for every step
    of the task, cold and cached.
@@ -53,6 +53,7 @@ from ilseg.engine.distributed import DistInfo
 from ilseg.engine.loop import Precision, build_optimizer, poly_schedule, resolve_device, train_one_epoch
 from ilseg.engine.rundir import model_from_config, training_task
 from ilseg.methods import build_method
+from ilseg.models import fold_batchnorm
 from ilseg.tasks import Mode, Task, train_lut
 
 
@@ -149,12 +150,14 @@ def pipeline_rate(cfg: RunConfig, task: Task, step: int, lut: np.ndarray, worker
 
 def consume_rate(cfg: RunConfig, task: Task, step: int, device: torch.device, iters: int, warmup: int) -> float:
     """Images/s one training iteration of step ``step`` consumes: the config's model, method, optimiser,
-    batch, crop and precision, on random tensors (no data loading)."""
+    batch, crop and precision, placed as the engine places them, on random tensors (no data loading)."""
     torch.manual_seed(0)
     method = build_method(cfg.method)
     model = model_from_config(cfg, task.classifier_sizes(max(step - 1, 0)), pretrained=False)
     setup = method.start_step(model, task, step)
     precision = Precision.for_runtime(cfg.runtime, device)
+    if setup.teacher is not None:
+        fold_batchnorm(setup.teacher)  # as the engine's place_models does
     for m in (setup.student, setup.teacher):
         if m is not None:
             m.to(device)
@@ -178,7 +181,8 @@ def consume_rate(cfg: RunConfig, task: Task, step: int, device: torch.device, it
     train_one_epoch(model=setup.student, teacher=setup.teacher, method=method, loader=batches, optimizer=opt,
                     scheduler=poly_schedule(opt, len(batches), o.poly_power), scaler=scaler, precision=precision,
                     step=step, on_iteration=tick)
-    return o.batch_size * iters / (times[-1] - times[warmup - 1])
+    durations = np.diff(times[warmup - 1:])  # the timed iterations; the median resists a busy machine's spikes
+    return o.batch_size / float(np.median(durations))
 
 
 def verdict(pipe: float, consume: float, workers: int) -> str:
@@ -222,7 +226,8 @@ def main() -> None:
                    help="images each loader delivers (whole epochs, at least this many)")
     p.add_argument("--consume-ips", type=float, default=None,
                    help="images/s a training step consumes; default: measure it on random tensors")
-    p.add_argument("--iters", type=int, default=5, help="timed training iterations for the consumption rate")
+    p.add_argument("--iters", type=int, default=5,
+                   help="timed training iterations for the consumption rate (their median is used)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training iterations before them (>= 1)")
     p.add_argument("--index-masks", type=int, default=0, help="training masks indexed in part 3 (0: all)")
     p.add_argument("--index-workers", type=int, default=None, help="processes reading masks (default data.workers)")
@@ -253,7 +258,8 @@ def main() -> None:
             consume, how = args.consume_ips, "given with --consume-ips"
         else:
             consume = consume_rate(cfg, task, step, device, args.iters, max(1, args.warmup))
-            how = f"measured: {cfg.method.name} step {step}, {args.iters} iterations on random tensors, {device}"
+            how = (f"measured: {cfg.method.name} step {step}, median of {args.iters} iterations on random tensors, "
+                   f"{device}")
         lut = train_lut(task, step, keep_old=cfg.method.keep_old_labels)
         index_workers = args.index_workers if args.index_workers is not None else cfg.data.workers
         # Fill the split cache the loaders' training_data reads (untimed here; part 3 times it).

@@ -1,13 +1,27 @@
-"""Training-iteration speed (and CUDA peak memory) of an ILT step, side by side.
+"""One training iteration, method against method and fast against plain, side by side.
 
-Measures one incremental step's iteration (teacher forward under
-inference_mode + student forward/backward with the ILT loss + SGD step) for
-several variants in the same process, so their ratios are comparable:
-memory format (contiguous vs channels_last) and precision (fp32 vs bf16
-autocast).  Prints a table and writes JSON.
+Variants: fine-tuning and ILT (teacher forward, student forward and backward,
+every loss term, optimiser step), each done
 
-    python benchmarks/bench_train_step.py --device cpu --backbone resnet18 --width 32 --size 64 --batch 8
-    python benchmarks/bench_train_step.py --device cuda --backbone resnet101 --size 512 --batch 12
+* ``plain``: fp32, contiguous, teacher under ``no_grad`` with its BNs, the
+  textbook losses, per-parameter SGD (:mod:`ilseg.engine.plain`);
+* ``fast``: what ``ilseg train`` runs: ``runtime`` "auto" precision and
+  memory format (bf16 + channels_last on CUDA, fp32 on the CPU), the teacher
+  under ``inference_mode`` with its BNs folded into its convolutions, the
+  methods' losses, fused SGD.
+
+Times are interleaved (every variant once per round, median over rounds), so
+their ratios come from one run.  Also printed: model FLOPs per image
+(``torch.utils.flop_counter``: student forward + backward, plus the teacher's
+forward for ILT) and the achieved fraction of the device's measured matmul
+throughput (bf16 on CUDA, fp32 on the CPU); peak memory per variant
+(``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the peak resident
+memory of a fresh subprocess per variant, ``--memory``); and the projected
+wall time of the full VOC 15-1 and ADE20k 100-50 ILT recipes at the measured
+rates (meaningful when run at the recipe's model and crop).
+
+    python benchmarks/bench_train_step.py --device cpu --backbone resnet18 --width 32 --head 64 --size 64 --batch 8 --memory
+    python benchmarks/bench_train_step.py --device cuda --backbone resnet101 --size 512 --batch 12 --rounds 5
 """
 
 from __future__ import annotations
@@ -16,55 +30,163 @@ import argparse
 import datetime
 import json
 import platform
+import resource
+import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from ilseg.config import RuntimeConfig
 from ilseg.engine.loop import Precision, build_optimizer, poly_schedule, train_one_epoch
-from ilseg.methods import METHOD_PRESETS, build_method
-from ilseg.models import build_segmenter, copy_for_teacher
+from ilseg.engine.plain import plain_iteration, plain_sgd
+from ilseg.methods import METHOD_PRESETS, Method
+from ilseg.models import build_segmenter, copy_for_teacher, fold_batchnorm
+
+OLD_CLASSES, NEW_CLASSES = 16, 1  # VOC 15-1 at step 1
+# Training images per step of the recipes (VOC 15-1 overlapped: MiB's published counts; ADE20k 100-50:
+# not published, so an upper bound: all 20,210 training images at every step) and epochs per step.
+PROTOCOLS = {
+    "VOC 15-1 ov (30 epochs/step)": ([9568, 487, 299, 491, 500, 548], 30),
+    "ADE20k 100-50 (60 epochs/step, <= 20,210 images/step)": ([20210, 20210], 60),
+}
+RECIPE_BATCH = 24
 
 
-def measure(args: argparse.Namespace, amp: str, channels_last: bool) -> dict:
+def make_variant(args: argparse.Namespace, method: str, mode: str) -> Callable[[int], None]:
+    """A function that runs ``n`` iterations of ``method`` done the ``mode`` way."""
     torch.manual_seed(0)
     device = torch.device(args.device)
-    teacher_src = build_segmenter(backbone=args.backbone, output_stride=args.output_stride,
-                                  head_channels=args.head, backbone_width=args.width, classes_per_step=[16])
-    teacher = copy_for_teacher(teacher_src).to(device)
-    model = teacher_src
-    model.add_step(1)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-        teacher.to(memory_format=torch.channels_last)
-    method = build_method(METHOD_PRESETS["ilt"])
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    y = torch.randint(0, 17, (args.batch, args.size, args.size))
-    batches = [(x, y)] * (args.warmup + args.iters)
+    cfg = METHOD_PRESETS[method]
+    model = build_segmenter(backbone=args.backbone, output_stride=args.output_stride, head_channels=args.head,
+                            backbone_width=args.width, classes_per_step=[OLD_CLASSES])
+    teacher = copy_for_teacher(model) if Method(cfg).needs_teacher else None
+    model.add_step(NEW_CLASSES)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
+    target = torch.randint(0, OLD_CLASSES + NEW_CLASSES, (args.batch, args.size, args.size), generator=g).to(device)
+    if mode == "plain":
+        model.to(device)
+        if teacher is not None:
+            teacher.to(device)
+        opt = plain_sgd(list(model.parameters()), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
+        return lambda n: [plain_iteration(model, teacher, cfg, images, target, opt, 1) for _ in range(n)] and None
+    precision = Precision.for_runtime(RuntimeConfig(), device)
+    if teacher is not None:
+        fold_batchnorm(teacher)
+    for m in (model, teacher):
+        if m is not None:
+            m.to(device)
+            if precision.channels_last:
+                m.to(memory_format=torch.channels_last)
     opt = build_optimizer(model.parameters(), kind="sgd", lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    sched = poly_schedule(opt, len(batches), 0.9)
-    precision = Precision(device, amp, channels_last)
-    times: list[float] = []
+    sched = poly_schedule(opt, 10**9, 0.9)
+    method_obj = Method(cfg)
 
-    def tick(values, lr):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter())
+    def run(n: int) -> None:
+        train_one_epoch(model=model, teacher=teacher, method=method_obj, loader=[(images, target)] * n,
+                        optimizer=opt, scheduler=sched, scaler=None, precision=precision, step=1)
+    return run
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        torch.backends.cudnn.benchmark = True
-    start = time.perf_counter()
-    train_one_epoch(model=model, teacher=teacher, method=method, loader=batches, optimizer=opt, scheduler=sched,
-                    scaler=None, precision=precision, step=1, on_iteration=tick)
-    timed = times[args.warmup:]
-    per_iter = (timed[-1] - times[args.warmup - 1]) / len(timed) if args.warmup else (timed[-1] - start) / len(timed)
-    out = {"amp": amp, "channels_last": channels_last, "seconds_per_iter": per_iter,
-           "images_per_second": args.batch / per_iter}
-    if device.type == "cuda":
-        out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_variants(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Median seconds per iteration of each variant, measured round-robin."""
+    runs = {name: make_variant(args, *name.split(":")) for name in names}
+    peaks: dict[str, float] = {}
+    for name, run in runs.items():  # warm-up (cudnn autotuning, allocator), and CUDA peak memory
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        run(args.warmup)
+        synchronize(args.device)
+        if args.device.startswith("cuda"):
+            peaks[name] = torch.cuda.max_memory_allocated() / 2**30
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name, run in runs.items():
+            synchronize(args.device)
+            start = time.perf_counter()
+            run(args.iters)
+            synchronize(args.device)
+            samples[name].append((time.perf_counter() - start) / args.iters)
+    out = {}
+    for name in names:
+        seconds = statistics.median(samples[name])
+        out[name] = {"seconds_per_iter": seconds, "images_per_second": args.batch / seconds,
+                     "rounds": [round(s, 5) for s in samples[name]]}
+        if name in peaks:
+            out[name]["peak_memory_gib"] = peaks[name]
     return out
+
+
+def flops_per_image(args: argparse.Namespace, method: str) -> float:
+    """Model FLOPs of one plain iteration (forward, backward, teacher forward) per image."""
+    run = make_variant(args, method, "plain")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run(1)
+    return counter.get_total_flops() / args.batch
+
+
+def matmul_peak(device: str) -> tuple[float, str]:
+    """Measured matmul throughput of this device (FLOP/s): bf16 on CUDA, fp32 on the CPU."""
+    n, dtype, label = (8192, torch.bfloat16, "bf16 matmul") if device.startswith("cuda") else \
+        (2048, torch.float32, "fp32 matmul")
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    reps = 20 if device.startswith("cuda") else 5
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start), label
+
+
+def cpu_memory(args: argparse.Namespace, name: str) -> dict[str, float]:
+    """Peak resident memory (MiB) of a fresh process that builds and runs only ``name``."""
+    cmd = [sys.executable, __file__, "--only", name, *sys.argv[1:]]
+    cmd = [c for c in cmd if c != "--memory"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def only(args: argparse.Namespace) -> None:
+    """Child process of ``--memory``: build one variant, run it, print its resident memory."""
+    run = make_variant(args, *args.only.split(":"))
+    setup = _current_rss_mib()  # model, teacher, batch in memory; nothing run yet
+    run(args.warmup + 2)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"setup_rss_mib": setup, "peak_rss_mib": peak, "iteration_rss_mib": max(0.0, peak - setup)}))
+
+
+def _current_rss_mib() -> float:
+    """Resident memory now (Linux ``/proc/self/statm``), not the peak so far."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def projections(rates: dict[str, float]) -> dict[str, float]:
+    """Hours of training for each protocol at the fast rates (step 0 fine-tunes, later steps distil)."""
+    hours = {}
+    for name, (counts, epochs) in PROTOCOLS.items():
+        seconds = 0.0
+        for step, count in enumerate(counts):
+            images = (count // RECIPE_BATCH) * RECIPE_BATCH * epochs
+            seconds += images / rates["finetune:fast" if step == 0 else "ilt:fast"]
+        hours[name] = seconds / 3600
+    return hours
 
 
 def main() -> None:
@@ -76,30 +198,62 @@ def main() -> None:
     p.add_argument("--output-stride", type=int, default=16)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--variants", default="fp32,fp32-cl,bf16,bf16-cl")
+    p.add_argument("--iters", type=int, default=3, help="iterations per variant per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--memory", action="store_true", help="CPU: peak RSS of a fresh process per variant")
+    p.add_argument("--only", help=argparse.SUPPRESS)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
-    rows = []
-    for v in args.variants.split(","):
-        amp = "bf16" if v.startswith("bf16") else "none"
-        rows.append(measure(args, amp, v.endswith("-cl")))
-        r = rows[-1]
-        mem = f", peak {r['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in r else ""
-        print(f"{v:<8} {r['images_per_second']:8.1f} img/s  {1000 * r['seconds_per_iter']:8.1f} ms/iter{mem}",
-              flush=True)
-    base = rows[0]["images_per_second"]
-    for v, r in zip(args.variants.split(","), rows):
-        r["variant"] = v
-        r["speed_vs_first"] = r["images_per_second"] / base
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    if args.only:
+        only(args)
+        return
+    names = ["finetune:plain", "finetune:fast", "ilt:plain", "ilt:fast"]
+    timed = time_variants(args, names)
+    flops = {m: flops_per_image(args, m) for m in ("finetune", "ilt")}
+    peak, peak_label = matmul_peak(args.device)
+    for name, row in timed.items():
+        method = name.split(":")[0]
+        row["gflops_per_image"] = flops[method] / 1e9
+        row["fraction_of_peak"] = flops[method] * row["images_per_second"] / peak
+        if args.memory and not args.device.startswith("cuda"):
+            row.update(cpu_memory(args, name))
+    ratios = {
+        "ilt_vs_finetune_time (fast)": timed["ilt:fast"]["seconds_per_iter"] / timed["finetune:fast"]["seconds_per_iter"],
+        "ilt_vs_finetune_time (plain)": timed["ilt:plain"]["seconds_per_iter"] / timed["finetune:plain"]["seconds_per_iter"],
+        "fast_vs_plain_speed (finetune)": timed["finetune:fast"]["images_per_second"] / timed["finetune:plain"]["images_per_second"],
+        "fast_vs_plain_speed (ilt)": timed["ilt:fast"]["images_per_second"] / timed["ilt:plain"]["images_per_second"],
+        "ilt_vs_finetune_flops": flops["ilt"] / flops["finetune"],
+    }
+    memory_key = "peak_memory_gib" if args.device.startswith("cuda") else "iteration_rss_mib"
+    if all(timed[n].get(memory_key) for n in names):
+        ratios["ilt_vs_finetune_memory (fast)"] = timed["ilt:fast"][memory_key] / timed["finetune:fast"][memory_key]
+        ratios["ilt_vs_finetune_memory (plain)"] = timed["ilt:plain"][memory_key] / timed["finetune:plain"][memory_key]
+    hours = projections({n: timed[n]["images_per_second"] for n in names})
+
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or "cpu")
+    print(f"{device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.backbone} "
+          f"(width {args.width}, head {args.head}, OS {args.output_stride}), {args.size}x{args.size}, batch {args.batch}")
+    print(f"measured {peak_label}: {peak / 1e9:.1f} GFLOP/s")
+    for name, row in timed.items():
+        mem = ""
+        if "peak_memory_gib" in row:
+            mem = f"  peak {row['peak_memory_gib']:.2f} GiB"
+        elif "peak_rss_mib" in row:
+            mem = f"  RSS peak {row['peak_rss_mib']:.0f} MiB (+{row['iteration_rss_mib']:.0f} over setup)"
+        print(f"{name:<15} {row['images_per_second']:8.2f} img/s  {1000 * row['seconds_per_iter']:9.1f} ms/iter  "
+              f"{row['gflops_per_image']:7.2f} GFLOP/img  {100 * row['fraction_of_peak']:5.1f}% of peak{mem}")
+    for k, v in ratios.items():
+        print(f"{k:<32} {v:.3f}")
+    for k, v in hours.items():
+        print(f"projected {k}: {v:.1f} h at these rates")
     record = {"benchmark": "train_step", "date": datetime.date.today().isoformat(), "device": device_name,
-              "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "config": {k: v for k, v in vars(args).items() if k != "out"}, "results": rows}
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_peak_flops": peak,
+              "matmul_peak_kind": peak_label, "config": {k: v for k, v in vars(args).items() if k not in ("out", "only")},
+              "results": timed, "ratios": ratios, "projected_hours": hours}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"train_step-{args.device}-{args.backbone}-{args.size}.json"
+    path = out / f"train_step-{args.device}-{args.backbone}-w{args.width}-{args.size}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"saved {path}")
 

@@ -112,9 +112,17 @@ def eval_dataset(cfg: RunConfig, task: Task, step: int) -> SegmentationDataset:
 
 
 def eval_loader(cfg: RunConfig, task: Task, step: int, dist: distributed.DistInfo) -> DataLoader:
-    """The test split after ``step``, sharded over ranks without repeats; batched when images share a size."""
+    """The test split after ``step``, sharded over ranks without repeats; batched when images share a size.
+
+    Images share a size when the evaluation crops them to ``data.test_size``,
+    or when every test image has the same size anyway (the synthetic
+    benchmark; read from the files' headers).  Full VOC / ADE20k images are
+    evaluated one per batch.
+    """
     ds = eval_dataset(cfg, task, step)
-    batch = cfg.eval.batch_size if (cfg.data.test_size is not None and cfg.data.test_crop) else 1
+    cropped = cfg.data.test_size is not None and cfg.data.test_crop
+    same_size = cropped or (cfg.data.test_size is None and len({image_size(p) for p in ds.images}) == 1)
+    batch = cfg.eval.batch_size if same_size else 1
     sampler = distributed.ShardSampler(len(ds), dist.rank, dist.world_size)
     return make_loader(ds, batch_size=batch, sampler=sampler, workers=cfg.data.workers)
 
