@@ -3,8 +3,8 @@
 For the config's model after ``--step`` (default: the last step, all
 classifiers; random weights, since speed does not depend on them) on the test
 split, at each batch size of ``--batch`` (default: the batch the engine uses,
-and ``eval.batch_size`` if that differs: the engine batches only when
-``data.test_size`` and ``data.test_crop`` make the images one size), side by side:
+and ``eval.batch_size`` if that differs: the engine batches when the test
+images share one size, ``ilseg.engine.data.eval_batch_size``), side by side:
 
 * ``evaluate`` with the engine's loader (read + eval transform + forward +
   argmax + ``ConfusionMatrix.update``), images/s over the whole split;
@@ -37,18 +37,13 @@ from torch import nn
 from _common import add_common_options, bench_config, print_table, save_record, seconds
 from ilseg.config import RunConfig
 from ilseg.data.datasets import SegmentationDataset
-from ilseg.engine.data import eval_dataset, make_loader
+from ilseg.engine.data import eval_batch_size, eval_dataset, make_loader
 from ilseg.engine.loop import Precision, evaluate, resolve_device
 from ilseg.engine.rundir import model_from_config, training_task
 from ilseg.metrics import ConfusionMatrix
 from ilseg.tasks import IGNORE_INDEX
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def engine_batch(cfg: RunConfig) -> int:
-    """The batch ``ilseg.engine.data.eval_loader`` uses for this config."""
-    return cfg.eval.batch_size if (cfg.data.test_size is not None and cfg.data.test_crop) else 1
 
 
 def first_batches(loader: torch.utils.data.DataLoader, images: int) -> Batches:
@@ -136,13 +131,13 @@ def main() -> None:
             model.to(memory_format=torch.channels_last)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # as the engine does
-        default = sorted({engine_batch(cfg), cfg.eval.batch_size})
+        default = sorted({eval_batch_size(cfg, ds), cfg.eval.batch_size})
         batches = [int(b) for b in args.batch.split(",")] if args.batch else default
         m = cfg.model
         print(f"{cfg.name}: {len(ds)} test images of {cfg.data.dataset} ({cfg.data.root}), test_size "
               f"{cfg.data.test_size}, crop {cfg.data.test_crop}; {m.backbone} width {m.width} OS {m.output_stride}, "
               f"{num_classes} classes after step {step}; {device}, amp {precision.amp}, channels_last "
-              f"{precision.channels_last}; the engine evaluates at batch {engine_batch(cfg)}", flush=True)
+              f"{precision.channels_last}; the engine evaluates at batch {eval_batch_size(cfg, ds)}", flush=True)
         rows = []
         for b in batches:
             try:
@@ -155,7 +150,7 @@ def main() -> None:
                     [[r["batch"], f"{r['evaluate_images_per_second']:.1f}",
                       f"{r['evaluate_memory_images_per_second']:.1f}", f"{r['ms_per_image']['forward_argmax']:.3f}",
                       f"{r['ms_per_image']['cm_update']:.4f}", f"{r['cm_percent_of_evaluate']:.2f}%"] for r in rows])
-        results = {"step": step, "num_classes": num_classes, "engine_batch": engine_batch(cfg),
+        results = {"step": step, "num_classes": num_classes, "engine_batch": eval_batch_size(cfg, ds),
                    "amp": precision.amp, "channels_last": precision.channels_last, "batches": rows}
         path = save_record(args, cfg, "eval", device, results)
     print(f"\nsaved {path}")

@@ -120,11 +120,16 @@ def eval_loader(cfg: RunConfig, task: Task, step: int, dist: distributed.DistInf
     evaluated one per batch.
     """
     ds = eval_dataset(cfg, task, step)
-    cropped = cfg.data.test_size is not None and cfg.data.test_crop
-    same_size = cropped or (cfg.data.test_size is None and len({image_size(p) for p in ds.images}) == 1)
-    batch = cfg.eval.batch_size if same_size else 1
+    batch = eval_batch_size(cfg, ds)
     sampler = distributed.ShardSampler(len(ds), dist.rank, dist.world_size)
     return make_loader(ds, batch_size=batch, sampler=sampler, workers=cfg.data.workers)
+
+
+def eval_batch_size(cfg: RunConfig, ds: SegmentationDataset) -> int:
+    """``eval.batch_size`` when the test images share a size after the eval transform, else 1."""
+    cropped = cfg.data.test_size is not None and cfg.data.test_crop
+    same_size = cropped or (cfg.data.test_size is None and len({image_size(p) for p in ds.images}) == 1)
+    return cfg.eval.batch_size if same_size else 1
 
 
 def make_loader(ds: Dataset, *, workers: int, batch_size: int = 1, sampler: Sampler | None = None,
