@@ -32,24 +32,30 @@ DEMO_SYNTH = {"seed": 0, "num_images": 1800, "size": 64}
 JOINT_EPOCHS = 4
 
 
-def demo_config(root: Path, *, quick: bool = False) -> RunConfig:
-    overrides = [f"data.root={root}"]
+def demo_config(root: Path, *, quick: bool = False, seed: int = 0) -> RunConfig:
+    overrides = [f"data.root={root}", f"runtime.seed={seed}"]
     if quick:
         overrides += ["optim.epochs=1", "optim.epochs_next=1"]
     return load_config(preset_dir() / "synth-demo.yaml", overrides)
 
 
-def run_demo(out: Path, *, quick: bool = False, quiet: bool = False, methods: Sequence[str] | None = None) -> str:
-    """Run the demo into ``out``; return (and print) the comparison table."""
+def run_demo(out: Path, *, quick: bool = False, quiet: bool = False, methods: Sequence[str] | None = None,
+             seed: int = 0) -> str:
+    """Run the demo into ``out``; return (and print) the comparison table.
+
+    ``seed`` draws both the synthetic data and the training (initialisation,
+    crops, order): the published table is seed 0; other seeds show how much
+    of a difference between methods is noise (``benchmarks/bench_demo.py --seeds``).
+    """
     methods = tuple(methods or DEMO_METHODS)
     unknown = [m for m in methods if m not in METHOD_PRESETS]
     if unknown:
         raise IlsegError(f"unknown demo method(s) {unknown}; choose from {', '.join(METHOD_PRESETS)}")
     out = Path(out)
     start = time.perf_counter()
-    base = demo_config(out / "data" / "synth", quick=quick)
+    base = demo_config(out / "data" / "synth", quick=quick, seed=seed)
     synth = base.data
-    gen = _synth_params(base)
+    gen = dict(DEMO_SYNTH, seed=seed)
     if not synth_matches(Path(synth.root), **gen):
         print(f"generating the synthetic dataset in {synth.root} ...", flush=True)
         generate_synth(Path(synth.root), **gen)
@@ -75,8 +81,3 @@ def run_demo(out: Path, *, quick: bool = False, quiet: bool = False, methods: Se
     atomic_write_text(out / ("comparison-quick.md" if quick else "comparison.md"), text)
     print("\n" + text)
     return text
-
-
-def _synth_params(cfg: RunConfig) -> dict:
-    """Generation parameters of the demo's synthetic set."""
-    return dict(DEMO_SYNTH)
