@@ -26,7 +26,7 @@ DEMO_METHODS: tuple[str, ...] = ("joint", "finetune", "ilt", "ilt-kd-out")
 # Methods whose step 0 is plain cross-entropy on the step-0 classes can share it.
 SHARED_STEP0_FROM = "finetune"
 # The demo's synthetic set: 64 px images, enough for a small CNN to learn shapes in minutes.
-DEMO_SYNTH = {"seed": 0, "num_images": 1800, "size": 64}
+DEMO_IMAGES, DEMO_SIZE = 1800, 64
 # Joint training sees every training image each epoch (about 3x step 0's share
 # under 6-2-2 disjoint), so it gets fewer epochs for about as many iterations.
 JOINT_EPOCHS = 4
@@ -55,10 +55,9 @@ def run_demo(out: Path, *, quick: bool = False, quiet: bool = False, methods: Se
     start = time.perf_counter()
     base = demo_config(out / "data" / "synth", quick=quick, seed=seed)
     synth = base.data
-    gen = dict(DEMO_SYNTH, seed=seed)
-    if not synth_matches(Path(synth.root), **gen):
+    if not synth_matches(Path(synth.root), seed=seed, num_images=DEMO_IMAGES, size=DEMO_SIZE):
         print(f"generating the synthetic dataset in {synth.root} ...", flush=True)
-        generate_synth(Path(synth.root), **gen)
+        generate_synth(Path(synth.root), seed=seed, num_images=DEMO_IMAGES, size=DEMO_SIZE)
     runs = out / ("runs-quick" if quick else "runs")
     results = []
     order = sorted(methods, key=lambda m: (m != SHARED_STEP0_FROM, m == "joint"))

@@ -1,9 +1,13 @@
 """A whole incremental run: every step trained (:func:`ilseg.engine.step.train_step`), evaluated and saved.
 
-The run folder's layout is in :mod:`ilseg.engine.rundir`.  ``--resume``
-continues after the last finished epoch in ``last.pth`` (going straight to
-evaluation when the step's epochs were all trained); ``--init-from`` takes
-step 0 from another run trained with the same step-0 settings.
+The run folder's layout is in :mod:`ilseg.engine.rundir`.  Before anything
+is created, everything that can be refused is (:func:`check_runtime`,
+:func:`~ilseg.engine.rundir.check_run_dir`,
+:func:`~ilseg.engine.data.check_data`); then the folder is locked and the
+steps run.  ``--resume`` continues from the last saved iteration in
+``last.pth`` (going straight to evaluation when the step's epochs were all
+trained); ``--init-from`` takes step 0 from another run trained with the same
+step-0 settings.  docs/robustness.md lists every fault and what happens.
 """
 
 from __future__ import annotations
@@ -18,12 +22,11 @@ import torch
 import torchvision
 
 import ilseg
-from ilseg.config import RunConfig
+from ilseg.config import RunConfig, load_config
 from ilseg.engine import distributed
 from ilseg.engine.checkpoint import check_compatible, load_checkpoint
-from ilseg.engine.loop import Precision, resolve_device
-from ilseg.config import load_config
 from ilseg.engine.data import check_data
+from ilseg.engine.loop import Precision, resolve_device
 from ilseg.engine.rundir import (
     CONFIG_FILE,
     HISTORY_FILE,
