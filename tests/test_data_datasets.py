@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,3 +185,31 @@ def test_ade_errors(tmp_path):
     (tmp_path / "bad_list.txt").write_text("a b c\n")
     with pytest.raises(IlsegError, match=r"bad_list\.txt, line 1"):
         build_dataset("ade", tmp_path, "val", list_file=tmp_path / "bad_list.txt")
+
+
+def test_kept_decoded_items_equal_read_ones_and_are_shared(tmp_path):
+    from ilseg.data import io as data_io
+
+    root = make_voc_tree(tmp_path, {f"i{k}": block_mask([0, k + 1]) for k in range(3)}, nested=False)
+    plain = build_dataset("voc", root, "train")
+    kept = plain.keep_decoded()
+    reads: list[str] = []
+    real = data_io.read_image
+
+    def counting(path, **kwargs):
+        reads.append(Path(path).stem)
+        return real(path, **kwargs)
+
+    data_io.read_image = counting
+    try:
+        first = [kept[i] for i in range(3)]
+        again = [kept.subset([2, 1, 0]).with_lut(None)[j] for j in range(3)]  # copies share the arrays
+    finally:
+        data_io.read_image = real
+    assert reads == ["i0", "i1", "i2"]  # each file decoded once
+    for i in range(3):
+        x, y = plain[i]
+        assert torch.equal(first[i][0], x) and torch.equal(first[i][1], y)
+        assert torch.equal(again[2 - i][0], x) and torch.equal(again[2 - i][1], y)
+    image, mask = kept.read_raw(0)
+    assert not image.flags.writeable and not mask.flags.writeable

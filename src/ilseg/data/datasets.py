@@ -101,22 +101,41 @@ class SegmentationDataset(Dataset):
         self.lut = _check_lut(lut)
         self.transform: Transform = transform if transform is not None else _DEFAULT_TRANSFORM
         self.root = Path(root) if root is not None else None
+        self._decoded: dict[Path, tuple[np.ndarray, np.ndarray]] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(image, target)``: float32 ``3xHxW`` (ImageNet-normalised), int64 ``HxW``."""
-        image = io.read_image(self.images[index])
-        mask = io.read_mask(self.masks[index], self.num_classes, image_size=image.shape[:2])
+        image, mask = self.read_raw(index)
         if self.lut is not None:
             mask = self.lut[mask]
         return self.transform(image, mask)
 
     def read_raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The item's ``HxWx3`` uint8 image and ``HxW`` uint8 raw mask (no LUT, no transform)."""
+        if self._decoded is not None and self.images[index] in self._decoded:
+            return self._decoded[self.images[index]]
         image = io.read_image(self.images[index])
-        return image, io.read_mask(self.masks[index], self.num_classes, image_size=image.shape[:2])
+        pair = image, io.read_mask(self.masks[index], self.num_classes, image_size=image.shape[:2])
+        if self._decoded is not None:
+            for array in pair:
+                array.flags.writeable = False  # shared by every later read: nothing may change it
+            self._decoded[self.images[index]] = pair
+        return pair
+
+    def keep_decoded(self) -> SegmentationDataset:
+        """A shallow copy that decodes each file once and keeps the arrays in memory.
+
+        For a small set read many times by one process (the synthetic
+        benchmark at ``data.workers: 0``): later epochs skip JPEG/PNG decoding.
+        Copies made from it (:meth:`subset`, :meth:`with_lut`, ...) share the
+        arrays.  The files are assumed not to change during the run.
+        """
+        other = copy.copy(self)
+        other._decoded = {} if self._decoded is None else self._decoded
+        return other
 
     def mask_path(self, index: int) -> Path:
         return self.masks[index]

@@ -58,6 +58,8 @@ def training_data(cfg: RunConfig, task: Task, step: int, target_lut: np.ndarray,
         return indices
 
     ds = ds.subset(distributed.on_main(image_list))  # rank 0 reads the masks (or the cache) once
+    if keep_in_memory(cfg, ds):
+        ds = ds.keep_decoded()
     batch_size = cfg.optim.batch_size
     if len(ds) < batch_size:
         raise IlsegError(f"step {step} has only {len(ds)} training images, fewer than optim.batch_size={batch_size}")
@@ -100,6 +102,21 @@ def check_data(cfg: RunConfig, task: Task, steps: range, *, progress: bool) -> N
         if image_size(image) != image_size(mask, "mask"):
             raise IlsegError(f"mask {mask} is not the size of its image {image}; the mask does not belong to the "
                              "image: check the dataset's lists or re-download it")
+
+
+IN_MEMORY_LIMIT = 2 * 2**30  # bytes of decoded images and masks
+
+
+def keep_in_memory(cfg: RunConfig, ds: SegmentationDataset) -> bool:
+    """Whether a step's training images are decoded once and kept: the synthetic set, read in this process.
+
+    With loader workers each worker would hold (and, restarted every epoch,
+    rebuild) its own copy, so only ``data.workers: 0`` keeps them.
+    """
+    if cfg.data.dataset != "synth" or cfg.data.workers != 0 or len(ds) == 0:
+        return False
+    height, width = image_size(ds.images[0])
+    return len(ds) * height * width * 4 <= IN_MEMORY_LIMIT
 
 
 def eval_dataset(cfg: RunConfig, task: Task, step: int) -> SegmentationDataset:
