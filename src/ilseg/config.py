@@ -110,6 +110,7 @@ class RuntimeConfig:
     sync_bn: bool = True  # SyncBatchNorm in distributed runs
     collective_timeout_s: int = 600
     tensorboard: bool = False
+    compile: bool = False  # torch.compile the trained model; falls back to eager (with a log line) if it fails
 
     def amp_for(self, device_type: str) -> str:
         """The autocast mode on a device of type ``device_type`` (``torch.device.type``).

@@ -86,8 +86,8 @@ def read_run_config(run_dir: Path, overrides: Sequence[str] = (), *, step: int |
 # Settings ``--resume --set`` may change: the optimisation (it applies from the step being resumed, which
 # restarts) and what only says where and how the run executes.
 RESUME_SETTABLE = ("optim.", "runtime.amp", "runtime.channels_last", "runtime.device", "runtime.backend",
-                   "runtime.collective_timeout_s", "runtime.tensorboard", "data.root", "data.workers",
-                   "data.cache_dir", "eval.batch_size")
+                   "runtime.collective_timeout_s", "runtime.tensorboard", "runtime.compile", "data.root",
+                   "data.workers", "data.cache_dir", "eval.batch_size")
 
 
 def resume_changes(old: RunConfig, new: RunConfig) -> list[str]:

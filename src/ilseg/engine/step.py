@@ -12,6 +12,7 @@ import dataclasses
 import random
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -181,13 +182,41 @@ def place_models(ctx: RunContext, setup: StepSetup) -> nn.Module:
             model.to(device)
             if ctx.precision.channels_last:
                 model.to(memory_format=torch.channels_last)
-    if not ctx.dist.enabled:
-        return setup.student
-    if ctx.cfg.runtime.sync_bn:  # the teacher stays plain BN: it runs in eval mode
-        convert_sync_batchnorm(setup.student, device_type=device.type)
-    return nn.parallel.DistributedDataParallel(
-        setup.student, device_ids=[ctx.dist.local_rank] if device.type == "cuda" else None,
-        find_unused_parameters=False)
+    train_model: nn.Module = setup.student
+    if ctx.dist.enabled:
+        if ctx.cfg.runtime.sync_bn:  # the teacher stays plain BN: it runs in eval mode
+            convert_sync_batchnorm(setup.student, device_type=device.type)
+        train_model = nn.parallel.DistributedDataParallel(
+            setup.student, device_ids=[ctx.dist.local_rank] if device.type == "cuda" else None,
+            find_unused_parameters=False)
+    return CompiledOrEager(train_model, ctx.log.info) if ctx.cfg.runtime.compile else train_model
+
+
+class CompiledOrEager(nn.Module):
+    """``torch.compile(model)``, or ``model`` itself from the first call on which compiling fails.
+
+    Compilation happens at the first forward (torch compiles lazily); if it
+    raises (no C++ compiler, an unsupported operation, a backend bug), the
+    failure is logged once and training goes on with the eager model, whose
+    parameters are the same objects.  An error of the model itself fails
+    again in eager mode and is raised.
+    """
+
+    def __init__(self, model: nn.Module, log: Callable[[str], None]) -> None:
+        super().__init__()
+        self.eager = model
+        self.compiled: nn.Module | None = torch.compile(model)  # type: ignore[assignment]
+        self._log = log
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 (any compiler failure: fall back, say so)
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                self._log(f"torch.compile failed ({type(exc).__name__}: {first}); training without it")
+                self.compiled = None
+        return self.eager(*args, **kwargs)
 
 
 def log_step_start(ctx: RunContext, step: int, data: TrainingData, epochs: int, at: Position) -> None:
