@@ -8,6 +8,7 @@ exit status 2; nothing else is caught.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -119,6 +120,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise IlsegError("ilseg train needs --config FILE and --out RUN_DIR (or --resume RUN_DIR)")
         cfg = load_config(resolve_config_path(args.config), args.set)
         run_dir = Path(args.out)
+        if not Path(cfg.data.root).is_absolute():  # saved absolute: eval, predict and --resume work from anywhere
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(Path(cfg.data.root).resolve())))
     results = run_training(cfg, run_dir, steps=args.steps, resume=bool(args.resume), overwrite=args.overwrite,
                            init_from=args.init_from, quiet=args.quiet)
     if _rank_and_world()[0] == 0:  # under torchrun, only rank 0 prints
@@ -132,6 +135,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ilseg.engine.rundir import last_finished_step, read_run_config, step_checkpoint
     from ilseg.report import pct
 
+    if args.run and args.checkpoint:
+        raise IlsegError("give --run RUN_DIR [--step N] or --checkpoint FILE --config FILE, not both")
     if args.run:
         run_dir = Path(args.run)
         read_run_config(run_dir)  # one clear error if it is not a run folder
@@ -310,6 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except RuntimeError as exc:
+        if "DataLoader worker" in str(exc):  # e.g. killed by the OOM killer
+            print(f"ilseg: error{where}: {str(exc).strip().splitlines()[0]} (out of memory? lower data.workers); "
+                  f"{_resume_hint(args)}", file=sys.stderr)
+            return 2
         if world > 1 and _is_collective_failure(exc):
             cause = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0]).split(". ")[0][:160]
             print(f"ilseg: error{where}: another process of this job stopped or stopped responding, so this one "

@@ -83,10 +83,17 @@ def write_results(run_dir: Path, results: Mapping[str, Any]) -> None:
 
 
 def read_results(run_dir: Path) -> dict[str, Any] | None:
+    """``results.json`` of a run, or ``None`` if it is missing or unreadable (the engine rebuilds it
+    from the step checkpoints, which hold the metrics)."""
     path = Path(run_dir) / "results.json"
-    if not path.is_file():
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing, a folder, not JSON, not UTF-8
         return None
-    return json.loads(path.read_text())
+    steps = data.get("steps") if isinstance(data, dict) else None
+    if not isinstance(steps, list) or not all(isinstance(s, dict) and isinstance(s.get("step"), int) for s in steps):
+        return None
+    return data
 
 
 def comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:

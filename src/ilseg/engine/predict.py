@@ -40,6 +40,11 @@ def predict_images(run_dir: Path, images: Sequence[str | Path], out_dir: Path, *
     if out_dir.exists() and not out_dir.is_dir():
         raise IlsegError(f"--out {out_dir} is a file, not a folder; give a folder for the masks and overlays")
     photos = [Path(p) for p in images]
+    stems = [p.stem for p in photos]
+    clashes = sorted({str(p) for p in photos if stems.count(p.stem) > 1})
+    if clashes:
+        raise IlsegError(f"images {', '.join(clashes)} share a file name, so their masks would overwrite each "
+                         "other in --out; predict them in separate runs (or rename them)")
     for path in photos:  # every input is decoded once before anything is written
         read_image(path, fix=PHOTO_FIX)
     written = []

@@ -37,6 +37,7 @@ from ilseg.engine.rundir import (
     finished_steps,
     last_checkpoint,
     load_step_model,
+    read_history,
     read_run_config,
     rebuild_results,
     record_config_change,
@@ -82,7 +83,7 @@ def run_training(
     """
     run_dir = Path(run_dir)
     device = resolve_device(cfg.runtime.device)
-    todo = check_runtime(cfg, device, steps, resume=resume, overwrite=overwrite)
+    todo = check_runtime(cfg, device, steps, resume=resume, overwrite=overwrite, init_from=init_from)
     dist = distributed.setup(cfg.runtime.backend, device.type, cfg.runtime.collective_timeout_s)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
@@ -94,6 +95,8 @@ def run_training(
         train_task = build_method(cfg.method).training_task(cfg.build_task())
         first = 1 if (init_from is not None and todo.start == 0) else todo.start
         distributed.on_main(lambda: check_data(cfg, train_task, range(first, todo.stop), progress=not quiet))
+        if init_from is not None:  # its identity is checked now, not after the folder exists
+            distributed.on_main(lambda: load_step_model(cfg, step0_source(Path(init_from)), 0) and None)
         restart = distributed.on_main(lambda: open_run_dir(cfg, run_dir, lock, todo, overwrite=overwrite))
         with RunLogger(run_dir, enabled=dist.is_main, quiet=quiet, tensorboard=cfg.runtime.tensorboard) as log, \
                 StopRequests() as stop:
@@ -121,7 +124,11 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, lock: RunLock, todo: range, *, o
     if not changed:
         return None
     done = set(finished_steps(run_dir))
-    from_step = next((t for t in todo if t not in done), todo.stop)
+    num_steps = build_method(cfg.method).training_task(cfg.build_task()).num_steps
+    from_step = next((t for t in range(num_steps) if t not in done), num_steps)  # the run's, not --steps'
+    if todo.start > from_step:
+        raise IlsegError(f"--steps {todo.start}:{todo.stop} with new settings, but step {from_step} is not finished: "
+                         f"the settings would apply from step {from_step}; resume from there (drop --steps)")
     return from_step if record_config_change(run_dir, old, cfg, from_step, changed) else None
 
 
@@ -136,7 +143,7 @@ def run_steps(ctx: RunContext, todo: range, *, resume: bool, restart: int | None
         ctx.log.info("results rebuilt from the step checkpoints (the last run stopped before writing them)")
         ctx.results["mean_miou_over_steps"] = mean_over_steps([s["miou_all"] for s in ctx.results["steps"]])
         distributed.on_main(lambda: write_results(ctx.run_dir, ctx.results))
-    if restart is not None:
+    if restart is not None and restart < ctx.train_task.num_steps:
         ctx.log.info(f"settings changed from step {restart} on ({ctx.run_dir / HISTORY_FILE}); it starts again")
     resume_state = read_resume_state(ctx, restart) if resume else None
     for step in todo:
@@ -165,17 +172,23 @@ def run_context(cfg: RunConfig, run_dir: Path, dist: distributed.DistInfo, devic
 
 
 def check_runtime(cfg: RunConfig, device: torch.device, steps: str | None, *, resume: bool,
-                  overwrite: bool) -> range:
+                  overwrite: bool, init_from: str | Path | None = None) -> range:
     """Refuse what this device, process count or command line cannot run; return the steps to run."""
     if resume and overwrite:
         raise IlsegError("--resume continues a run and --overwrite starts it over: pass one of them")
+    todo = parse_steps(steps, build_method(cfg.method).training_task(cfg.build_task()).num_steps)
+    if overwrite and todo.start > 0:
+        raise IlsegError(f"--overwrite starts the run over from step 0, but --steps starts at {todo.start}; "
+                         "drop --steps or make it start at 0")
+    if init_from is not None and todo.start > 0:
+        raise IlsegError("--init-from gives step 0, but --steps does not include step 0; make --steps start at 0")
     if cfg.runtime.amp_for(device.type) == "fp16" and device.type != "cuda":
         raise IlsegError("runtime.amp=fp16 needs CUDA; on the CPU use runtime.amp=bf16 or none")
     _, world = distributed.env_rank()
     if cfg.optim.batch_size % world:
         raise IlsegError(f"optim.batch_size {cfg.optim.batch_size} is the global batch and must divide by the "
                          f"{world} processes; change one of them (the learning rate is not rescaled)")
-    return parse_steps(steps, build_method(cfg.method).training_task(cfg.build_task()).num_steps)
+    return todo
 
 
 def versions() -> dict[str, str]:
@@ -206,7 +219,15 @@ def read_resume_state(ctx: RunContext, restart: int | None) -> dict[str, Any] | 
     if restart is not None and isinstance(step, int) and step >= restart:
         return None
     cfg = read_run_config(ctx.run_dir, step=step) if isinstance(step, int) and step >= 0 else ctx.cfg
-    check_compatible(state, checkpoint_identity(cfg, step, build_method(cfg.method)), path)
+    try:
+        check_compatible(state, checkpoint_identity(cfg, step, build_method(cfg.method)), path)
+    except IlsegError:
+        if not read_history(ctx.run_dir):
+            raise
+        # Saved before the run's settings last changed (a stop between the change and the first new save):
+        # that step starts again with the new settings.
+        ctx.log.info(f"{path.name} was saved with settings this run has changed since; step {step} starts again")
+        return None
     return state
 
 
@@ -217,7 +238,7 @@ def adopt_step0(ctx: RunContext, source: Path) -> None:
     difference is named).  Its recorded scores are reused when it was scored
     the same way as this run scores; otherwise step 0 is evaluated again.
     """
-    src = source if source.is_file() else step_checkpoint(source, 0)
+    src = step0_source(source)
     model, state = load_step_model(ctx.cfg, src, 0)
     dst = step_checkpoint(ctx.run_dir, 0)
     if ctx.dist.is_main and src.resolve() != dst.resolve():
@@ -236,6 +257,11 @@ def adopt_step0(ctx: RunContext, source: Path) -> None:
         entry |= {"step": 0, "classes_seen": ctx.train_task.num_outputs(0)}
     record_step(ctx, entry | {"adopted_from": str(src)})
     ctx.log.info(f"step 0 taken from {src}")
+
+
+def step0_source(source: Path) -> Path:
+    """The step-0 checkpoint ``--init-from`` names: the file itself, or ``RUN_DIR/step0.pth``."""
+    return source if source.is_file() else step_checkpoint(source, 0)
 
 
 def parse_steps(spec: str | None, num_steps: int) -> range:

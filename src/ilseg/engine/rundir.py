@@ -16,6 +16,7 @@ cannot start a run by accident.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -157,6 +158,9 @@ def check_run_dir(cfg: RunConfig, run_dir: Path, todo: range, *, resume: bool, o
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise IlsegError(f"--out {run_dir} is a file, not a folder; choose a folder for the run")
+    if todo.start > 0 and not overwrite and not step_checkpoint(run_dir, todo.start - 1).is_file():
+        raise IlsegError(f"--steps starts at step {todo.start}, which needs {step_checkpoint(run_dir, todo.start - 1)}; "
+                         f"train step {todo.start - 1} first (or make --steps start earlier)")
     saved = run_dir / CONFIG_FILE
     if not saved.is_file():
         if resume:
@@ -221,20 +225,22 @@ def remove_temporaries(run_dir: Path) -> list[Path]:
 
 
 class RunLock:
-    """An exclusive lock on a run folder: ``RUN_DIR/.lock`` holding the owner's PID, host and start time.
+    """An exclusive lock on a run folder: ``RUN_DIR/.lock``, held with ``flock`` while the run lives.
 
-    A second ``ilseg train`` on the same folder is refused with the holder's
-    PID and host.  A lock left by a process that died (same host, PID not
-    running) is stale and taken over; one from another host cannot be checked
-    and is reported, with the file to delete if that job is gone.  Released
-    on exit (context manager); a SIGKILL leaves a stale lock, which the next
-    start detects.
+    The file names the holder (PID, host, start time) for the message a second
+    ``ilseg train`` on the same folder gets.  The lock itself is the kernel's
+    ``flock`` on the open file: it is released when the process ends, however
+    it ends (a SIGKILL included), so a lock file left by a dead process is
+    simply taken over; there is no PID guessing and no window in which two
+    processes both believe they hold it.  On a clean exit the file is removed.
+    (On file systems without working ``flock`` across machines, two hosts are
+    not excluded from each other.)
     """
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / LOCK_FILE
         self.held = False
-        self.replaced_stale: dict[str, Any] | None = None
+        self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -245,32 +251,42 @@ class RunLock:
 
     def acquire(self) -> None:
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):
+        for _ in range(100):
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if self._is_stale(holder):
-                    self.path.unlink(missing_ok=True)
-                    self.replaced_stale = holder
-                    continue
-                raise IlsegError(
-                    f"{self.path.parent} is in use by another ilseg process (PID {holder.get('pid')} on host "
-                    f"{holder.get('host')}, since {holder.get('started')}); wait for it to finish, or, if that "
-                    f"process is gone, delete {self.path}"
-                ) from None
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
                 raise WriteError(write_failure(self.path, exc)) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f)
-            self.held = True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = self._holder()
+                raise IlsegError(
+                    f"{self.path.parent} is in use by another ilseg process (PID {holder.get('pid', '?')} on host "
+                    f"{holder.get('host', '?')}, since {holder.get('started', '?')}); wait for it to finish"
+                ) from None
+            if not self._still_at_path(fd):  # the holder removed it between our open and our lock: retry
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(record).encode())
+            self._fd, self.held = fd, True
             return
-        raise IlsegError(f"could not take the lock {self.path}; another process keeps recreating it")
+        raise IlsegError(f"could not take the lock {self.path}; other processes keep taking and removing it")
 
     def release(self) -> None:
-        if self.held and self._holder().get("pid") == os.getpid():
-            self.path.unlink(missing_ok=True)
-        self.held = False
+        """Remove the lock file (while still holding the lock), then let go."""
+        if self._fd is not None:
+            if self._still_at_path(self._fd):
+                self.path.unlink(missing_ok=True)
+            os.close(self._fd)  # closing releases the flock
+        self._fd, self.held = None, False
+
+    def _still_at_path(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
 
     def _holder(self) -> dict[str, Any]:
         try:
@@ -278,19 +294,6 @@ class RunLock:
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
-
-    @staticmethod
-    def _is_stale(holder: Mapping[str, Any]) -> bool:
-        pid = holder.get("pid")
-        if not isinstance(pid, int) or holder.get("host") != socket.gethostname():
-            return not holder  # an empty or unreadable lock file: its writer died while writing it
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # alive, owned by another user
-            return False
-        return False
 
 
 def _last_step(run_dir: Path) -> int | None:
@@ -322,6 +325,10 @@ def rebuild_results(run_dir: Path, results: dict[str, Any]) -> bool:
     rebuilt = []
     for step in finished_steps(run_dir):
         metrics = read_checkpoint_entry(step_checkpoint(run_dir, step), "metrics")
+        if metrics is None:  # unreadable: say which file, never drop its row silently
+            load_checkpoint(step_checkpoint(run_dir, step))
+            raise IlsegError(f"{step_checkpoint(run_dir, step)} records no metrics; delete it and resume to train "
+                             f"step {step} again")
         if isinstance(metrics, dict):
             row = rows.get(step)
             rebuilt.append(row if row is not None and _same_scores(row, metrics) else dict(metrics))
