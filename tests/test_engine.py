@@ -270,8 +270,8 @@ def test_cli_train_eval_predict(finished_run, synth_root, tmp_path, capsys):
     [
         (["train", "--config", "nope-preset", "--out", "x"], "neither a file nor a bundled preset"),
         (["train", "--config", "synth-demo", "--set", "data.task=9-9", "--out", "x"], "unknown task"),
-        (["train", "--resume", "/nonexistent/run"], "not an ilseg run folder"),
-        (["eval", "--run", "/nonexistent/run"], "not an ilseg run folder"),
+        (["train", "--resume", "/nonexistent/run"], "run folder /nonexistent/run does not exist"),
+        (["eval", "--run", "/nonexistent/run"], "run folder /nonexistent/run does not exist"),
         (["tasks", "voc", "15-2"], "unknown task"),
         (["splits", "--dataset", "voc", "--root", "/nonexistent/voc", "--task", "15-1"], "/nonexistent/voc"),
     ],

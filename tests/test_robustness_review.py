@@ -155,3 +155,8 @@ def test_a_relative_data_root_is_saved_absolute(synth_root, tmp_path, capsys, mo
     monkeypatch.chdir(os.sep)
     capsys.readouterr()
     assert main(["eval", "--run", str(out), "--json"]) == 0
+
+
+def test_eval_of_a_step_that_is_not_there_lists_the_finished_ones(finished, capsys):
+    line = error_line(main(["eval", "--run", str(finished), "--step", "5"]), capsys)
+    assert "no finished step 5" in line and "finished steps: 0, 1, 2" in line

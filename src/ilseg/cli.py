@@ -132,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ilseg.config import load_config, resolve_config_path
     from ilseg.engine.run import evaluate_checkpoint
-    from ilseg.engine.rundir import last_finished_step, read_run_config, step_checkpoint
+    from ilseg.engine.rundir import finished_steps, last_finished_step, read_run_config, step_checkpoint
     from ilseg.report import pct
 
     if args.run and args.checkpoint:
@@ -143,6 +143,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         step = last_finished_step(run_dir) if args.step is None else args.step
         cfg = read_run_config(run_dir, args.set, step=step)  # the settings that step was trained with
         ckpt = step_checkpoint(run_dir, step)
+        if not ckpt.is_file():
+            done = finished_steps(run_dir)
+            raise IlsegError(f"{run_dir} has no finished step {step}; finished steps: "
+                             f"{', '.join(map(str, done)) or 'none'}")
     elif args.checkpoint:
         if not args.config:
             raise IlsegError("--checkpoint needs --config FILE (the run's config.yaml or a preset)")

@@ -76,7 +76,8 @@ def read_run_config(run_dir: Path, overrides: Sequence[str] = (), *, step: int |
     """The config saved in ``run_dir`` (the one step ``step`` was trained with), with ``--set`` overrides."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
-        raise IlsegError(f"--run {run_dir}: no {CONFIG_FILE} there, so it is not an ilseg run folder")
+        what = "does not exist" if not Path(run_dir).exists() else f"has no {CONFIG_FILE}, so it is not an ilseg run folder"
+        raise IlsegError(f"run folder {run_dir} {what}")
     if step is not None:
         for from_step, data in reversed(read_history(run_dir)):
             if from_step <= step:
