@@ -160,3 +160,28 @@ def test_a_relative_data_root_is_saved_absolute(synth_root, tmp_path, capsys, mo
 def test_eval_of_a_step_that_is_not_there_lists_the_finished_ones(finished, capsys):
     line = error_line(main(["eval", "--run", str(finished), "--step", "5"]), capsys)
     assert "no finished step 5" in line and "finished steps: 0, 1, 2" in line
+
+
+def test_new_settings_from_a_later_step_still_load_the_steps_before(synth_root, tmp_path, capsys, monkeypatch):
+    """Stopped in step 2, resumed with a new lr_next: step 2 starts from step1.pth, trained with the old one."""
+    from ilseg.engine import step as step_mod
+
+    run = tmp_path / "run"
+    real = step_mod.train_one_epoch
+    calls = {"n": 0}
+
+    def stop_in_step2(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 0, step 1, then step 2's first epoch
+            raise KeyboardInterrupt
+        return real(**kwargs)
+
+    monkeypatch.setattr(step_mod, "train_one_epoch", stop_in_step2)
+    assert train(synth_root, run) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--quiet", "--set", "optim.lr_next=1e-4"]) == 0
+    history = json.loads((run / "config-history.json").read_text())
+    assert [e["from_step"] for e in history] == [0, 2]
+    for step in (1, 2):
+        assert main(["eval", "--run", str(run), "--step", str(step), "--json"]) == 0

@@ -39,6 +39,7 @@ from ilseg.engine.rundir import (
     load_step_model,
     read_history,
     read_run_config,
+    training_task,
     rebuild_results,
     record_config_change,
     remove_temporaries,
@@ -92,7 +93,7 @@ def run_training(
     lock = RunLock(run_dir)
     try:
         distributed.on_main(lambda: check_run_dir(cfg, run_dir, todo, resume=resume, overwrite=overwrite))
-        train_task = build_method(cfg.method).training_task(cfg.build_task())
+        train_task = training_task(cfg)
         first = 1 if (init_from is not None and todo.start == 0) else todo.start
         distributed.on_main(lambda: check_data(cfg, train_task, range(first, todo.stop), progress=not quiet))
         if init_from is not None:  # its identity is checked now, not after the folder exists
@@ -124,7 +125,7 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, lock: RunLock, todo: range, *, o
     if not changed:
         return None
     done = set(finished_steps(run_dir))
-    num_steps = build_method(cfg.method).training_task(cfg.build_task()).num_steps
+    num_steps = training_task(cfg).num_steps
     from_step = next((t for t in range(num_steps) if t not in done), num_steps)  # the run's, not --steps'
     if todo.start > from_step:
         raise IlsegError(f"--steps {todo.start}:{todo.stop} with new settings, but step {from_step} is not finished: "
@@ -176,7 +177,7 @@ def check_runtime(cfg: RunConfig, device: torch.device, steps: str | None, *, re
     """Refuse what this device, process count or command line cannot run; return the steps to run."""
     if resume and overwrite:
         raise IlsegError("--resume continues a run and --overwrite starts it over: pass one of them")
-    todo = parse_steps(steps, build_method(cfg.method).training_task(cfg.build_task()).num_steps)
+    todo = parse_steps(steps, training_task(cfg).num_steps)
     if overwrite and todo.start > 0:
         raise IlsegError(f"--overwrite starts the run over from step 0, but --steps starts at {todo.start}; "
                          "drop --steps or make it start at 0")
@@ -220,7 +221,7 @@ def read_resume_state(ctx: RunContext, restart: int | None) -> dict[str, Any] | 
         return None
     cfg = read_run_config(ctx.run_dir, step=step) if isinstance(step, int) and step >= 0 else ctx.cfg
     try:
-        check_compatible(state, checkpoint_identity(cfg, step, build_method(cfg.method)), path)
+        check_compatible(state, checkpoint_identity(cfg, step), path)
     except IlsegError:
         if not read_history(ctx.run_dir):
             raise
@@ -290,7 +291,7 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: Path, *, step: int | None = 
     dev = resolve_device(device or cfg.runtime.device)
     model.to(dev)
     task = cfg.build_task()
-    train_task = build_method(cfg.method).training_task(task)
+    train_task = training_task(cfg)
     precision = Precision.for_runtime(cfg.runtime, dev)
     scores = evaluate_step(cfg, task, train_task, model, step, distributed.DistInfo(), precision)
     return scores | {"step": step, "classes_seen": train_task.num_outputs(step)}

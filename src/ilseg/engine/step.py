@@ -34,6 +34,7 @@ from ilseg.engine.loop import (
 )
 from ilseg.engine.rundir import (
     checkpoint_identity,
+    read_run_config,
     last_checkpoint,
     load_weights,
     model_from_config,
@@ -162,7 +163,8 @@ def initial_model(ctx: RunContext, step: int) -> IncrementalSegmenter:
             "(ilseg train --steps), or give --init-from RUN_DIR whose step-0 checkpoint to start from"
         )
     state = load_checkpoint(prev)
-    check_compatible(state, checkpoint_identity(ctx.cfg, step - 1, ctx.method), prev)
+    trained_with = read_run_config(ctx.run_dir, step=step - 1)  # the settings in force then (config history)
+    check_compatible(state, checkpoint_identity(trained_with, step - 1), prev)
     model = model_from_config(ctx.cfg, ctx.train_task.classifier_sizes(step - 1), pretrained=False)
     load_weights(model, state, prev)
     return model
