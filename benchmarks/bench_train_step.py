@@ -45,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ilseg.config import RuntimeConfig
 from ilseg.engine.loop import Precision, build_optimizer, poly_schedule, train_one_epoch
 from ilseg.engine.plain import plain_iteration, plain_sgd
+from ilseg.engine.step import CompiledOrEager
 from ilseg.methods import METHOD_PRESETS, Method
 from ilseg.models import build_segmenter, copy_for_teacher, fold_batchnorm
 
@@ -59,7 +60,11 @@ RECIPE_BATCH = 24
 
 
 def make_variant(args: argparse.Namespace, method: str, mode: str) -> Callable[[int], None]:
-    """A function that runs ``n`` iterations of ``method`` done the ``mode`` way."""
+    """A function that runs ``n`` iterations of ``method`` done the ``mode`` way.
+
+    ``mode`` is ``plain``, ``fast`` or ``compiled`` (``fast`` with the student
+    under ``torch.compile``, as ``runtime.compile: true`` trains it).
+    """
     torch.manual_seed(0)
     device = torch.device(args.device)
     cfg = METHOD_PRESETS[method]
@@ -91,9 +96,12 @@ def make_variant(args: argparse.Namespace, method: str, mode: str) -> Callable[[
     opt = build_optimizer(model.parameters(), kind="sgd", lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
     sched = poly_schedule(opt, 10**9, 0.9)
     method_obj = Method(cfg)
+    train_model: torch.nn.Module = model
+    if mode == "compiled":
+        train_model = CompiledOrEager(model, log=lambda line: print(f"{method}:{mode}: {line}", flush=True))
 
     def run(n: int) -> None:
-        train_one_epoch(model=model, teacher=teacher, method=method_obj, loader=[(images, target)] * n,
+        train_one_epoch(model=train_model, teacher=teacher, method=method_obj, loader=[(images, target)] * n,
                         optimizer=opt, scheduler=sched, scaler=None, precision=precision, step=1)
     return run
 
@@ -104,16 +112,32 @@ def synchronize(device: str) -> None:
 
 
 def time_variants(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, Any]]:
-    """Median seconds per iteration of each variant, measured round-robin."""
-    runs = {name: make_variant(args, *name.split(":")) for name in names}
-    peaks: dict[str, float] = {}
-    for name, run in runs.items():  # warm-up (cudnn autotuning, allocator), and CUDA peak memory
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        run(args.warmup)
+    """Median seconds per iteration of each variant, measured round-robin.
+
+    On CUDA each variant is built and warmed up (cuDNN autotuning, allocator,
+    compilation) in turn, so its memory is everything it allocated itself:
+    ``max_memory_allocated`` over one iteration after the warm-up minus what
+    was allocated before it was built (weights, gradients, optimiser state, teacher and
+    activations; the other variants' weights are excluded).
+    """
+    cuda = args.device.startswith("cuda")
+    runs: dict[str, Callable[[int], None]] = {}
+    memory: dict[str, float] = {}
+    warmup_s: dict[str, float] = {}
+    for name in names:
+        if cuda:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        runs[name] = make_variant(args, *name.split(":"))
+        runs[name](args.warmup)
         synchronize(args.device)
-        if args.device.startswith("cuda"):
-            peaks[name] = torch.cuda.max_memory_allocated() / 2**30
+        warmup_s[name] = time.perf_counter() - start
+        if cuda:  # one more iteration after the warm-up: cuDNN's autotuning workspaces are not counted
+            torch.cuda.reset_peak_memory_stats()
+            runs[name](1)
+            torch.cuda.synchronize()
+            memory[name] = (torch.cuda.max_memory_allocated() - before) / 2**30
     samples: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.rounds):
         for name, run in runs.items():
@@ -126,9 +150,9 @@ def time_variants(args: argparse.Namespace, names: list[str]) -> dict[str, dict[
     for name in names:
         seconds = statistics.median(samples[name])
         out[name] = {"seconds_per_iter": seconds, "images_per_second": args.batch / seconds,
-                     "rounds": [round(s, 5) for s in samples[name]]}
-        if name in peaks:
-            out[name]["peak_memory_gib"] = peaks[name]
+                     "rounds": [round(s, 5) for s in samples[name]], "build_and_warmup_s": warmup_s[name]}
+        if name in memory:
+            out[name]["peak_memory_gib"] = memory[name]
     return out
 
 
@@ -206,15 +230,26 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--memory", action="store_true", help="CPU: peak RSS of a fresh process per variant")
+    p.add_argument("--compile", action="store_true",
+                   help="also time fine-tuning and ILT with the student under torch.compile (runtime.compile)")
+    p.add_argument("--variants", default="finetune:plain,finetune:fast,ilt:plain,ilt:fast",
+                   help="comma list of METHOD:MODE (modes plain, fast, compiled)")
     p.add_argument("--only", help=argparse.SUPPRESS)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     if args.only:
         only(args)
         return
-    names = ["finetune:plain", "finetune:fast", "ilt:plain", "ilt:fast"]
+    names = args.variants.split(",")
+    if args.compile:
+        names += [f"{m}:compiled" for m in ("finetune", "ilt") if f"{m}:fast" in names]
+    if args.device.startswith("cuda"):
+        # What `ilseg train` sets on CUDA; a process-wide switch, so the plain variants get it too
+        # (torch's defaults otherwise: TF32 for cuDNN convolutions, full fp32 for matmuls).
+        torch.backends.cudnn.benchmark = True
     timed = time_variants(args, names)
-    flops = {m: flops_per_image(args, m) for m in ("finetune", "ilt")}
+    methods = sorted({name.split(":")[0] for name in names})
+    flops = {m: flops_per_image(args, m) for m in methods}
     peak, peak_label = matmul_peak(args.device)
     for name, row in timed.items():
         method = name.split(":")[0]
@@ -222,18 +257,23 @@ def main() -> None:
         row["fraction_of_peak"] = flops[method] * row["images_per_second"] / peak
         if args.memory and not args.device.startswith("cuda"):
             row.update(cpu_memory(args, name))
-    ratios = {
-        "ilt_vs_finetune_time (fast)": timed["ilt:fast"]["seconds_per_iter"] / timed["finetune:fast"]["seconds_per_iter"],
-        "ilt_vs_finetune_time (plain)": timed["ilt:plain"]["seconds_per_iter"] / timed["finetune:plain"]["seconds_per_iter"],
-        "fast_vs_plain_speed (finetune)": timed["finetune:fast"]["images_per_second"] / timed["finetune:plain"]["images_per_second"],
-        "fast_vs_plain_speed (ilt)": timed["ilt:fast"]["images_per_second"] / timed["ilt:plain"]["images_per_second"],
-        "ilt_vs_finetune_flops": flops["ilt"] / flops["finetune"],
-    }
     memory_key = "peak_memory_gib" if args.device.startswith("cuda") else "iteration_rss_mib"
-    if all(timed[n].get(memory_key) for n in names):
-        ratios["ilt_vs_finetune_memory (fast)"] = timed["ilt:fast"][memory_key] / timed["finetune:fast"][memory_key]
-        ratios["ilt_vs_finetune_memory (plain)"] = timed["ilt:plain"][memory_key] / timed["finetune:plain"][memory_key]
-    hours = projections({n: timed[n]["images_per_second"] for n in names})
+    ratios = {}
+    for mode in ("fast", "plain", "compiled"):
+        a, b = timed.get(f"ilt:{mode}"), timed.get(f"finetune:{mode}")
+        if a and b:
+            ratios[f"ilt_vs_finetune_time ({mode})"] = a["seconds_per_iter"] / b["seconds_per_iter"]
+            if a.get(memory_key) and b.get(memory_key):
+                ratios[f"ilt_vs_finetune_memory ({mode})"] = a[memory_key] / b[memory_key]
+    for method in methods:
+        for mode in ("fast", "compiled"):
+            a, b = timed.get(f"{method}:{mode}"), timed.get(f"{method}:{'plain' if mode == 'fast' else 'fast'}")
+            if a and b:
+                label = "fast_vs_plain_speed" if mode == "fast" else "compiled_vs_fast_speed"
+                ratios[f"{label} ({method})"] = a["images_per_second"] / b["images_per_second"]
+    if len(flops) == 2:
+        ratios["ilt_vs_finetune_flops"] = flops["ilt"] / flops["finetune"]
+    hours = projections({n: timed[n]["images_per_second"] for n in names}) if {"finetune:fast", "ilt:fast"} <= set(names) else {}
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or "cpu")
     print(f"{device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.backbone} "
@@ -243,11 +283,12 @@ def main() -> None:
     for name, row in timed.items():
         mem = ""
         if "peak_memory_gib" in row:
-            mem = f"  peak {row['peak_memory_gib']:.2f} GiB"
+            mem = f"  memory {row['peak_memory_gib']:.2f} GiB"
         elif "peak_rss_mib" in row:
             mem = f"  RSS peak {row['peak_rss_mib']:.0f} MiB (+{row['iteration_rss_mib']:.0f} over setup)"
         print(f"{name:<15} {row['images_per_second']:8.2f} img/s  {1000 * row['seconds_per_iter']:9.1f} ms/iter  "
-              f"{row['gflops_per_image']:7.2f} GFLOP/img  {100 * row['fraction_of_peak']:5.1f}% of peak{mem}")
+              f"{row['gflops_per_image']:7.2f} GFLOP/img  {100 * row['fraction_of_peak']:5.1f}% of peak{mem}"
+              f"  (built + warm-up {row['build_and_warmup_s']:.0f} s)")
     for k, v in ratios.items():
         print(f"{k:<32} {v:.3f}")
     for k, v in hours.items():
@@ -258,7 +299,8 @@ def main() -> None:
               "results": timed, "ratios": ratios, "projected_hours": hours}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"train_step-{args.device}-{args.backbone}-w{args.width}-{args.size}.json"
+    suffix = "-compile" if args.compile else ""
+    path = out / f"train_step-{args.device.split(':')[0]}-{args.backbone}-w{args.width}-{args.size}{suffix}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"saved {path}")
 
