@@ -2,7 +2,7 @@
 # The GPU checks and measurements of BENCHMARKS.md in one go, for a machine with one CUDA device
 # (about 6 minutes on an H100; every part has its own time limit and a failed part does not stop the rest).
 # Runs from the source tree (no install needed where torch, torchvision, PyYAML, tqdm, Pillow, pytest are).
-# Writes JSON and a log to ${OUT:-benchmarks/results}; the numbers go into BENCHMARKS.md with the card's name.
+# Writes JSON and gpu.log to ${OUT:-benchmarks/results}; the numbers go into BENCHMARKS.md with the card's name.
 #   bash benchmarks/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ part() {  # part SECONDS NAME COMMAND...: run COMMAND with a time limit, log it,
     local limit=$1 name=$2
     shift 2
     echo "=== $name (limit ${limit} s) $(date +%T)"
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$out/gpu.log"
     local rc=${PIPESTATUS[0]}
     [ "$rc" = 0 ] || { echo "!!! $name failed (exit $rc)"; failed+=("$name:$rc"); }
 }
