@@ -3,8 +3,9 @@
 Variants: fine-tuning and ILT (teacher forward, student forward and backward,
 every loss term, optimiser step), each done
 
-* ``plain``: fp32, contiguous, teacher under ``no_grad`` with its BNs, the
-  textbook losses, per-parameter SGD (:mod:`ilseg.engine.plain`);
+* ``plain``: fp32 (on CUDA strictly: no TF32, unless ``--plain-tf32``),
+  contiguous, teacher under ``no_grad`` with its BNs, the textbook losses,
+  per-parameter SGD (:mod:`ilseg.engine.plain`);
 * ``fast``: what ``ilseg train`` runs: ``runtime`` "auto" precision and
   memory format (bf16 + channels_last on CUDA, fp32 on the CPU), the teacher
   under ``inference_mode`` with its BNs folded into its convolutions, the
@@ -27,6 +28,7 @@ rates (meaningful when run at the recipe's model and crop).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -35,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +84,9 @@ def make_variant(args: argparse.Namespace, method: str, mode: str) -> Callable[[
         plain_opt = plain_sgd(list(model.parameters()), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
         def run_plain(n: int) -> None:
-            for _ in range(n):
-                plain_iteration(model, teacher, cfg, images, target, plain_opt, 1)
+            with strict_fp32(device.type == "cuda" and not args.plain_tf32):
+                for _ in range(n):
+                    plain_iteration(model, teacher, cfg, images, target, plain_opt, 1)
         return run_plain
     precision = Precision.for_runtime(RuntimeConfig(), device)
     if teacher is not None:
@@ -104,6 +107,18 @@ def make_variant(args: argparse.Namespace, method: str, mode: str) -> Callable[[
         train_one_epoch(model=train_model, teacher=teacher, method=method_obj, loader=[(images, target)] * n,
                         optimizer=opt, scheduler=sched, scaler=None, precision=precision, step=1)
     return run
+
+
+@contextlib.contextmanager
+def strict_fp32(on: bool) -> Iterator[None]:
+    """Full fp32 convolutions and matmuls on CUDA (no TF32) while the plain variant runs."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    if on:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def synchronize(device: str) -> None:
@@ -234,6 +249,8 @@ def main() -> None:
                    help="also time fine-tuning and ILT with the student under torch.compile (runtime.compile)")
     p.add_argument("--variants", default="finetune:plain,finetune:fast,ilt:plain,ilt:fast",
                    help="comma list of METHOD:MODE (modes plain, fast, compiled)")
+    p.add_argument("--plain-tf32", action="store_true",
+                   help="CUDA: the plain variant with torch's default TF32 convolutions (default: strict fp32)")
     p.add_argument("--only", help=argparse.SUPPRESS)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
@@ -244,8 +261,7 @@ def main() -> None:
     if args.compile:
         names += [f"{m}:compiled" for m in ("finetune", "ilt") if f"{m}:fast" in names]
     if args.device.startswith("cuda"):
-        # What `ilseg train` sets on CUDA; a process-wide switch, so the plain variants get it too
-        # (torch's defaults otherwise: TF32 for cuDNN convolutions, full fp32 for matmuls).
+        # What `ilseg train` sets on CUDA; a process-wide switch, so the plain variants get it too.
         torch.backends.cudnn.benchmark = True
     timed = time_variants(args, names)
     methods = sorted({name.split(":")[0] for name in names})
@@ -299,7 +315,7 @@ def main() -> None:
               "results": timed, "ratios": ratios, "projected_hours": hours}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "-compile" if args.compile else ""
+    suffix = ("-compile" if args.compile else "") + ("-plaintf32" if args.plain_tf32 else "")
     path = out / f"train_step-{args.device.split(':')[0]}-{args.backbone}-w{args.width}-{args.size}{suffix}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"saved {path}")

@@ -33,30 +33,45 @@ def _batch(seed: int, classes: int, size: int = 64) -> tuple[torch.Tensor, torch
     return images.to(CUDA), target.to(CUDA)
 
 
-@pytest.mark.parametrize("name", ["finetune", "ilt", "ilt-kd-out"])
-def test_bf16_channels_last_iteration_follows_the_fp32_plain_one(name):
-    """The engine's CUDA path (bf16 autocast, channels_last, folded teacher, fused SGD) against plain fp32.
-
-    bf16 rounds to about 3 significant digits, so equality is out of reach:
-    the losses agree to a few percent and every weight moves the same way
-    (the cosine of the two updates near 1), which a wrong layout, a
-    mis-folded teacher or a loss computed on the wrong dtype would break.
-    """
-    cfg = METHOD_PRESETS[name]
-    needs_teacher = Method(cfg).needs_teacher
+def _models() -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
     model = build_segmenter(backbone="resnet18", backbone_width=16, head_channels=32, classes_per_step=[5])
     teacher = copy_for_teacher(model)
     model.add_step(2)
-    model.to(CUDA)
-    teacher.to(CUDA)
+    return model.to(CUDA), teacher.to(CUDA)
+
+
+def _fast(model: torch.nn.Module, teacher: torch.nn.Module, precision: Precision) -> None:
+    """What the engine does to the models before training: fold the teacher's BNs, set the layout."""
+    fold_batchnorm(teacher)
+    if precision.channels_last:
+        model.to(memory_format=torch.channels_last)
+        teacher.to(memory_format=torch.channels_last)
+
+
+@pytest.fixture
+def strict_fp32():
+    """Full fp32 in cuDNN and cuBLAS (no TF32), restored afterwards."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("name", ["finetune", "ilt", "ilt-kd-out"])
+def test_channels_last_folded_fused_iteration_on_cuda_makes_the_plain_update(name, strict_fp32):
+    """In fp32, the CUDA fast path (channels_last, folded teacher, fused SGD) makes the plain update.
+
+    Precision is held at fp32 so that only the layout, the folding and the
+    optimiser are compared; bf16 is the next test's.
+    """
+    cfg = METHOD_PRESETS[name]
+    needs_teacher = Method(cfg).needs_teacher
+    model, teacher = _models()
     start = {k: v.clone() for k, v in model.state_dict().items()}
     plain_model, plain_teacher = copy.deepcopy(model), copy.deepcopy(teacher)
-    precision = Precision.for_runtime(RuntimeConfig(), CUDA)
-    assert precision.amp == "bf16" and precision.channels_last
-    fold_batchnorm(teacher)
-    model.to(memory_format=torch.channels_last)
-    teacher.to(memory_format=torch.channels_last)
+    precision = Precision(CUDA, amp="none", channels_last=True)
+    _fast(model, teacher, precision)
     batch = [_batch(0, 7)]
     opt = build_optimizer(model.parameters(), kind="sgd", lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
     progress = train_one_epoch(model=model, teacher=teacher if needs_teacher else None, method=Method(cfg),
@@ -64,20 +79,50 @@ def test_bf16_channels_last_iteration_follows_the_fp32_plain_one(name):
                                precision=precision, step=1)
     plain_opt = plain_sgd(list(plain_model.parameters()), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
     values = plain_iteration(plain_model, plain_teacher if needs_teacher else None, cfg, *batch[0], plain_opt, 1)
-    assert progress.sums.keys() == values.keys()
-    for key, plain_value in values.items():
-        assert progress.sums[key] == pytest.approx(plain_value, rel=0.05, abs=1e-3), key
+    assert progress.sums == pytest.approx(values, rel=1e-4)
     fast_state, plain_state = model.state_dict(), plain_model.state_dict()
     for key, plain_value in plain_state.items():
-        if not plain_value.is_floating_point() or plain_value.numel() < 64:
+        if not plain_value.is_floating_point():
             continue
-        fast_update = (fast_state[key] - start[key]).flatten().double()
-        plain_update = (plain_value - start[key]).flatten().double()
-        if plain_update.norm() == 0:
-            assert fast_update.norm() == 0, key  # frozen or untouched in both
-            continue
-        cosine = torch.nn.functional.cosine_similarity(fast_update, plain_update, dim=0)
-        assert cosine > 0.95, f"{name} {key}: cosine {float(cosine):.3f}"
+        update = (plain_value - start[key]).norm()
+        error = (fast_state[key] - plain_value).norm()
+        assert error <= 1e-3 * update + 1e-6, f"{name} {key}: {float(error):.3g} vs update {float(update):.3g}"
+
+
+@pytest.mark.parametrize("name", ["finetune", "ilt", "ilt-kd-out"])
+def test_bf16_training_follows_the_fp32_plain_training(name):
+    """Fifteen iterations on one batch: the engine's CUDA defaults (bf16 autocast + channels_last) against fp32.
+
+    bf16 keeps about 3 significant digits, and on a randomly initialised
+    network the per-layer gradients differ from fp32's by more than that
+    (the cosine of one iteration's bf16 and fp32 updates measured 0.77-0.96
+    per layer on the CPU and on an H100), so single updates are not compared;
+    the losses along the way are, and they stay within a few percent
+    (measured within 4%), while a loss computed in the wrong dtype, lost
+    gradients or a broken layout would move them apart.
+    """
+    cfg = METHOD_PRESETS[name]
+    needs_teacher = Method(cfg).needs_teacher
+    model, teacher = _models()
+    plain_model, plain_teacher = copy.deepcopy(model), copy.deepcopy(teacher)
+    precision = Precision.for_runtime(RuntimeConfig(), CUDA)
+    assert precision.amp == "bf16" and precision.channels_last
+    _fast(model, teacher, precision)
+    images, target = _batch(0, 7)
+    opt = build_optimizer(model.parameters(), kind="sgd", lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    sched = poly_schedule(opt, 10**6, 0.9)
+    plain_opt = plain_sgd(list(plain_model.parameters()), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    fast, plain = [], []
+    for _ in range(15):
+        progress = train_one_epoch(model=model, teacher=teacher if needs_teacher else None, method=Method(cfg),
+                                   loader=[(images, target)], optimizer=opt, scheduler=sched, scaler=None,
+                                   precision=precision, step=1)
+        fast.append(progress.sums["loss"])
+        plain.append(plain_iteration(plain_model, plain_teacher if needs_teacher else None, cfg, images, target,
+                                     plain_opt, 1)["loss"])
+    assert fast == pytest.approx(plain, rel=0.1)
+    assert fast[-1] == pytest.approx(plain[-1], rel=0.05)
+    assert fast[-1] < 0.99 * fast[0] and plain[-1] < 0.99 * plain[0]  # both learned
 
 
 def test_a_run_on_cuda_trains_evaluates_and_its_checkpoints_load_on_the_cpu(tmp_path: Path):

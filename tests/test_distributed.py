@@ -375,3 +375,24 @@ def test_a_frozen_rank_ends_the_job_after_the_collective_timeout(synth_root, tmp
     assert seconds < 45  # the 4 s timeout, the frozen process's sleep, torchrun's shutdown: not 600 s
     ours = [line for line in done.stderr.splitlines() if line.startswith("ilseg:")]
     assert ours and ours[0].startswith("ilseg: error: another process of this job stopped"), done.stderr
+
+
+def test_persistent_workers_draw_each_epochs_augmentation():
+    """The training loader keeps its workers between epochs; the epoch travels with each index."""
+    from ilseg.engine.data import EpochKeys, make_loader
+
+    items = SeededItems(_RandomItems(), seed=7)
+    batches = D.GlobalBatchSampler(8, 4, rank=0, world_size=1, seed=3)
+    persistent = make_loader(items, batch_sampler=EpochKeys(batches), workers=2, persistent=True)
+    assert persistent.persistent_workers
+    seen = []
+    for epoch in range(3):
+        batches.set_epoch(epoch)
+        items.set_epoch(0)  # a stale epoch in the main process must not matter either
+        got = torch.cat(list(persistent))
+        order = [i for batch in batches for i in batch]
+        items.set_epoch(epoch)
+        assert torch.equal(got, torch.stack([items[i] for i in order])), epoch
+        seen.append(got)
+    assert not torch.equal(seen[0], seen[1])  # each epoch its own draws
+    assert persistent._iterator is not None  # the same workers served all three epochs

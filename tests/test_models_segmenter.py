@@ -173,6 +173,7 @@ def test_add_step_on_gpu() -> None:
     model = _small().cuda()
     model.add_step(2, init="background")
     assert model.classifiers[-1].weight.is_cuda and model.classifiers[-1].bias.is_cuda
+    model.eval()  # one image: a training-mode forward is refused (the ASPP pooling BN)
     assert model(_image().cuda())["logits"].shape == (1, 7, 64, 64)
 
 

@@ -181,15 +181,17 @@ class SeededItems(Dataset):
     not on which process or DataLoader worker reads it or in which order: a run
     on several GPUs, with any number of workers, augments every image exactly
     as a single process does.  The caller's RNG state is restored after each
-    item.  Call :meth:`set_epoch` before iterating a DataLoader over it; the
-    new epoch reaches the workers because they are started again for each
-    epoch (``persistent_workers=False``).
+    item.  The epoch is either set with :meth:`set_epoch` (seen by DataLoader
+    workers started after it) or sent with each index as an ``(epoch, index)``
+    key, which is what lets the engine keep its workers alive between epochs
+    (``persistent_workers=True``): a worker's copy of ``epoch`` may be stale,
+    the key never is.
 
     Example::
 
         >>> items = SeededItems(train_set, seed=42)
         >>> items.set_epoch(3)
-        >>> torch.equal(items[5][0], items[5][0])
+        >>> torch.equal(items[5][0], items[(3, 5)][0])
         True
     """
 
@@ -199,18 +201,19 @@ class SeededItems(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def item_seed(self, index: int) -> int:
+    def item_seed(self, index: int, epoch: int | None = None) -> int:
         """A 64-bit seed mixed from ``(seed, epoch, index)`` (no two items share a stream)."""
-        words = [self.seed & 0xFFFF_FFFF_FFFF_FFFF, self.epoch, int(index)]
+        words = [self.seed & 0xFFFF_FFFF_FFFF_FFFF, self.epoch if epoch is None else epoch, int(index)]
         return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0])
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> Any:
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         rng = torch.default_generator  # the CPU generator only (torch.manual_seed costs ~100x more)
         saved = rng.get_state()
-        rng.manual_seed(self.item_seed(index))
+        rng.manual_seed(self.item_seed(index, epoch))
         try:
             return self.dataset[index]
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,8 +68,24 @@ def training_data(cfg: RunConfig, task: Task, step: int, target_lut: np.ndarray,
     items = SeededItems(ds, seed)
     batches = distributed.GlobalBatchSampler(len(ds), batch_size, rank=dist.rank, world_size=dist.world_size,
                                              seed=seed)
-    loader = make_loader(items, batch_sampler=batches, workers=data.workers)
+    loader = make_loader(items, batch_sampler=EpochKeys(batches), workers=data.workers, persistent=True)
     return TrainingData(dataset=ds, items=items, batches=batches, loader=loader)
+
+
+class EpochKeys(Sampler[list[tuple[int, int]]]):
+    """A :class:`~ilseg.engine.distributed.GlobalBatchSampler`'s batches with each index sent as
+    ``(epoch, index)``, so that persistent DataLoader workers augment with the current epoch's seeds."""
+
+    def __init__(self, batches: distributed.GlobalBatchSampler) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.batches.epoch
+        for batch in self.batches:
+            yield [(epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def check_data(cfg: RunConfig, task: Task, steps: range, *, progress: bool) -> None:
@@ -150,15 +167,19 @@ def eval_batch_size(cfg: RunConfig, ds: SegmentationDataset) -> int:
 
 
 def make_loader(ds: Dataset, *, workers: int, batch_size: int = 1, sampler: Sampler | None = None,
-                batch_sampler: Sampler | None = None) -> DataLoader:
+                batch_sampler: Sampler | None = None, persistent: bool = False) -> DataLoader:
     """A DataLoader with ilseg's settings; the (batch) sampler decides order and sharding.
 
-    Workers are started again for every pass (``persistent_workers=False``),
-    so they see the epoch set on a :class:`SeededItems` dataset.
+    ``persistent`` keeps the worker processes between passes (the training
+    loader, read once per epoch: restarting the workers cost more than the
+    decoding itself on a GPU machine, BENCHMARKS.md); the dataset must then
+    not depend on state set between passes (:class:`EpochKeys` sends the
+    epoch with the indices).  Memory is pinned for copies to a GPU.
     """
     pin = torch.cuda.is_available()
+    keep = persistent and workers > 0
     if batch_sampler is not None:
         return DataLoader(ds, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin,
-                          persistent_workers=False)
+                          persistent_workers=keep)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
-                      persistent_workers=False)
+                      persistent_workers=keep)
