@@ -193,8 +193,10 @@ def _sync_worker(rank: int, world: int, init_file: str) -> None:
 
 
 def test_sync_batchnorm_on_the_cpu_matches_batchnorm_on_the_whole_batch(tmp_path):
-    # fork: the workers start in a blink with everything already imported (no CUDA here)
-    mp.start_processes(_sync_worker, args=(2, str(tmp_path / "init")), nprocs=2, start_method="fork")
+    # fork: the workers start in a blink with everything already imported; but not after a backward pass
+    # on CUDA in this process (the GPU tests): autograd's device threads cannot be forked, so spawn then.
+    method = "spawn" if torch.cuda.is_initialized() else "fork"
+    mp.start_processes(_sync_worker, args=(2, str(tmp_path / "init")), nprocs=2, start_method=method)
 
 
 def test_convert_sync_batchnorm_keeps_frozen_bn_and_uses_torch_on_cuda():

@@ -127,7 +127,7 @@ IN_MEMORY_LIMIT = 2 * 2**30  # bytes of decoded images and masks
 def keep_in_memory(cfg: RunConfig, ds: SegmentationDataset) -> bool:
     """Whether a step's training images are decoded once and kept: the synthetic set, read in this process.
 
-    With loader workers each worker would hold (and, restarted every epoch,
+    With loader workers each worker would hold (and, at every new step,
     rebuild) its own copy, so only ``data.workers: 0`` keeps them.
     """
     if cfg.data.dataset != "synth" or cfg.data.workers != 0 or len(ds) == 0:
