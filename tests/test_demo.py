@@ -24,6 +24,11 @@ def test_demo_quick_runs_every_method_and_prints_the_table(tmp_path, capsys):
     ilt = json.loads((tmp_path / "runs-quick" / "ilt" / "results.json").read_text())
     assert ilt["steps"][0]["adopted_from"].endswith("finetune/step0.pth")
     assert (tmp_path / "data" / "synth" / "ilseg_synth.json").is_file()
+    # the demo ends with the report of its runs
+    assert "report-quick/report.html" in out
+    report = json.loads((tmp_path / "report-quick" / "report.json").read_text())
+    assert [g["label"] for g in report["groups"]] == list(DEMO_METHODS)
+    assert (tmp_path / "report-quick" / "miou_by_step.png").is_file()
     # a second run reuses the data and the finished runs instead of training again
     assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
     assert "already complete" in (tmp_path / "runs-quick" / "ilt" / "train.log").read_text()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+
 from ilseg.report import comparison_table, pct, results_csv, results_markdown
 
 RESULTS = {
@@ -34,6 +37,14 @@ def test_csv_one_row_per_step():
     rows = results_csv(RESULTS).strip().splitlines()
     assert rows[0].startswith("step,classes_seen,miou_all")
     assert rows[2].startswith("1,9,0.3,0.4,0.35,0.123")
+
+
+def test_csv_has_a_column_per_class_empty_before_it_is_learnt():
+    rows = list(csv.DictReader(io.StringIO(results_csv(RESULTS))))
+    assert list(rows[0])[-3:] == ["iou_background", "iou_disc", "iou_diamond"]
+    assert [r["iou_background"] for r in rows] == ["0.95", "0.9"]
+    assert [r["iou_disc"] for r in rows] == ["nan", "0.2"]  # absent from the test masks at step 0
+    assert [r["iou_diamond"] for r in rows] == ["", "0.1"]  # not a class yet at step 0
 
 
 def test_comparison_table_uses_the_last_step():

@@ -173,6 +173,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from ilseg.reports import write_report
+
+    written = write_report(args.runs, Path(args.out))
+    print(f"wrote {written['markdown']}, {written['html']} (one self-contained page) and {written['json']}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ilseg.demo import run_demo
 
@@ -258,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--out", required=True)
     pd.add_argument("--device", choices=["auto", "cpu", "cuda"])
     pd.set_defaults(func=cmd_predict)
+
+    rp = sub.add_parser("report", help="compare finished runs: tables, seed mean ± std, forgetting, plots, HTML")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                    help="run folders of one dataset and task (a folder of run folders stands for all of them); "
+                         "runs that differ only by seed are grouped")
+    rp.add_argument("--out", required=True, help="the report folder (report.md, report.html, report.json, PNGs)")
+    rp.set_defaults(func=cmd_report)
 
     dm = sub.add_parser("demo", help="joint vs fine-tuning vs ILT on the synthetic benchmark (CPU, minutes)")
     dm.add_argument("--out", default="ilseg-demo")

@@ -3,8 +3,9 @@
 It generates the synthetic dataset (if missing), trains step 0 once, then
 every method's later steps from that shared step-0 model (as papers do), plus
 joint training on all classes, and prints one table: old / new / all mIoU
-after the last step.  The recipe is the ``synth-demo`` preset; its comments
-say how and why it differs from the paper recipe.
+after the last step, then writes the report of ``ilseg report`` for its runs
+(``report/report.html``).  The recipe is the ``synth-demo`` preset; its
+comments say how and why it differs from the paper recipe.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ilseg.engine.run import run_training
 from ilseg.errors import IlsegError
 from ilseg.methods import METHOD_PRESETS
 from ilseg.report import comparison_table
+from ilseg.reports import write_report
 
 DEMO_METHODS: tuple[str, ...] = ("joint", "finetune", "ilt", "ilt-kd-out")
 # Methods whose step 0 is plain cross-entropy on the step-0 classes can share it.
@@ -78,5 +80,7 @@ def run_demo(out: Path, *, quick: bool = False, quiet: bool = False, methods: Se
     text = (f"ilseg demo: synthetic {base.data.task} ({'overlapped' if base.data.overlap else 'disjoint'}), "
             f"{base.model.backbone}, mIoU % after the last step ({minutes:.1f} min)\n\n{table}\n")
     atomic_write_text(out / ("comparison-quick.md" if quick else "comparison.md"), text)
+    report = write_report([runs / name for name in methods], out / ("report-quick" if quick else "report"))
     print("\n" + text)
+    print(f"report with figures: {report['html']} (open it in a browser; report.md beside it)")
     return text

@@ -66,11 +66,20 @@ def results_markdown(results: Mapping[str, Any]) -> str:
 
 
 def results_csv(results: Mapping[str, Any]) -> str:
+    """One row per step: the scores of :data:`CSV_FIELDS`, then ``iou_<class>`` for every class of the
+    last step (a class's IoU per step, as in PLOP's per-step CSV): empty before the class is learnt,
+    ``nan`` when it is absent from the test masks.  Fractions, like ``results.json``."""
+    steps = results.get("steps", [])
+    classes = list(steps[-1]["iou_per_class"]) if steps else []
+    fields = [*CSV_FIELDS, *[f"iou_{name}" for name in classes]]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for s in results.get("steps", []):
-        writer.writerow({k: s.get(k) for k in CSV_FIELDS})
+    for s in steps:
+        ious = s.get("iou_per_class", {})
+        per_class = {f"iou_{name}": ("nan" if ious[name] is None else ious[name]) if name in ious else ""
+                     for name in classes}
+        writer.writerow({k: s.get(k) for k in CSV_FIELDS} | per_class)
     return buf.getvalue()
 
 

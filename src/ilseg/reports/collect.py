@@ -1,0 +1,256 @@
+"""Runs for a report: read, checked to be comparable, grouped by seed, summarised.
+
+Every number here is a fraction (0..1), as in ``results.json``; the pages
+show percentages.  ``None`` means "no value" (a class absent from the test
+masks, no new class yet, an unseen class) and is left out of means.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ilseg.engine.rundir import read_run_config, training_task
+from ilseg.errors import IlsegError
+from ilseg.report import read_results
+
+# Settings that do not change what a run learns beyond its seed: runs that differ only in these
+# (and in runtime.seed) are seeds of one experiment.
+NOT_IDENTITY = {("name",), ("runtime",), ("data", "root"), ("data", "cache_dir"), ("data", "workers"),
+                ("eval", "batch_size")}
+# What every run of one report must share, with the words used to name a difference.
+SAME_TASK = (("dataset", "dataset"), ("task", "task"), ("overlap", "overlapped/disjoint setting"),
+             ("order", "class order"))
+
+
+@dataclass
+class Run:
+    """One finished run folder."""
+
+    path: Path
+    results: dict[str, Any]
+    config: dict[str, Any]
+
+    @property
+    def seed(self) -> int:
+        return int(self.config["runtime"]["seed"])
+
+    @property
+    def method(self) -> str:
+        return str(self.results.get("method"))
+
+    def identity(self) -> str:
+        """The run's settings without seed, paths and runtime, as a comparable string."""
+        return repr(_strip(self.config, ()))
+
+
+def _strip(value: Any, where: tuple[str, ...]) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _strip(v, (*where, k)) for k, v in sorted(value.items()) if (*where, k) not in NOT_IDENTITY}
+    return value
+
+
+def hiou(old: float | None, new: float | None) -> float | None:
+    """Harmonic mean of old- and new-class mIoU (``None`` before any new class)."""
+    if old is None or new is None:
+        return None
+    return 0.0 if old + new == 0 else 2 * old * new / (old + new)
+
+
+def class_steps(results: Mapping[str, Any]) -> dict[str, int]:
+    """The step that introduced each class (the first step whose scores list it)."""
+    intro: dict[str, int] = {}
+    for s in results["steps"]:
+        for name in s["iou_per_class"]:
+            intro.setdefault(name, int(s["step"]))
+    return intro
+
+
+def forgetting(results: Mapping[str, Any]) -> dict[str, float | None]:
+    """Per class learnt before the last step: IoU after the step that introduced it minus IoU after the last.
+
+    Positive values are IoU lost; ``None`` where either IoU is missing (the
+    class is absent from the test masks).
+    """
+    steps = {int(s["step"]): s for s in results["steps"]}
+    last = steps[max(steps)]
+    out: dict[str, float | None] = {}
+    for name, step in class_steps(results).items():
+        if step == max(steps):
+            continue
+        first, final = steps[step]["iou_per_class"].get(name), last["iou_per_class"].get(name)
+        out[name] = None if first is None or final is None else first - final
+    return out
+
+
+def mean_of(values: Iterable[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
+@dataclass(frozen=True)
+class Stat:
+    """A number over the seeds of a group: mean, sample standard deviation (None for one seed), count."""
+
+    mean: float | None
+    std: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[float | None]) -> Stat:
+        kept = [v for v in values if v is not None and not math.isnan(v)]
+        if not kept:
+            return cls(None, None, 0)
+        return cls(sum(kept) / len(kept), statistics.stdev(kept) if len(kept) > 1 else None, len(kept))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "std": self.std, "n": self.n}
+
+
+SCALARS = ("miou_old", "miou_new", "miou_all", "hiou", "mean_miou_over_steps", "mean_forgetting")
+STEP_SCALARS = ("miou_old", "miou_new", "miou_all", "hiou")
+
+
+def run_numbers(results: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything a report shows of one run."""
+    steps = sorted(results["steps"], key=lambda s: s["step"])
+    last = steps[-1]
+    forgot = forgetting(results)
+    per_step = [{"step": s["step"], "classes_seen": s["classes_seen"], "miou_old": s["miou_old"],
+                 "miou_new": s["miou_new"], "miou_all": s["miou_all"], "hiou": hiou(s["miou_old"], s["miou_new"])}
+                for s in steps]
+    return {
+        "miou_old": last["miou_old"], "miou_new": last["miou_new"], "miou_all": last["miou_all"],
+        "hiou": hiou(last["miou_old"], last["miou_new"]),
+        "mean_miou_over_steps": mean_of(s["miou_all"] for s in steps),
+        "forgetting": forgot, "mean_forgetting": mean_of(forgot.values()),
+        "steps": per_step,
+        "iou_per_class": {s["step"]: dict(s["iou_per_class"]) for s in steps},
+    }
+
+
+@dataclass
+class Group:
+    """Runs that differ only by seed, and their statistics."""
+
+    label: str
+    runs: list[Run]
+    numbers: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.numbers = [run_numbers(r.results) for r in self.runs]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r.seed for r in self.runs]
+
+    @property
+    def steps(self) -> list[int]:
+        return [s["step"] for s in self.numbers[0]["steps"]]
+
+    @property
+    def joint(self) -> bool:
+        """Trained on every class at once (one step): the upper bound, not an incremental run."""
+        return len(self.steps) == 1 and len(self.runs[0].results.get("step_sizes") or []) > 1
+
+    def final(self, key: str) -> Stat:
+        return Stat.of(n[key] for n in self.numbers)
+
+    def at_step(self, key: str, step: int) -> Stat:
+        return Stat.of(s[key] for n in self.numbers for s in n["steps"] if s["step"] == step)
+
+    def classes(self) -> list[str]:
+        """Every class in the order the last step lists them."""
+        return list(self.numbers[0]["iou_per_class"][self.steps[-1]])
+
+    def class_iou(self, name: str, step: int) -> Stat | None:
+        """IoU of ``name`` after ``step`` over the seeds; ``None`` if the class was not seen yet."""
+        per_run = self.numbers[0]["iou_per_class"][step]
+        if name not in per_run:
+            return None
+        return Stat.of(n["iou_per_class"][step].get(name) for n in self.numbers)
+
+    def forgetting(self) -> dict[str, Stat]:
+        return {name: Stat.of(n["forgetting"].get(name) for n in self.numbers) for name in self.numbers[0]["forgetting"]}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label, "method": self.runs[0].method, "seeds": self.seeds,
+            "runs": [str(r.path) for r in self.runs],
+            "final": {k: self.final(k).to_dict() for k in SCALARS},
+            "steps": [{"step": t, **{k: self.at_step(k, t).to_dict() for k in STEP_SCALARS}} for t in self.steps],
+            "iou_per_class": {name: {str(t): (s.to_dict() if (s := self.class_iou(name, t)) else None)
+                                     for t in self.steps} for name in self.classes()},
+            "forgetting": {name: s.to_dict() for name, s in self.forgetting().items()},
+            "per_run": [{"run": str(r.path), "seed": r.seed, **{k: n[k] for k in SCALARS}}
+                        for r, n in zip(self.runs, self.numbers)],
+        }
+
+
+def expand(paths: Sequence[str | Path]) -> list[Path]:
+    """Run folders from the arguments: a folder with ``results.json`` is a run; a folder without one
+    stands for the run folders directly inside it (e.g. ``ilseg-demo/runs``)."""
+    out: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if not path.is_dir():
+            raise IlsegError(f"{path} is not a folder; give run folders (each with results.json and config.yaml)")
+        if (path / "results.json").exists() or (path / "config.yaml").exists():
+            out.append(path)
+            continue
+        inner = sorted(p for p in path.iterdir() if p.is_dir() and (p / "results.json").exists())
+        if not inner:
+            raise IlsegError(f"{path} is neither a run folder (no results.json) nor a folder of runs")
+        out.extend(inner)
+    unique = list(dict.fromkeys(p.resolve() for p in out))
+    return unique
+
+
+def load_run(path: Path) -> Run:
+    cfg = read_run_config(path)  # one clear error if it is not a run folder
+    results = read_results(path)
+    if results is None:
+        raise IlsegError(f"{path} has no readable results.json; rebuild it with `ilseg train --resume {path}` "
+                         "(it is rebuilt from the step checkpoints) or leave the run out")
+    num_steps = training_task(cfg).num_steps  # 1 for joint training, which learns every class at once
+    done = sorted(int(s["step"]) for s in results["steps"])
+    if done != list(range(num_steps)):
+        raise IlsegError(f"{path} finished steps {done or 'none'} of 0..{num_steps - 1}: a report compares "
+                         f"finished runs; finish it with `ilseg train --resume {path}` or leave it out")
+    return Run(path=path, results=results, config=cfg.to_dict())
+
+
+def check_comparable(runs: Sequence[Run]) -> None:
+    """Refuse runs of different datasets, tasks, settings or class orders, naming the difference."""
+    first = runs[0]
+    for run in runs[1:]:
+        for key, words in SAME_TASK:
+            if run.results.get(key) != first.results.get(key):
+                raise IlsegError(f"runs of different {words} cannot be compared in one report: {first.path} has "
+                                 f"{first.results.get(key)!r}, {run.path} has {run.results.get(key)!r}")
+
+
+def group_runs(runs: Sequence[Run]) -> list[Group]:
+    """Runs grouped when they differ only by seed (and paths, runtime), in the order first given."""
+    buckets: dict[str, list[Run]] = {}
+    for run in runs:
+        buckets.setdefault(run.identity(), []).append(run)
+    groups = [Group(label=rs[0].method, runs=rs) for rs in buckets.values()]
+    labels = [g.label for g in groups]
+    for g in groups:  # two experiments of one method: tell them apart by their folder names
+        if labels.count(g.label) > 1:
+            g.label = f"{g.label} ({g.runs[0].path.name})"
+    return groups
+
+
+def collect(paths: Sequence[str | Path]) -> list[Group]:
+    """Read, check and group the runs of ``paths``."""
+    runs = [load_run(p) for p in expand(paths)]
+    if not runs:
+        raise IlsegError("no run folder given")
+    check_comparable(runs)
+    return group_runs(runs)
