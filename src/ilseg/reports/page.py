@@ -137,6 +137,7 @@ th,td{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 .note{color:#555;font-size:.9em}figure{margin:1em 0}img{max-width:100%;height:auto}
 figcaption{font-size:.9em;color:#444}
+.maps{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}.maps figure{flex:0 1 32%;margin:0}
 """
 
 
@@ -171,7 +172,9 @@ def write_report(paths: Sequence[str | Path], out: str | Path) -> dict[str, Path
     body = [f"<h1>{html.escape(title)}</h1><p class=note>{html.escape(made)}</p><ul>"
             + "".join(f"<li>{html.escape(line)}</li>" for line in runs_list) + "</ul>"]
     body += [tabs[0].html(), "<h2>Figures</h2>"]
-    body += [f"<figure>{_img(p)}<figcaption>{html.escape(cap)}</figcaption></figure>" for cap, p in figs]
+    body += [f"<figure>{_img(p)}<figcaption>{html.escape(cap)}</figcaption></figure>" for cap, p in figs[:2]]
+    body.append("<div class=maps>" + "".join(f"<figure>{_img(p)}<figcaption>{html.escape(cap)}</figcaption></figure>"
+                                             for cap, p in figs[2:]) + "</div>")
     body += [t.html() for t in tabs[1:]]
     if shots:
         body.append("<h2>Predictions on fixed test images</h2>")

@@ -94,9 +94,9 @@ def class_heatmap(group: Group, path: Path) -> Path:
     masked = np.ma.masked_invalid(grid)
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#eeeeee")
     image = ax.imshow(masked, aspect="auto", cmap=cmap, vmin=0, vmax=100, interpolation="nearest")
-    ax.set_xticks(range(len(steps)), [str(t) for t in steps], fontsize=7)
+    ax.set_xticks(range(len(steps)), ["joint"] if group.joint else [str(t) for t in steps], fontsize=7)
     ax.set_yticks(range(len(classes)), classes, fontsize=5 if many else 7)
-    ax.set_xlabel("step", fontsize=8)
+    ax.set_xlabel("all classes at once" if group.joint else "step", fontsize=8)
     seeds = f", mean of {len(group.runs)} seeds" if len(group.runs) > 1 else ""
     ax.set_title(f"{group.label}: IoU (%) per class{seeds}", fontsize=8)
     if not many:
