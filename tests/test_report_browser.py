@@ -1,0 +1,37 @@
+"""The report page as a reader sees it: rendered by headless Chromium (skipped where none is installed).
+
+CI has no browser; run it with ``apt-get install chromium`` (Debian) and
+``python -m pytest -m slow tests/test_report_browser.py``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ilseg.reports import write_report
+from test_reports import make_run
+
+BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BROWSER is None, reason="no Chromium installed (apt-get install chromium)")
+def test_the_page_renders_offline_with_its_figures(tmp_path: Path):
+    runs = [make_run(tmp_path / "runs" / f"ilt-{s}", "ilt", s, (0.4 + 0.05 * s, 0.1), (0.6, 0.2)) for s in range(2)]
+    runs.append(make_run(tmp_path / "runs" / "ft", "finetune", 0, (0.1, 0.4), (0.6, 0.05)))
+    page = write_report(runs, tmp_path / "report")["html"]
+    shot = tmp_path / "page.png"
+    subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1200,1800", f"--screenshot={shot}", page.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
+    # the embedded figures were drawn: the first Okabe-Ito colour (#0072B2) of the lines and bars is on screen
+    blue = np.abs(pixels.astype(int) - [0x00, 0x72, 0xB2]).sum(1) < 30
+    assert blue.sum() > 500
+    assert (pixels.min(1) < 128).mean() > 0.01  # text and figures, not a blank page
