@@ -20,7 +20,9 @@ from ilseg.methods import (
     feature_distillation,
     kd_ilt_output,
     kd_mib,
+    kd_unbiased,
     method_config,
+    unbiased_cross_entropy,
 )
 
 
@@ -41,10 +43,15 @@ def test_preset_total_is_weighted_sum(name):
     method = build_method(cfg)
     teacher = TEACHER if method.needs_teacher else None
     out = method(STUDENT, teacher, TARGET, step=1)
-    ce = cross_entropy(STUDENT["logits"], TARGET, reduction=cfg.ce_reduction)
+    if cfg.unbiased_ce:
+        ce = unbiased_cross_entropy(STUDENT["logits"], TARGET, TEACHER["logits"].shape[1], reduction=cfg.ce_reduction)
+    else:
+        ce = cross_entropy(STUDENT["logits"], TARGET, reduction=cfg.ce_reduction)
     assert out["ce"].item() == pytest.approx(ce.item())
     if cfg.kd == "mib":
         assert out["kd"].item() == pytest.approx(kd_mib(STUDENT["logits"], TEACHER["logits"]).item())
+    elif cfg.kd == "unbiased":
+        assert out["kd"].item() == pytest.approx(kd_unbiased(STUDENT["logits"], TEACHER["logits"]).item())
     elif cfg.kd == "ilt_output":
         ref = kd_ilt_output(STUDENT["logits"], TEACHER["logits"], TARGET, mask=cfg.kd_mask)
         assert out["kd"].item() == pytest.approx(ref.item())
@@ -146,7 +153,7 @@ def test_describe_method_lists_weights():
     assert "encoder frozen" in describe_method(METHOD_PRESETS["ilt-ef-kd-out"])
     for cfg in METHOD_PRESETS.values():
         line = describe_method(cfg)
-        assert line.startswith(cfg.name + ": L = CE") and "\n" not in line
+        assert line.startswith((cfg.name + ": L = CE", cfg.name + ": L = UNCE")) and "\n" not in line
 
 
 # -- the step boundary, on real (tiny) models ------------------------------------------
@@ -245,4 +252,4 @@ def test_step0_identity_leaves_out_what_acts_from_step_one():
 
 def test_needs_teacher_is_the_one_rule():
     assert [name for name, cfg in METHOD_PRESETS.items() if Method(cfg).needs_teacher] == [
-        "ilt", "ilt-kd-out", "ilt-kd-feat", "ilt-ef-kd-out", "ilt-kd-out-feat"]
+        "ilt", "ilt-kd-out", "ilt-kd-feat", "ilt-ef-kd-out", "ilt-kd-out-feat", "mib"]

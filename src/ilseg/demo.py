@@ -20,12 +20,13 @@ from ilseg.data.synth import generate_synth, synth_matches
 from ilseg.fileio import atomic_write_text
 from ilseg.engine.run import run_training
 from ilseg.errors import IlsegError
-from ilseg.methods import METHOD_PRESETS
+from ilseg.methods import METHOD_PRESETS, Method
 from ilseg.report import comparison_table
 from ilseg.reports import write_report
 
 DEMO_METHODS: tuple[str, ...] = ("joint", "finetune", "ilt", "ilt-kd-out")
-# Methods whose step 0 is plain cross-entropy on the step-0 classes can share it.
+# Methods whose step 0 is the same training (Method.identity(0): plain cross-entropy with the same
+# reduction on the step-0 classes) share it; the others (joint, MiB's CE over all pixels) train their own.
 SHARED_STEP0_FROM = "finetune"
 # The demo's synthetic set: 64 px images, enough for a small CNN to learn shapes in minutes.
 DEMO_IMAGES, DEMO_SIZE = 1800, 64
@@ -69,8 +70,8 @@ def run_demo(out: Path, *, quick: bool = False, quiet: bool = False, methods: Se
         if cfg.method.joint and not quick:
             cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=JOINT_EPOCHS))
         run_dir = runs / name
-        init = shared if (name != SHARED_STEP0_FROM and not cfg.method.joint
-                          and (shared / "step0.pth").is_file()) else None
+        same_step0 = Method(cfg.method).identity(0) == Method(METHOD_PRESETS[SHARED_STEP0_FROM]).identity(0)
+        init = shared if (name != SHARED_STEP0_FROM and same_step0 and (shared / "step0.pth").is_file()) else None
         print(f"\n=== {name} ===", flush=True)
         resume = (run_dir / "config.yaml").is_file()
         res = run_training(cfg, run_dir, resume=resume, init_from=init, quiet=quiet)

@@ -26,16 +26,31 @@ def plain_losses(cfg: MethodConfig, student: dict[str, Tensor], teacher: dict[st
     """The losses of ``cfg`` from their formulas (docs/methods.md), without any numerical shortcut."""
     logits = student["logits"]
     log_p = F.log_softmax(logits, dim=1)
-    per_pixel = F.nll_loss(log_p, target.clamp_max(logits.shape[1] - 1), reduction="none")
     valid = target != IGNORE_INDEX
+    label = target.clamp_max(logits.shape[1] - 1)
+    distils = cfg.uses_kd or cfg.fd_weight > 0 or cfg.unbiased_ce
+    if step > 0 and cfg.unbiased_ce and teacher is not None:
+        # MiB: a background pixel may be any old class, so its probability is the old channels' sum.
+        old = teacher["logits"].shape[1]
+        p = log_p.exp()
+        merged = torch.cat([p[:, :old].sum(dim=1, keepdim=True), p[:, old:]], dim=1).log()
+        label = torch.where(label < old, 0, label - old + 1)
+        per_pixel = F.nll_loss(merged, label, reduction="none")
+    else:
+        per_pixel = F.nll_loss(log_p, label, reduction="none")
     per_pixel = per_pixel * valid
     count = valid.sum().clamp_min(1) if cfg.ce_reduction == "valid" else target.numel()
     losses = {"ce": per_pixel.sum() / count}
     total = losses["ce"]
-    distils = cfg.uses_kd or cfg.fd_weight > 0
     if step > 0 and distils and teacher is not None:
         old = teacher["logits"].shape[1]
-        if cfg.uses_kd and cfg.kd == "mib":
+        if cfg.uses_kd and cfg.kd == "unbiased":
+            # MiB: the teacher's background is the student's background or any new class.
+            p = log_p.exp()
+            student_p = torch.cat([p[:, :1] + p[:, old:].sum(dim=1, keepdim=True), p[:, 1:old]], dim=1)
+            teacher_p = F.softmax(cfg.kd_alpha * teacher["logits"], dim=1)
+            losses["kd"] = -(teacher_p * student_p.log()).sum(dim=1).mean() / old
+        elif cfg.uses_kd and cfg.kd == "mib":
             teacher_p = F.softmax(cfg.kd_alpha * teacher["logits"], dim=1)
             student_log_p = F.log_softmax(logits[:, :old], dim=1)
             losses["kd"] = -(teacher_p * student_log_p).sum(dim=1).mean() / old

@@ -1,4 +1,4 @@
-"""Training methods: fine-tuning, ILT (each variant) and joint training.
+"""Training methods: fine-tuning, ILT (each variant), MiB and joint training.
 
 A method decides what happens at each step boundary (the student, the
 teacher, the training labels: :meth:`Method.start_step`) and turns the
@@ -16,7 +16,14 @@ from ilseg.methods.base import (
     describe_method,
     method_config,
 )
-from ilseg.methods.losses import cross_entropy, feature_distillation, kd_ilt_output, kd_mib
+from ilseg.methods.losses import (
+    cross_entropy,
+    feature_distillation,
+    kd_ilt_output,
+    kd_mib,
+    kd_unbiased,
+    unbiased_cross_entropy,
+)
 
 __all__ = [
     "METHOD_PRESETS",
@@ -29,5 +36,7 @@ __all__ = [
     "feature_distillation",
     "kd_ilt_output",
     "kd_mib",
+    "kd_unbiased",
     "method_config",
+    "unbiased_cross_entropy",
 ]

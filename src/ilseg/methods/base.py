@@ -35,20 +35,22 @@ from ilseg.methods.losses import (
     feature_distillation,
     kd_ilt_output,
     kd_mib,
+    kd_unbiased,
+    unbiased_cross_entropy,
 )
 from ilseg.models import IncrementalSegmenter, copy_for_teacher, freeze_bn, freeze_encoder
 from ilseg.tasks import Task, train_lut
 
-KDKind = Literal["none", "mib", "ilt_output"]
+KDKind = Literal["none", "mib", "ilt_output", "unbiased"]
 ClassifierInit = Literal["default", "background"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "ce_reduction": ("valid", "all"),
-    "kd": ("none", "mib", "ilt_output"),
+    "kd": ("none", "mib", "ilt_output", "unbiased"),
     "kd_mask": ("old_bgr", "all", "old"),
     "classifier_init": ("default", "background"),
 }
-_BOOLS = ("freeze_encoder", "freeze_bn", "keep_old_labels", "joint")
+_BOOLS = ("unbiased_ce", "freeze_encoder", "freeze_bn", "keep_old_labels", "joint")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +61,13 @@ class MethodConfig:
         name: the preset this config comes from (shown in reports).
         ce_reduction: ``"valid"`` divides the cross-entropy by the non-ignored
             pixels (PyTorch, cssegmentation); ``"all"`` by all pixels (MiB).
+        unbiased_ce: from step 1 on, MiB's unbiased cross-entropy (background
+            = background or any old class,
+            :func:`~ilseg.methods.losses.unbiased_cross_entropy`).
         kd: output distillation: ``"none"``, ``"mib"`` (MiB's ILT ``L_KD``,
-            :func:`~ilseg.methods.losses.kd_mib`) or ``"ilt_output"`` (the ILT
-            paper's ``L'_D``, :func:`~ilseg.methods.losses.kd_ilt_output`).
+            :func:`~ilseg.methods.losses.kd_mib`), ``"ilt_output"`` (the ILT
+            paper's ``L'_D``, :func:`~ilseg.methods.losses.kd_ilt_output`) or
+            ``"unbiased"`` (MiB's own, :func:`~ilseg.methods.losses.kd_unbiased`).
         kd_weight: weight of the distillation term; with 0 the term is off.
         kd_alpha: teacher-logit scale of ``"mib"``.
         kd_temperature: temperature of ``"ilt_output"``.
@@ -79,6 +85,7 @@ class MethodConfig:
 
     name: str
     ce_reduction: CEReduction = "valid"
+    unbiased_ce: bool = False
     kd: KDKind = "none"
     kd_weight: float = 0.0
     kd_alpha: float = 1.0
@@ -116,13 +123,13 @@ class MethodConfig:
                 raise IlsegError(f"{where}: {field} must be > 0, got {getattr(self, field)}")
         if self.kd == "none" and self.kd_weight > 0:
             raise IlsegError(
-                f"{where}: kd_weight = {self.kd_weight} but kd = 'none'; choose kd 'mib' or "
-                "'ilt_output', or set kd_weight to 0"
+                f"{where}: kd_weight = {self.kd_weight} but kd = 'none'; choose kd 'mib', "
+                "'ilt_output' or 'unbiased', or set kd_weight to 0"
             )
-        if self.joint and (self.uses_kd or self.fd_weight > 0):
+        if self.joint and (self.uses_kd or self.fd_weight > 0 or self.unbiased_ce):
             raise IlsegError(
                 f"{where}: joint training learns all classes in one step and has no teacher; "
-                "set kd_weight and fd_weight to 0"
+                "set kd_weight and fd_weight to 0 and unbiased_ce to false"
             )
 
     @property
@@ -148,6 +155,10 @@ METHOD_PRESETS: dict[str, MethodConfig] = {
                                   keep_old_labels=True),
     "ilt-kd-out-feat": MethodConfig(name="ilt-kd-out-feat", kd="ilt_output", kd_weight=1.0, fd_weight=50.0,
                                     keep_old_labels=True),
+    # MiB (Cermelli et al., CVPR 2020) as its code's `--method MiB` sets it: unbiased CE and unbiased KD
+    # (weight 10, alpha 1), new classifiers from the background, CE divided by all pixels.
+    "mib": MethodConfig(name="mib", ce_reduction="all", unbiased_ce=True, kd="unbiased", kd_weight=10.0,
+                        kd_alpha=1.0, classifier_init="background"),
 }
 
 
@@ -178,10 +189,12 @@ def describe_method(cfg: MethodConfig) -> str:
 
     Example: ``ilt: L = CE(y) + 100*KD_mib(alpha=1) + 100*FD [labels: current step only]``.
     """
-    ce = "CE(y)" if cfg.ce_reduction == "valid" else "CE(y, mean over all pixels)"
-    terms = [ce]
+    ce = "UNCE(y)" if cfg.unbiased_ce else "CE(y)"
+    terms = [ce if cfg.ce_reduction == "valid" else f"{ce[:-1]}, mean over all pixels)"]
     if cfg.kd == "mib" and cfg.uses_kd:
         terms.append(f"{_weight(cfg.kd_weight)}*KD_mib(alpha={_weight(cfg.kd_alpha)})")
+    elif cfg.kd == "unbiased" and cfg.uses_kd:
+        terms.append(f"{_weight(cfg.kd_weight)}*UNKD(alpha={_weight(cfg.kd_alpha)})")
     elif cfg.kd == "ilt_output" and cfg.uses_kd:
         terms.append(f"{_weight(cfg.kd_weight)}*KD_out(T={_weight(cfg.kd_temperature)}, pixels={cfg.kd_mask})")
     if cfg.fd_weight > 0:
@@ -198,7 +211,7 @@ def describe_method(cfg: MethodConfig) -> str:
     else:
         labels = "old labels kept" if cfg.keep_old_labels else "current step only"
     extra = f"; {', '.join(extras)} from step 1" if extras else ""
-    distils = cfg.uses_kd or cfg.fd_weight > 0
+    distils = cfg.uses_kd or cfg.fd_weight > 0 or cfg.unbiased_ce
     step0 = "; step 0: CE only" if distils else ""
     return f"{cfg.name}: L = {' + '.join(terms)} [labels: {labels}{step0}{extra}]"
 
@@ -252,8 +265,12 @@ class Method:
 
     @property
     def needs_teacher(self) -> bool:
-        """Whether steps > 0 need the previous model's outputs (the one rule for it)."""
-        return self.cfg.uses_kd or self.cfg.fd_weight > 0
+        """Whether steps > 0 need the previous model's outputs (the one rule for it).
+
+        The unbiased cross-entropy needs the teacher's channel count (the
+        classes before this step); every method that uses it also distils.
+        """
+        return self.cfg.uses_kd or self.cfg.fd_weight > 0 or self.cfg.unbiased_ce
 
     @property
     def label_protocol(self) -> str:
@@ -332,17 +349,26 @@ class Method:
         """
         cfg = self.cfg
         logits = student["logits"]
-        losses: dict[str, Tensor] = {"ce": cross_entropy(logits, target, reduction=cfg.ce_reduction)}
+        distilling = step > 0 and self.needs_teacher
+        if distilling and teacher is None:
+            raise ValueError(
+                f"method {cfg.name!r} distils from the previous model, but no teacher output was "
+                f"given at step {step}"
+            )
+        if distilling and cfg.unbiased_ce:
+            assert teacher is not None
+            ce = unbiased_cross_entropy(logits, target, teacher["logits"].shape[1], reduction=cfg.ce_reduction)
+        else:
+            ce = cross_entropy(logits, target, reduction=cfg.ce_reduction)
+        losses: dict[str, Tensor] = {"ce": ce}
         total = losses["ce"]
-        if step > 0 and self.needs_teacher:
-            if teacher is None:
-                raise ValueError(
-                    f"method {cfg.name!r} distils from the previous model, but no teacher output was "
-                    f"given at step {step}"
-                )
+        if distilling:
+            assert teacher is not None
             if cfg.uses_kd:
                 if cfg.kd == "mib":
                     kd = kd_mib(logits, teacher["logits"], alpha=cfg.kd_alpha)
+                elif cfg.kd == "unbiased":
+                    kd = kd_unbiased(logits, teacher["logits"], alpha=cfg.kd_alpha)
                 else:
                     kd = kd_ilt_output(logits, teacher["logits"], target,
                                        temperature=cfg.kd_temperature, mask=cfg.kd_mask)

@@ -19,6 +19,9 @@ Sources:
   which cssegmentation's ILT page runs with weight 100.
 * ``kd_ilt_output`` - the ILT paper's output distillation ``L'_D``.
 * ``feature_distillation`` - MiB's ``L_FD`` and the ILT paper's ``L''_D``.
+* ``unbiased_cross_entropy`` and ``kd_unbiased`` - MiB's own method
+  (``UnbiasedCrossEntropy``, ``UnbiasedKnowledgeDistillationLoss``;
+  REFERENCE-METHODS.md §1.1-1.2).
 """
 
 from __future__ import annotations
@@ -76,6 +79,90 @@ def cross_entropy(
     if reduction == "all":
         return total / max(target.numel(), 1)
     raise ValueError(f"unknown cross-entropy reduction {reduction!r}; use 'valid' or 'all'")
+
+
+def unbiased_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    num_old: int,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: CEReduction = "all",
+) -> Tensor:
+    """MiB's unbiased cross-entropy: a pixel labelled background may be any old class.
+
+    At a step whose training targets keep only the new classes (old classes
+    are background there), the probability of "background" is that of the
+    background *or any old class*:
+
+    ``log p_bg = logsumexp(z[:num_old]) - logsumexp(z)``,
+    ``log p_c = z_c - logsumexp(z)`` for a new class ``c >= num_old``,
+
+    and the loss is ``- sum_i log p_{y_i}`` over the non-ignored pixels,
+    with every target below ``num_old`` read as background (the caller's
+    tensor is not modified), divided as :func:`cross_entropy` divides
+    (MiB: ``"all"``, every pixel of the batch).
+
+    Args:
+        logits: ``BxCxHxW`` student logits, ``C > num_old``.
+        target: ``BxHxW`` int64 channel ids or ``ignore_index``.
+        num_old: the previous step's channel count, background included
+            (the teacher's ``C_old``).
+        reduction: ``"all"`` (MiB) or ``"valid"``.
+
+    Returns:
+        A float32 scalar.
+
+    Example::
+
+        >>> z = torch.tensor([[1.0, 2.0, 0.5]]).view(1, 3, 1, 1)   # bg, old, new
+        >>> y = torch.tensor([[[0]]])                                 # "background"
+        >>> expected = -(torch.logsumexp(z[0, :2, 0, 0], 0) - torch.logsumexp(z[0, :, 0, 0], 0))
+        >>> bool(torch.isclose(unbiased_cross_entropy(z, y, num_old=2), expected))
+        True
+    """
+    if not 0 < num_old <= logits.shape[1]:
+        raise ValueError(f"num_old must be in 1..{logits.shape[1]}, got {num_old}")
+    z = logits.float()
+    valid = target != ignore_index
+    label = torch.where(valid, target, torch.zeros_like(target))
+    den = torch.logsumexp(z, dim=1)
+    merged = torch.logsumexp(z[:, :num_old], dim=1)
+    own = z.gather(1, label.unsqueeze(1)).squeeze(1)
+    per_pixel = (den - torch.where(label < num_old, merged, own)) * valid
+    if reduction == "valid":
+        return per_pixel.sum() / per_process_share(valid.sum())
+    if reduction == "all":
+        return per_pixel.sum() / max(target.numel(), 1)
+    raise ValueError(f"unknown cross-entropy reduction {reduction!r}; use 'valid' or 'all'")
+
+
+def kd_unbiased(student_logits: Tensor, teacher_logits: Tensor, *, alpha: float = 1.0) -> Tensor:
+    """MiB's unbiased output distillation: the teacher's background is the student's background
+    *or any new class*.
+
+    ``L = - mean_i (1/C_old) [ q_0 log p~_bg + sum_{c=1}^{C_old-1} q_c log p_c ]`` with
+    ``q = softmax(alpha * z°)`` over the teacher's ``C_old`` channels,
+    ``log p~_bg = logsumexp(z[[0, C_old, ..., C-1]]) - logsumexp(z)`` and
+    ``log p_c = z_c - logsumexp(z)``; the division by ``C_old`` (background
+    included) and the mean over all pixels are MiB's.
+
+    Args:
+        student_logits: ``BxCxHxW``, ``C >= C_old``.
+        teacher_logits: ``BxC_oldxHxW``; detached here.
+        alpha: scale of the teacher's logits (MiB's ``--alpha``, 1 by default).
+
+    Returns:
+        A float32 scalar.
+    """
+    c_old = _check_teacher_logits(student_logits, teacher_logits)
+    z = student_logits.float()
+    q = torch.softmax(teacher_logits.detach().float() * alpha, dim=1)
+    den = torch.logsumexp(z, dim=1)
+    background = torch.logsumexp(torch.cat([z[:, :1], z[:, c_old:]], dim=1), dim=1)
+    # sum_c q_c (log p_c) with sum_c q_c = 1: the common "- den" comes out once.
+    weighted = q[:, 0] * background + (q[:, 1:] * z[:, 1:c_old]).sum(dim=1) - den
+    return -(weighted / c_old).mean()
 
 
 def _check_teacher_logits(student_logits: Tensor, teacher_logits: Tensor) -> int:
