@@ -20,6 +20,13 @@ and cssegmentation differ (REFERENCE.md §5):
 
 The stride sits on the 3x3 conv (ResNet v1.5), as in torchvision and MiB.
 
+PLOP distils the *pre-activation* output of each stage (the residual sum of
+its last block, before the final activation): :meth:`ResNet.forward_with_stages`
+returns those four maps next to the usual output.  Every block computes that
+sum in :meth:`BasicBlock.residual_sum` / :meth:`Bottleneck.residual_sum`;
+``forward`` applies the in-place activation to it as before, and
+``forward_with_preactivation`` applies an out-of-place one so the sum survives.
+
 Example::
 
     >>> body = ResNet(depth=50, output_stride=16)
@@ -32,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ilseg.errors import IlsegError
@@ -93,12 +101,19 @@ class BasicBlock(nn.Module):
         self.act = nn.LeakyReLU(negative_slope, inplace=True)
         self.downsample = downsample
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def residual_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``bn2(conv2(...)) + shortcut``: the block's output before its last activation."""
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.act(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        out = out + shortcut
-        return self.act(out)
+        return out + shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.residual_sum(x))
+
+    def forward_with_preactivation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, pre-activation)``: the output equals ``forward(x)``; the sum is kept."""
+        return _out_of_place_act(self.act, self.residual_sum(x))
 
 
 class Bottleneck(nn.Module):
@@ -132,13 +147,29 @@ class Bottleneck(nn.Module):
         self.act = nn.LeakyReLU(negative_slope, inplace=True)
         self.downsample = downsample
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def residual_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``bn3(conv3(...)) + shortcut``: the block's output before its last activation."""
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.act(self.bn1(self.conv1(x)))
         out = self.act(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        out = out + shortcut
-        return self.act(out)
+        return out + shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.residual_sum(x))
+
+    def forward_with_preactivation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, pre-activation)``: the output equals ``forward(x)``; the sum is kept."""
+        return _out_of_place_act(self.act, self.residual_sum(x))
+
+
+def _out_of_place_act(act: nn.LeakyReLU, preactivation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(act(preactivation), preactivation)`` without overwriting ``preactivation``.
+
+    The blocks' ``act`` is in place; the same LeakyReLU applied out of place
+    gives the same values in a new tensor.
+    """
+    return F.leaky_relu(preactivation, act.negative_slope), preactivation
 
 
 class ResNet(nn.Module):
@@ -266,3 +297,26 @@ class ResNet(nn.Module):
         x = self.layer2(x)
         x = self.layer3(x)
         return self.layer4(x)
+
+    def forward_with_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(forward(x), [pre-activation of layer1 .. layer4])``, in one pass.
+
+        Each stage's map is the residual sum of its last block before the final
+        LeakyReLU (what PLOP distils); for 64x64 input, ResNet-50 and output
+        stride 16 the shapes are ``Bx256x16x16``, ``Bx512x8x8``,
+        ``Bx1024x4x4`` and ``Bx2048x4x4``.  The first output equals
+        ``forward(x)``.  The last block of each stage is run through
+        ``forward_with_preactivation``, not ``__call__``: forward hooks on those
+        four blocks do not fire.
+        """
+        x = self.maxpool(self.act(self.bn1(self.conv1(x))))
+        preactivations = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            *blocks, last = stage
+            for block in blocks:
+                x = block(x)
+            if not isinstance(last, (BasicBlock, Bottleneck)):
+                raise IlsegError(f"a ResNet stage must end with a residual block, got {type(last).__name__}")
+            x, preactivation = last.forward_with_preactivation(x)
+            preactivations.append(preactivation)
+        return x, preactivations

@@ -65,7 +65,26 @@ class IncrementalSegmenter(nn.Module):
       (``align_corners=False``) to the input size, or ``BxCxhxw`` at feature
       resolution with ``upsample=False``;
     * ``"features"``: ``Bx{body.out_channels}xhxw``, the body's output after its
-      last activation (what ILT's feature distillation compares).
+      last activation (what ILT's feature distillation compares);
+    * ``"pod"``, only while ``model.pod_outputs`` is True: the six maps PLOP
+      distils (REFERENCE-METHODS.md §2.2), in this order: the pre-activation
+      output of layer1, layer2, layer3 and layer4 (the residual sum of each
+      stage's last block, before its LeakyReLU), the head output (after the
+      head's last BN + LeakyReLU), and the concatenated classifier logits at
+      head resolution (before upsampling).  For a 512x512 crop, ResNet-101 and
+      output stride 16: ``256x128x128``, ``512x64x64``, ``1024x32x32``,
+      ``2048x32x32``, ``256x32x32``, ``Cx32x32`` per image.  Needs a
+      :class:`~ilseg.models.backbone.ResNet` body.
+
+    ``pod_outputs`` is a plain attribute (not a parameter or buffer, so not in
+    the state dict), False by default: with it off the forward pass computes
+    and keeps exactly what it did before it existed.  Set it once, before
+    wrapping the model in DDP or ``torch.compile`` and before
+    :func:`copy_for_teacher` (the copy inherits it), rather than per call::
+
+        >>> model.pod_outputs = True
+        >>> [m.shape[1] for m in model(x)["pod"]]  # resnet18, 16 head channels, 5 classes
+        [64, 128, 256, 512, 16, 5]
     """
 
     def __init__(self, body: nn.Module, head: nn.Module, classes_per_step: Sequence[int]) -> None:
@@ -80,6 +99,7 @@ class IncrementalSegmenter(nn.Module):
         self.bn_frozen = False
         self.encoder_frozen = False
         self.is_teacher = False
+        self.pod_outputs = False
 
     @property
     def classes_per_step(self) -> tuple[int, ...]:
@@ -91,13 +111,27 @@ class IncrementalSegmenter(nn.Module):
         """Total output channels (classes seen so far, background included)."""
         return sum(self.classes_per_step)
 
-    def forward(self, x: torch.Tensor, upsample: bool = True) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, upsample: bool = True) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        if self.pod_outputs:
+            return self._forward_with_pod(x, upsample)
         features = self.body(x)
         head_out = self.head(features)
         logits = torch.cat([cls(head_out) for cls in self.classifiers], dim=1)
         if upsample:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return {"logits": logits, "features": features}
+
+    def _forward_with_pod(self, x: torch.Tensor, upsample: bool) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """``forward`` plus ``"pod"``: the same outputs, and the six maps PLOP distils."""
+        if not isinstance(self.body, ResNet):
+            raise IlsegError(f"PLOP's feature maps need a ResNet body, got {type(self.body).__name__}")
+        features, stage_maps = self.body.forward_with_stages(x)
+        head_out = self.head(features)
+        small_logits = torch.cat([cls(head_out) for cls in self.classifiers], dim=1)
+        logits = small_logits
+        if upsample:
+            logits = F.interpolate(small_logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return {"logits": logits, "features": features, "pod": [*stage_maps, head_out, small_logits]}
 
     def add_step(self, num_classes: int, *, init: Literal["default", "background"] = "default") -> None:
         """Append a classifier for ``num_classes`` new classes, on the model's device and dtype.
