@@ -111,6 +111,7 @@ class RuntimeConfig:
     collective_timeout_s: int = 600
     tensorboard: bool = False
     compile: bool = False  # torch.compile the trained model; falls back to eager (with a log line) if it fails
+    preview_images: int = 0  # after each step: the first N test images, ground truth and prediction in RUN/preview/
 
     def amp_for(self, device_type: str) -> str:
         """The autocast mode on a device of type ``device_type`` (``torch.device.type``).
@@ -195,6 +196,7 @@ def _validate(cfg: RunConfig) -> None:
         (cfg.optim.poly_power >= 0, "optim.poly_power must be >= 0"),
         (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
         (cfg.runtime.collective_timeout_s > 0, "runtime.collective_timeout_s must be positive"),
+        (cfg.runtime.preview_images >= 0, "runtime.preview_images must be >= 0 (0: no previews)"),
         (not (cfg.optim.nesterov and cfg.optim.optimizer == "sgd" and cfg.optim.momentum == 0),
          "optim.nesterov needs optim.momentum > 0"),
     ]

@@ -49,7 +49,7 @@ from ilseg.engine.rundir import (
 )
 from ilseg.engine.runlog import RunLogger
 from ilseg.engine.signals import StopRequests, signal_name
-from ilseg.engine.step import RunContext, evaluate_step, record_step, train_step
+from ilseg.engine.step import RunContext, evaluate_step, preview_step, record_step, train_step
 from ilseg.errors import IlsegError, Interrupted
 from ilseg.methods import Method, build_method
 from ilseg.metrics import mean_over_steps
@@ -258,6 +258,7 @@ def adopt_step0(ctx: RunContext, source: Path) -> None:
         entry |= {"step": 0, "classes_seen": ctx.train_task.num_outputs(0)}
     record_step(ctx, entry | {"adopted_from": str(src)})
     ctx.log.info(f"step 0 taken from {src}")
+    preview_step(ctx, model.to(ctx.precision.device), 0)
 
 
 def step0_source(source: Path) -> Path:
