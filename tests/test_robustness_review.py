@@ -185,3 +185,21 @@ def test_new_settings_from_a_later_step_still_load_the_steps_before(synth_root, 
     assert [e["from_step"] for e in history] == [0, 2]
     for step in (1, 2):
         assert main(["eval", "--run", str(run), "--step", str(step), "--json"]) == 0
+
+
+def test_a_checkpoint_from_before_a_new_setting_stays_usable_when_the_setting_is_at_its_default(tmp_path):
+    """Settings added later (e.g. PLOP's POD factors) are absent from older checkpoints; those trained as
+    the default does, so a run at the default accepts them, and a run that sets the new value does not."""
+    from ilseg.config import load_config, preset_dir
+    from ilseg.engine.checkpoint import check_compatible
+    from ilseg.errors import IlsegError
+    from ilseg.engine.rundir import checkpoint_identity
+
+    cfg = load_config(preset_dir() / "synth-demo.yaml", ["method.name=ilt"])
+    identity = checkpoint_identity(cfg, 1)
+    older = {k: v for k, v in identity.items() if k not in ("method.pod_factor", "method.pseudo_labels")}
+    check_compatible({"identity": older, "format_version": 2}, identity, tmp_path / "step1.pth")
+    changed = checkpoint_identity(load_config(preset_dir() / "synth-demo.yaml",
+                                              ["method.name=ilt", "method.pod_factor=0.01"]), 1)
+    with pytest.raises(IlsegError, match=r"method.pod_factor: checkpoint has '\(not recorded\)', this run has 0.01"):
+        check_compatible({"identity": older, "format_version": 2}, changed, tmp_path / "step1.pth")

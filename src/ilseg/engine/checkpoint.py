@@ -8,6 +8,7 @@ target: a crash leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,13 @@ def check_compatible(state: Mapping[str, Any], expected: Mapping[str, Any], path
     ``expected`` comes from :func:`ilseg.engine.rundir.checkpoint_identity`.
     """
     found = state.get("identity", {})
+    defaults = setting_defaults()
+    # A setting added after the checkpoint was written is absent from it; the checkpoint then trained with
+    # what the setting's default does (every setting is added with a default that keeps the old behaviour).
     diffs = [
         f"{k}: checkpoint has {found.get(k, '(not recorded)')!r}, this run has {v!r}"
         for k, v in expected.items()
-        if found.get(k) != v
+        if found.get(k) != v and not (k not in found and k in defaults and defaults[k] == v)
     ]
     if diffs:
         older = state.get("format_version", 0) < FORMAT_VERSION
@@ -63,6 +67,19 @@ def check_compatible(state: Mapping[str, Any], expected: Mapping[str, Any], path
             f"checkpoint {path} belongs to another run ({len(diffs)} difference(s)): " + "; ".join(diffs)
             + f". Use a checkpoint trained with the same settings, or change this run's config to match{hint}"
         )
+
+
+def setting_defaults() -> dict[str, Any]:
+    """Every config setting's default as a flat ``section.key`` entry (``method.*``: the fields of
+    :class:`~ilseg.methods.MethodConfig`, whose defaults switch every term off)."""
+    from ilseg.config import RunConfig
+    from ilseg.methods import MethodConfig
+
+    plain = RunConfig().to_dict()
+    flat = {f"{section}.{k}": v for section, values in plain.items() if isinstance(values, dict)
+            for k, v in values.items() if section != "method"}
+    flat |= {f"method.{f.name}": f.default for f in dataclasses.fields(MethodConfig) if f.name != "name"}
+    return flat
 
 
 def training_state(

@@ -12,7 +12,7 @@ import dataclasses
 import random
 import time
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from ilseg.engine.loop import (
     poly_schedule,
     train_one_epoch,
 )
+from ilseg.engine.preview import write_preview
 from ilseg.engine.rundir import (
     checkpoint_identity,
     read_run_config,
@@ -112,6 +113,7 @@ def train_step(ctx: RunContext, step: int, resume: dict[str, Any] | None = None)
         load_weights(setup.student, resume, last_checkpoint(ctx.run_dir))
     train_model = place_models(ctx, setup)
     data = training_data(ctx.cfg, ctx.train_task, step, setup.target_lut, dist=ctx.dist, progress=ctx.progress)
+    calibrate(ctx, setup, data, step)
     opt = Optimisation.build(ctx.cfg, train_model, lr=lr, total_iters=epochs * len(data.loader),
                              precision=ctx.precision)
     at = Position.of(resume, opt)
@@ -129,6 +131,32 @@ def train_step(ctx: RunContext, step: int, resume: dict[str, Any] | None = None)
     save_state(ctx, step_checkpoint(ctx.run_dir, step), setup.student, opt, step, epochs - 1, epochs, at.seconds,
                entry=entry, confusion_matrix=scores["confusion_matrix"])
     record_step(ctx, entry)
+    preview_step(ctx, setup.student, step)
+
+
+def calibrate(ctx: RunContext, setup: StepSetup, data: TrainingData, step: int) -> None:
+    """What a method computes from its teacher over the step's training set before training (PLOP's
+    pseudo-label thresholds): one pass over epoch 0's batches, summed over the processes."""
+    if not ctx.method.calibrates(step):
+        return
+    teacher = setup.teacher
+    if teacher is None:
+        raise ValueError(f"method {ctx.method.cfg.name!r} calibrates from a teacher, but step {step} has none")
+    start = time.perf_counter()
+    data.set_epoch(0)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, targets in data.loader:
+            images = ctx.precision.images(images)
+            with torch.inference_mode(), ctx.precision.autocast():
+                logits = teacher(images)["logits"]
+            yield logits.float(), targets.to(ctx.precision.device, non_blocking=True)
+
+    reduce = (lambda t: torch.distributed.all_reduce(t)) if ctx.dist.enabled else None
+    thresholds = ctx.method.calibrate(batches(), step, reduce=reduce)
+    ctx.log.info(f"step {step}: pseudo-label thresholds from {len(data.dataset)} training images "
+                 f"({ctx.method.cfg.pseudo_threshold}, {time.perf_counter() - start:.1f} s): "
+                 + " ".join(f"{float(t):.4g}" for t in thresholds))
 
 
 @dataclasses.dataclass
@@ -333,3 +361,11 @@ def record_step(ctx: RunContext, entry: dict[str, Any]) -> None:
     if ctx.dist.is_main:
         write_results(ctx.run_dir, ctx.results)
     ctx.log.step_table(entry)
+
+
+def preview_step(ctx: RunContext, model: nn.Module, step: int) -> None:
+    """On the main rank, ``RUN_DIR/preview/step{step}.png`` when ``runtime.preview_images`` is on."""
+    if ctx.dist.is_main and ctx.cfg.runtime.preview_images > 0:
+        path = write_preview(ctx.cfg, ctx.train_task, model, step, ctx.run_dir, ctx.precision)
+        if path is not None:
+            ctx.log.info(f"step {step}: test images, ground truth and predictions drawn in {path}")

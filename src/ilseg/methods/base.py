@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, cast
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from ilseg.errors import IlsegError
@@ -38,17 +39,28 @@ from ilseg.methods.losses import (
     kd_unbiased,
     unbiased_cross_entropy,
 )
+from ilseg.methods.plop import (
+    PLOP_THRESHOLD_FLOOR,
+    EntropyThresholds,
+    local_pod_loss,
+    plop_cross_entropy,
+    pseudo_label,
+)
 from ilseg.models import IncrementalSegmenter, copy_for_teacher, freeze_bn, freeze_encoder
 from ilseg.tasks import Task, train_lut
 
 KDKind = Literal["none", "mib", "ilt_output", "unbiased"]
 ClassifierInit = Literal["default", "background"]
+PseudoLabels = Literal["none", "entropy"]
+ThresholdMode = Literal["median", "plop_compat"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "ce_reduction": ("valid", "all"),
     "kd": ("none", "mib", "ilt_output", "unbiased"),
     "kd_mask": ("old_bgr", "all", "old"),
     "classifier_init": ("default", "background"),
+    "pseudo_labels": ("none", "entropy"),
+    "pseudo_threshold": ("median", "plop_compat"),
 }
 _BOOLS = ("unbiased_ce", "freeze_encoder", "freeze_bn", "keep_old_labels", "joint")
 
@@ -73,6 +85,16 @@ class MethodConfig:
         kd_temperature: temperature of ``"ilt_output"``.
         kd_mask: pixels ``"ilt_output"`` averages over: ``"old_bgr"``, ``"all"``, ``"old"``.
         fd_weight: weight of the feature distillation (MSE of layer4 features).
+        pod_factor: PLOP's Local POD weight of the four ResNet stages and the
+            head output (:func:`~ilseg.methods.plop.local_pod_loss`); 0 = off.
+        pod_logits_factor: its weight of the logits map.
+        pseudo_labels: ``"entropy"``: PLOP's pseudo-labels on background
+            pixels, the CE scaled per image by the fraction kept and averaged
+            over all pixels (:func:`~ilseg.methods.plop.pseudo_label`).
+        pseudo_threshold: per-class entropy thresholds: ``"median"`` (the true
+            median over the step's training set, all ranks together) or
+            ``"plop_compat"`` (PLOP's own histogram walk, per rank).
+        pseudo_floor: the smallest threshold (PLOP's ``--threshold``).
         freeze_encoder: from step 1 on, no gradient into the ResNet body (ILT's EF).
         freeze_bn: from step 1 on, BatchNorm statistics and affine parameters frozen.
         classifier_init: how a new step's classifier starts:
@@ -92,6 +114,11 @@ class MethodConfig:
     kd_temperature: float = 1.0
     kd_mask: KDMask = "old_bgr"
     fd_weight: float = 0.0
+    pod_factor: float = 0.0
+    pod_logits_factor: float = 0.0
+    pseudo_labels: PseudoLabels = "none"
+    pseudo_threshold: ThresholdMode = "median"
+    pseudo_floor: float = PLOP_THRESHOLD_FLOOR
     freeze_encoder: bool = False
     freeze_bn: bool = False
     classifier_init: ClassifierInit = "default"
@@ -110,12 +137,13 @@ class MethodConfig:
             value = getattr(self, field)
             if not isinstance(value, bool):
                 raise IlsegError(f"{where}: {field} must be true or false, got {value!r}")
-        for field in ("kd_weight", "fd_weight", "kd_alpha", "kd_temperature"):
+        for field in ("kd_weight", "fd_weight", "kd_alpha", "kd_temperature", "pod_factor", "pod_logits_factor",
+                      "pseudo_floor"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise IlsegError(f"{where}: {field} must be a finite number, got {value!r}")
             object.__setattr__(self, field, float(value))
-        for field in ("kd_weight", "fd_weight"):
+        for field in ("kd_weight", "fd_weight", "pod_factor", "pod_logits_factor", "pseudo_floor"):
             if getattr(self, field) < 0:
                 raise IlsegError(f"{where}: {field} must be >= 0, got {getattr(self, field)}")
         for field in ("kd_alpha", "kd_temperature"):
@@ -126,16 +154,27 @@ class MethodConfig:
                 f"{where}: kd_weight = {self.kd_weight} but kd = 'none'; choose kd 'mib', "
                 "'ilt_output' or 'unbiased', or set kd_weight to 0"
             )
-        if self.joint and (self.uses_kd or self.fd_weight > 0 or self.unbiased_ce):
+        if self.pseudo_labels != "none" and (self.ce_reduction != "all" or self.unbiased_ce):
+            raise IlsegError(
+                f"{where}: pseudo_labels = {self.pseudo_labels!r} scales each image's cross-entropy and averages it "
+                "over all pixels (PLOP): set ce_reduction to 'all' and unbiased_ce to false"
+            )
+        if self.joint and (self.uses_kd or self.fd_weight > 0 or self.unbiased_ce or self.uses_pod
+                           or self.pseudo_labels != "none"):
             raise IlsegError(
                 f"{where}: joint training learns all classes in one step and has no teacher; "
-                "set kd_weight and fd_weight to 0 and unbiased_ce to false"
+                "set kd_weight, fd_weight and the POD factors to 0, unbiased_ce to false and pseudo_labels to none"
             )
 
     @property
     def uses_kd(self) -> bool:
         """Whether the output-distillation term is on (a kind and a positive weight)."""
         return self.kd != "none" and self.kd_weight > 0
+
+    @property
+    def uses_pod(self) -> bool:
+        """Whether PLOP's Local POD is on (either factor positive)."""
+        return self.pod_factor > 0 or self.pod_logits_factor > 0
 
 
 METHOD_PRESETS: dict[str, MethodConfig] = {
@@ -159,6 +198,11 @@ METHOD_PRESETS: dict[str, MethodConfig] = {
     # (weight 10, alpha 1), new classifiers from the background, CE divided by all pixels.
     "mib": MethodConfig(name="mib", ce_reduction="all", unbiased_ce=True, kd="unbiased", kd_weight=10.0,
                         kd_alpha=1.0, classifier_init="background"),
+    # PLOP (Douillard et al., CVPR 2021) as its code's `--method PLOP` sets it for VOC: Local POD (0.01 on the
+    # stages and head, 0.0005 on the logits), entropy pseudo-labels (true-median thresholds, floor 0.001),
+    # new classifiers from the background, CE over all pixels.  ADE20k presets lower the POD factors.
+    "plop": MethodConfig(name="plop", ce_reduction="all", pod_factor=0.01, pod_logits_factor=0.0005,
+                         pseudo_labels="entropy", classifier_init="background"),
 }
 
 
@@ -199,6 +243,10 @@ def describe_method(cfg: MethodConfig) -> str:
         terms.append(f"{_weight(cfg.kd_weight)}*KD_out(T={_weight(cfg.kd_temperature)}, pixels={cfg.kd_mask})")
     if cfg.fd_weight > 0:
         terms.append(f"{_weight(cfg.fd_weight)}*FD")
+    if cfg.pseudo_labels == "entropy":
+        terms[0] = f"CE(pseudo-labels: entropy < {cfg.pseudo_threshold} threshold, x kept fraction, mean over all pixels)"
+    if cfg.uses_pod:
+        terms.append(f"POD(stages+head {_weight(cfg.pod_factor)}, logits {_weight(cfg.pod_logits_factor)})")
     extras = []
     if cfg.freeze_encoder:
         extras.append("encoder frozen")
@@ -211,7 +259,7 @@ def describe_method(cfg: MethodConfig) -> str:
     else:
         labels = "old labels kept" if cfg.keep_old_labels else "current step only"
     extra = f"; {', '.join(extras)} from step 1" if extras else ""
-    distils = cfg.uses_kd or cfg.fd_weight > 0 or cfg.unbiased_ce
+    distils = cfg.uses_kd or cfg.fd_weight > 0 or cfg.unbiased_ce or cfg.uses_pod or cfg.pseudo_labels != "none"
     step0 = "; step 0: CE only" if distils else ""
     return f"{cfg.name}: L = {' + '.join(terms)} [labels: {labels}{step0}{extra}]"
 
@@ -259,6 +307,8 @@ class Method:
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
+        self.thresholds: Tensor | None = None  # PLOP's per-class thresholds of the current step (calibrate)
+        self._new_channels = 0  # classes added by the step start_step prepared
 
     def __repr__(self) -> str:
         return f"Method({self.cfg!r})"
@@ -270,7 +320,42 @@ class Method:
         The unbiased cross-entropy needs the teacher's channel count (the
         classes before this step); every method that uses it also distils.
         """
-        return self.cfg.uses_kd or self.cfg.fd_weight > 0 or self.cfg.unbiased_ce
+        cfg = self.cfg
+        return cfg.uses_kd or cfg.fd_weight > 0 or cfg.unbiased_ce or cfg.uses_pod or cfg.pseudo_labels != "none"
+
+    def calibrates(self, step: int) -> bool:
+        """Whether step ``step`` needs :meth:`calibrate` (a pass of the teacher over its training set) first."""
+        return step > 0 and self.cfg.pseudo_labels != "none"
+
+    def calibrate(self, teacher_batches: Iterable[tuple[Tensor, Tensor]], step: int, *,
+                  reduce: Callable[[Tensor], object] | None = None) -> Tensor:
+        """PLOP's per-class entropy thresholds for step ``step``, from one pass over its training batches.
+
+        Args:
+            teacher_batches: ``(teacher logits at the labels' resolution, training
+                targets)`` for every batch of the step's training set.
+            reduce: sums a tensor over the processes in place (``all_reduce``);
+                with it every rank gets the thresholds of the whole training
+                set.  ``"plop_compat"`` leaves it unused: PLOP's thresholds
+                come from each rank's own shard.
+
+        Returns (and keeps, for the step's losses) the ``C_old`` thresholds.
+        """
+        if self._new_channels < 1:
+            raise ValueError("calibrate needs the step's start_step first (it sets the number of new classes)")
+        acc: EntropyThresholds | None = None
+        for teacher_logits, target in teacher_batches:
+            if acc is None:
+                acc = EntropyThresholds(num_old_channels=teacher_logits.shape[1],
+                                        num_classes_total=teacher_logits.shape[1] + self._new_channels,
+                                        device=teacher_logits.device)
+            acc.update(teacher_logits, target)
+        if acc is None:
+            raise IlsegError(f"step {step} has no training batch to compute the pseudo-label thresholds from")
+        if reduce is not None and self.cfg.pseudo_threshold == "median":
+            reduce(acc.state())
+        self.thresholds = acc.thresholds(mode=self.cfg.pseudo_threshold, floor=self.cfg.pseudo_floor)
+        return self.thresholds
 
     @property
     def label_protocol(self) -> str:
@@ -313,7 +398,10 @@ class Method:
         ``classifier_init`` says), then the encoder and/or BatchNorm are frozen.
         """
         teacher = None
+        self.thresholds = None
+        self._new_channels = task.step_sizes[step]
         if step > 0:
+            model.pod_outputs = self.cfg.uses_pod  # before the copy: the teacher returns the maps too
             if self.needs_teacher:
                 teacher = copy_for_teacher(model)
             model.add_step(task.step_sizes[step], init=self.cfg.classifier_init)
@@ -358,6 +446,16 @@ class Method:
         if distilling and cfg.unbiased_ce:
             assert teacher is not None
             ce = unbiased_cross_entropy(logits, target, teacher["logits"].shape[1], reduction=cfg.ce_reduction)
+        elif distilling and cfg.pseudo_labels != "none":
+            assert teacher is not None
+            if self.thresholds is None:
+                raise ValueError(f"method {cfg.name!r} pseudo-labels with thresholds from calibrate(), which was "
+                                 f"not called for step {step}")
+            with torch.no_grad():
+                labels, kept = pseudo_label(target, teacher["logits"], self.thresholds.to(logits.device),
+                                            num_old_channels=teacher["logits"].shape[1],
+                                            num_classes_total=logits.shape[1])
+            ce = plop_cross_entropy(logits, labels, kept)
         else:
             ce = cross_entropy(logits, target, reduction=cfg.ce_reduction)
         losses: dict[str, Tensor] = {"ce": ce}
@@ -378,6 +476,14 @@ class Method:
                 fd = feature_distillation(student["features"], teacher["features"])
                 losses["fd"] = fd
                 total = total + cfg.fd_weight * fd
+            if cfg.uses_pod:
+                old = teacher["logits"].shape[1]
+                maps = cast(Sequence[Tensor], student["pod"]), cast(Sequence[Tensor], teacher["pod"])
+                pod = local_pod_loss(*maps, num_old_channels=old,
+                                     num_classes_total=logits.shape[1], num_new=logits.shape[1] - old,
+                                     factors=cfg.pod_factor, logits_factor=cfg.pod_logits_factor)
+                losses["pod"] = pod  # its factors are inside
+                total = total + pod
         losses["loss"] = total
         return losses
 
