@@ -398,3 +398,27 @@ def test_persistent_workers_draw_each_epochs_augmentation():
         seen.append(got)
     assert not torch.equal(seen[0], seen[1])  # each epoch its own draws
     assert persistent._iterator is not None  # the same workers served all three epochs
+
+
+def test_plop_on_two_processes_calibrates_and_trains_like_one(synth_root, tmp_path):
+    """PLOP's thresholds come from the whole training set (histograms summed over the processes), so
+    two processes pseudo-label, distil and train as one does."""
+    sets = _sets(synth_root, tmp_path / "cache", "method.name=plop", "data.crop_size=64")
+    done, _ = torchrun(["train", "--config", "synth-demo", *_set_args(sets), "--steps", "0:2", "--quiet",
+                        "--out", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cfg = load_config(preset_dir() / "synth-demo.yaml", sets)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_training(cfg, tmp_path / "one", steps="0:2", quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+
+    def thresholds(run: Path) -> str:
+        return next(line for line in (run / "train.log").read_text().splitlines() if "thresholds" in line)
+
+    assert thresholds(tmp_path / "two").split("): ")[1] == thresholds(tmp_path / "one").split("): ")[1]
+    two, one = _epoch_losses(tmp_path / "two"), _epoch_losses(tmp_path / "one")
+    assert [s for s, _ in two] == [s for s, _ in one] == [0, 0, 1]
+    assert [l for _, l in two] == pytest.approx([l for _, l in one], rel=1e-3)
