@@ -153,3 +153,11 @@ def test_a_folder_of_runs_stands_for_them_and_the_cli_writes_the_report(runs, tm
     assert sorted(len(g["runs"]) for g in data["groups"]) == [1, 3]
     assert main(["report", str(runs[0]), "--out", str(runs[0] / "config.yaml")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_an_imported_run_is_not_a_seed_of_ilsegs_own(runs, tmp_path):
+    imported = make_run(tmp_path / "mib-import", "ilt", 0, (0.4, 0.1), (0.6, 0.2))
+    results = json.loads((imported / "results.json").read_text())
+    (imported / "results.json").write_text(json.dumps(results | {"imported": {"format": "mib"}}))
+    groups = collect([runs[0], imported])
+    assert [g.label for g in groups] == ["ilt", "ilt (mib, imported)"]

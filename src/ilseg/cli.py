@@ -165,11 +165,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from ilseg.engine.predict import predict_images
+def cmd_import(args: argparse.Namespace) -> int:
+    from ilseg.config import load_config, resolve_config_path
+    from ilseg.engine.importing import import_run
+    from ilseg.report import summary_table
 
-    written = predict_images(Path(args.run), args.images, Path(args.out), step=args.step, device=args.device)
-    print(f"wrote {len(written)} masks and overlays to {args.out}")
+    cfg = load_config(resolve_config_path(args.config), args.set)
+    if not Path(cfg.data.root).is_absolute():  # saved absolute, as by train: eval and --resume work from anywhere
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(Path(cfg.data.root).resolve())))
+    out = Path(args.out)
+    summary = import_run(cfg, [Path(c) for c in args.checkpoints], out, fmt=args.format, evaluate=args.evaluate,
+                         device=args.device, log=print)
+    last = summary["steps"][-1]["step"]
+    print(f"imported {len(summary['steps'])} step(s) of {args.format} into {out}")
+    if summary["results"] is not None:
+        print(summary_table(summary["results"]))
+    else:
+        print(f"score a step with: ilseg eval --run {out} --step {last}; train the next steps with: "
+              f"ilseg train --resume {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ilseg.engine.predict import parse_step_list, predict_images
+
+    steps = parse_step_list(args.steps) if args.steps is not None else None
+    written = predict_images(args.run, args.images, Path(args.out), step=args.step, steps=steps,
+                             ground_truth=args.gt, ground_truth_dir=args.gt_dir, panel=args.panel,
+                             device=args.device)
+    masks = sum(p.name.endswith("_mask.png") for p in written)
+    panels = sum(p.name.endswith("_panel.png") for p in written)
+    what = []
+    if masks:
+        what.append(f"{masks} masks and overlays")
+    if panels:
+        what.append(f"{panels} side-by-side panels")
+    print(f"wrote {' and '.join(what)} to {args.out}")
     return 0
 
 
@@ -259,10 +290,37 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
 
-    pd = sub.add_parser("predict", help="write colour masks and overlays for images")
-    pd.add_argument("--run", required=True)
-    pd.add_argument("--step", type=int, help="default: the last finished step")
+    im = sub.add_parser("import", help="turn MiB / PLOP / cssegmentation step checkpoints into an ilseg run folder")
+    im.add_argument("--format", required=True, choices=["mib", "plop", "cssegmentation"],
+                    help="the tool that saved the checkpoints")
+    im.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                    help="one file per step, in step order (MiB / PLOP file names and cssegmentation's task_id "
+                         "give the step themselves)")
+    im.add_argument("--config", required=True, help="the preset or YAML of the run the checkpoints come from")
+    add_set(im)
+    im.add_argument("--out", required=True, help="a new run folder")
+    im.add_argument("--evaluate", action="store_true",
+                    help="score every imported step with ilseg's protocol and write results.json (needs the data)")
+    im.add_argument("--device", choices=["auto", "cpu", "cuda"], help="for --evaluate")
+    im.set_defaults(func=cmd_import)
+
+    pd = sub.add_parser("predict", help="write colour masks and overlays for images, or side-by-side panels "
+                                         "comparing runs, steps and ground truth")
+    pd.add_argument("--run", required=True, action="append", metavar="RUN_DIR",
+                    help="a run folder; repeat it to compare runs (of one dataset) side by side")
+    pd.add_argument("--step", type=int, help="the step of every run (default: each run's last finished step)")
+    pd.add_argument("--steps", metavar="LIST",
+                    help="several steps of each run side by side (how forgetting is seen): 'all' finished steps "
+                         "or a comma-separated list")
     pd.add_argument("images", nargs="+")
+    pd.add_argument("--gt", nargs="+", default=[], metavar="MASK",
+                    help="ground-truth masks (index PNGs of dataset class ids), matched to the images by file "
+                         "name; put the images before --gt")
+    pd.add_argument("--gt-dir", metavar="DIR", help="a folder with the ground-truth mask <image name>.png of "
+                                                    "every image (e.g. a dataset's SegmentationClassAug)")
+    pd.add_argument("--panel", action="store_true",
+                    help="also write <name>_panel.png for one run without ground truth (written anyway when "
+                         "comparing runs, steps or ground truth)")
     pd.add_argument("--out", required=True)
     pd.add_argument("--device", choices=["auto", "cpu", "cuda"])
     pd.set_defaults(func=cmd_predict)

@@ -61,18 +61,30 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The DeepLab-v3 segmenter (REFERENCE.md §5)."""
+    """The DeepLab-v3 segmenter (REFERENCE.md §5), or DeepLab-v2 (``head: aspp_v2``, docs/methods.md)."""
 
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet101"
     output_stride: Literal[8, 16, 32] = 16
-    head_channels: int = 256
+    head_channels: int = 256  # the ASPP's width (head "aspp" only)
     width: int = 64  # ResNet base width; 64 as published, smaller for thin CPU models (no pretrained weights)
     pretrained: str | None = "imagenet"  # "imagenet", a local checkpoint path, or null
+    head: Literal["aspp", "aspp_v2"] = "aspp"  # DeepLab-v3's ASPP + 1x1 classifiers, or DeepLab-v2's summed ASPP
+    frozen_bn: bool = False  # every BN in eval mode with frozen affine parameters from step 0 on (DeepLab-v2)
+    stride_on: Literal["3x3", "1x1"] = "3x3"  # the conv that strides: torchvision's 3x3, or Caffe ResNet's 1x1
+    activation: Literal["leaky_relu", "relu"] = "leaky_relu"  # the body's: MiB's LeakyReLU(0.01), or ReLU
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """The recipe of REFERENCE.md §7; ``*_next`` values apply to steps > 0."""
+    """The recipe of REFERENCE.md §7; ``*_next`` values apply to steps > 0.
+
+    ``iterations`` / ``iterations_next``: when positive, the step trains that
+    many iterations (whole passes over its training set, then the first
+    batches of one more) instead of ``epochs`` / ``epochs_next``.  The poly
+    schedule decays the learning rate from ``lr`` to ``lr_end`` (``lr_next``
+    to ``lr_end_next``) over the step's iterations:
+    ``lr_i = (lr - lr_end) * (1 - i / total) ** poly_power + lr_end``.
+    """
 
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.01
@@ -84,6 +96,10 @@ class OptimConfig:
     nesterov: bool = True
     weight_decay: float = 1e-4
     poly_power: float = 0.9
+    iterations: int = 0  # 0: train ``epochs``
+    iterations_next: int = 0  # 0: train ``epochs_next``
+    lr_end: float = 0.0  # the learning rate the poly schedule reaches at the end of step 0
+    lr_end_next: float = 0.0  # ... of the later steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +210,12 @@ def _validate(cfg: RunConfig) -> None:
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (0 <= cfg.optim.momentum < 1, "optim.momentum must be in [0, 1)"),
         (cfg.optim.poly_power >= 0, "optim.poly_power must be >= 0"),
+        (cfg.optim.iterations >= 0 and cfg.optim.iterations_next >= 0,
+         "optim.iterations and optim.iterations_next must be >= 0 (0: train epochs)"),
+        (0 <= cfg.optim.lr_end < cfg.optim.lr and 0 <= cfg.optim.lr_end_next < cfg.optim.lr_next,
+         "optim.lr_end and optim.lr_end_next must be >= 0 and below optim.lr and optim.lr_next"),
+        (cfg.model.stride_on == "3x3" or cfg.model.backbone in ("resnet50", "resnet101"),
+         "model.stride_on 1x1 needs a bottleneck ResNet (resnet50 or resnet101)"),
         (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
         (cfg.runtime.collective_timeout_s > 0, "runtime.collective_timeout_s must be positive"),
         (cfg.runtime.preview_images >= 0, "runtime.preview_images must be >= 0 (0: no previews)"),

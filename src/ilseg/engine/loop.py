@@ -76,9 +76,26 @@ def build_optimizer(params: Iterable[nn.Parameter], *, kind: str, lr: float, mom
     raise IlsegError(f"unknown optimizer {kind!r}; use 'sgd' or 'adamw'")
 
 
-def poly_schedule(optimizer: torch.optim.Optimizer, total_iters: int, power: float) -> torch.optim.lr_scheduler.PolynomialLR:
-    """lr_i = lr_0 * (1 - i / total_iters) ** power, stepped once per iteration (0 from ``total_iters`` on)."""
-    return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max(1, total_iters), power=power)
+def poly_schedule(optimizer: torch.optim.Optimizer, total_iters: int, power: float,
+                  lr_end: float = 0.0) -> torch.optim.lr_scheduler.LRScheduler:
+    """lr_i = (lr_0 - lr_end) * (1 - i / total_iters) ** power + lr_end, stepped once per iteration.
+
+    From ``total_iters`` on the rate stays at ``lr_end``.  ``lr_end`` 0 is
+    torch's ``PolynomialLR`` (the MiB recipe, unchanged); a positive floor
+    (TensorFlow's ``polynomial_decay`` with an ``end_learning_rate``, as the
+    ILT paper's code uses) is a ``LambdaLR`` of the closed form, relative to
+    each group's initial rate.  Both keep their position in ``state_dict()``,
+    so a resumed step continues the same sequence.
+    """
+    total = max(1, total_iters)
+    if lr_end == 0.0:
+        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=power)
+    floors = [lr_end / float(group["lr"]) for group in optimizer.param_groups]
+
+    def factor(floor: float) -> Callable[[int], float]:
+        return lambda i: (1.0 - floor) * (1.0 - min(i, total) / total) ** power + floor
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(f) for f in floors])
 
 
 @dataclass
@@ -124,6 +141,7 @@ def train_one_epoch(
     progress: EpochProgress | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_iteration: Callable[[dict[str, float], float], None] | None = None,
+    limit: int | None = None,
 ) -> EpochProgress:
     """Train ``model`` over ``loader`` (the rest of an epoch); return the running loss sums.
 
@@ -133,7 +151,9 @@ def train_one_epoch(
     optimiser step, so the weights of the last checkpoint stay valid.  After
     each iteration ``should_stop()`` may end the pass early (a stop request):
     the result then has ``finished=False``.  ``progress`` continues the sums
-    of an epoch that was stopped part-way.
+    of an epoch that was stopped part-way.  ``limit``: the epoch ends
+    (``finished=True``) once it has run that many iterations in all, resumed
+    ones included (the last, partial epoch of an iteration-based step).
     """
     model.train()
     progress = progress if progress is not None else EpochProgress()
@@ -168,6 +188,8 @@ def train_one_epoch(
         progress.add(values)
         if on_iteration is not None:
             on_iteration(values, optimizer.param_groups[0]["lr"])
+        if limit is not None and progress.iterations >= limit:
+            break
         if should_stop is not None and should_stop():
             return progress
     progress.finished = True

@@ -7,6 +7,7 @@ Layout of ``RUN_DIR``::
     last.pth           resumable state at the end of the latest epoch
     results.json/.csv/.md   every number per step, rewritten after each step
     train.log          what was printed;  metrics.jsonl: every logged scalar
+    preview/step{t}.png   test images, ground truth and predictions after step t (runtime.preview_images)
 
 A checkpoint carries an *identity*: every setting that shaped its weights
 (:func:`checkpoint_identity`).  Loading one into a run whose identity differs
@@ -45,7 +46,8 @@ LOCK_FILE = ".lock"
 _DATA_TRAINING = ("overlap", "index_file", "crop_size", "scale")
 # Settings that change only how a finished model is scored.
 EVAL_PROTOCOL = ("unseen", "ade_zero", "test_size", "test_crop")
-_OPTIM_STEP0 = ("optimizer", "lr", "epochs", "batch_size", "momentum", "nesterov", "weight_decay", "poly_power")
+_OPTIM_STEP0 = ("optimizer", "lr", "epochs", "batch_size", "momentum", "nesterov", "weight_decay", "poly_power",
+                "iterations", "lr_end")
 _RUNTIME_TRAINING = ("seed", "amp")
 
 
@@ -88,8 +90,8 @@ def read_run_config(run_dir: Path, overrides: Sequence[str] = (), *, step: int |
 # Settings ``--resume --set`` may change: the optimisation (it applies from the step being resumed, which
 # restarts) and what only says where and how the run executes.
 RESUME_SETTABLE = ("optim.", "runtime.amp", "runtime.channels_last", "runtime.device", "runtime.backend",
-                   "runtime.collective_timeout_s", "runtime.tensorboard", "runtime.compile", "data.root",
-                   "data.workers", "data.cache_dir", "eval.batch_size")
+                   "runtime.collective_timeout_s", "runtime.tensorboard", "runtime.compile", "runtime.preview_images",
+                   "data.root", "data.workers", "data.cache_dir", "eval.batch_size")
 
 
 def resume_changes(old: RunConfig, new: RunConfig) -> list[str]:
@@ -209,9 +211,10 @@ def create_run_dir(cfg: RunConfig, run_dir: Path, *, overwrite: bool) -> None:
 
 
 def run_files(run_dir: Path) -> list[Path]:
-    """What a run writes (checkpoints, results, logs, config history), for ``--overwrite``."""
+    """What a run writes (checkpoints, results, logs, config history, previews), for ``--overwrite``."""
     names = ["last.pth", "results.json", "results.csv", "results.md", "train.log", "metrics.jsonl", HISTORY_FILE]
-    return [p for p in run_dir.glob("step*.pth") if p.stem[4:].isdigit()] + [run_dir / n for n in names]
+    previews = [p for p in (run_dir / "preview").glob("step*.png") if p.stem[4:].isdigit()]
+    return [p for p in run_dir.glob("step*.pth") if p.stem[4:].isdigit()] + [run_dir / n for n in names] + previews
 
 
 def remove_temporaries(run_dir: Path) -> list[Path]:
@@ -326,6 +329,12 @@ def rebuild_results(run_dir: Path, results: dict[str, Any]) -> bool:
     rebuilt = []
     for step in finished_steps(run_dir):
         metrics = read_checkpoint_entry(step_checkpoint(run_dir, step), "metrics")
+        if metrics is None and read_checkpoint_entry(step_checkpoint(run_dir, step), "imported") is not None:
+            # imported from another tool without scores (ilseg import without --evaluate): a row only if one
+            # was recorded since (--init-from scores the step it adopts)
+            if step in rows:
+                rebuilt.append(rows[step])
+            continue
         if metrics is None:  # unreadable: say which file, never drop its row silently
             load_checkpoint(step_checkpoint(run_dir, step))
             raise IlsegError(f"{step_checkpoint(run_dir, step)} records no metrics; delete it and resume to train "
@@ -377,7 +386,8 @@ def model_from_config(cfg: RunConfig, classes_per_step: Sequence[int], *, pretra
     m = cfg.model
     return build_segmenter(backbone=m.backbone, output_stride=m.output_stride, head_channels=m.head_channels,
                            backbone_width=m.width, classes_per_step=classes_per_step,
-                           pretrained=m.pretrained if pretrained else None)
+                           pretrained=m.pretrained if pretrained else None, head=m.head, frozen_bn=m.frozen_bn,
+                           stride_on=m.stride_on, activation=m.activation)
 
 
 def load_weights(model: nn.Module, state: Mapping[str, Any], path: Path) -> None:

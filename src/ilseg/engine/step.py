@@ -9,6 +9,7 @@ recorded in the results.  Each line is one named call below it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from pathlib import Path
@@ -78,11 +79,11 @@ class Optimisation:
 
     @classmethod
     def build(cls, cfg: RunConfig, model: nn.Module, *, lr: float, total_iters: int,
-              precision: Precision) -> Optimisation:
+              precision: Precision, lr_end: float = 0.0) -> Optimisation:
         o = cfg.optim
         optimizer = build_optimizer(model.parameters(), kind=o.optimizer, lr=lr, momentum=o.momentum,
                                     nesterov=o.nesterov, weight_decay=o.weight_decay)
-        scheduler = poly_schedule(optimizer, total_iters, o.poly_power)
+        scheduler = poly_schedule(optimizer, total_iters, o.poly_power, lr_end=lr_end)
         use_scaler = precision.amp == "fp16" and precision.device.type == "cuda"
         return cls(optimizer, scheduler, torch.amp.GradScaler(precision.device.type) if use_scaler else None)
 
@@ -96,6 +97,36 @@ class Optimisation:
 def step_recipe(optim: OptimConfig, step: int) -> tuple[int, float]:
     """``(epochs, learning rate)`` of ``step``: step 0's, or the ``*_next`` values."""
     return (optim.epochs, optim.lr) if step == 0 else (optim.epochs_next, optim.lr_next)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLength:
+    """How long a step trains: ``epochs`` passes over the loader, ``total`` iterations in all.
+
+    Epoch-based (``optim.iterations*`` 0): ``total = epochs * batches``.
+    Iteration-based: as many whole epochs as fit, then the first batches of
+    one more (``epochs = ceil(total / batches)``).  Every epoch keeps its own
+    seeded order and crops, so an interrupted last epoch resumes exactly.
+    """
+
+    epochs: int
+    total: int
+    batches: int  # the loader's batches per epoch
+    lr_end: float
+
+    @classmethod
+    def of(cls, optim: OptimConfig, step: int, batches: int) -> StepLength:
+        iterations, lr_end = (optim.iterations, optim.lr_end) if step == 0 else (optim.iterations_next,
+                                                                                 optim.lr_end_next)
+        batches = max(1, batches)
+        if iterations <= 0:
+            epochs = step_recipe(optim, step)[0]
+            return cls(epochs, epochs * batches, batches, lr_end)
+        return cls(math.ceil(iterations / batches), iterations, batches, lr_end)
+
+    def iterations_in(self, epoch: int) -> int:
+        """Iterations of epoch ``epoch``: a whole pass, or what is left of ``total`` in the last one."""
+        return max(0, min(self.batches, self.total - epoch * self.batches))
 
 
 def seed_everything(seed: int) -> None:
@@ -114,18 +145,21 @@ def train_step(ctx: RunContext, step: int, resume: dict[str, Any] | None = None)
     train_model = place_models(ctx, setup)
     data = training_data(ctx.cfg, ctx.train_task, step, setup.target_lut, dist=ctx.dist, progress=ctx.progress)
     calibrate(ctx, setup, data, step)
-    opt = Optimisation.build(ctx.cfg, train_model, lr=lr, total_iters=epochs * len(data.loader),
-                             precision=ctx.precision)
+    length = StepLength.of(ctx.cfg.optim, step, len(data.loader))
+    epochs = length.epochs
+    opt = Optimisation.build(ctx.cfg, train_model, lr=lr, total_iters=length.total, precision=ctx.precision,
+                             lr_end=length.lr_end)
     at = Position.of(resume, opt)
-    log_step_start(ctx, step, data, epochs, at)
+    log_step_start(ctx, step, data, epochs, at, length)
     for epoch in range(at.epoch, epochs):
-        progress = train_epoch(ctx, step, epoch, epochs, train_model, setup, data, opt, at)
+        iterations = length.iterations_in(epoch)
+        progress = train_epoch(ctx, step, epoch, epochs, train_model, setup, data, opt, at, iterations)
         finished = epoch if progress.finished else epoch - 1
         partial = None if progress.finished else {"epoch": epoch, **progress.state()}
         save_state(ctx, last_checkpoint(ctx.run_dir), setup.student, opt, step, finished, epochs, at.seconds,
                    partial=partial)
         if not progress.finished:
-            raise interrupted(ctx, step, epoch, epochs, progress.iterations, len(data.loader))
+            raise interrupted(ctx, step, epoch, epochs, progress.iterations, iterations)
     scores = evaluate_step(ctx.cfg, ctx.task, ctx.train_task, setup.student, step, ctx.dist, ctx.precision)
     entry = step_entry(ctx.train_task, step, scores, len(data.dataset), epochs, at.seconds)
     save_state(ctx, step_checkpoint(ctx.run_dir, step), setup.student, opt, step, epochs - 1, epochs, at.seconds,
@@ -249,11 +283,17 @@ class CompiledOrEager(nn.Module):
         return self.eager(*args, **kwargs)
 
 
-def log_step_start(ctx: RunContext, step: int, data: TrainingData, epochs: int, at: Position) -> None:
+def log_step_start(ctx: RunContext, step: int, data: TrainingData, epochs: int, at: Position,
+                   length: StepLength) -> None:
     task = ctx.train_task
     lr = step_recipe(ctx.cfg.optim, step)[1]
+    if length.total == epochs * len(data.loader):
+        span = f"{epochs} epochs x {len(data.loader)} iterations"
+    else:
+        span = f"{length.total} iterations ({epochs} passes over {len(data.loader)} batches, the last partial)"
+    floor = f" -> {length.lr_end:g}" if length.lr_end > 0 else ""
     ctx.log.info(f"step {step}: classes {[task.class_names[c] for c in task.new_classes(step)]}, "
-                 f"{len(data.dataset)} training images, {epochs} epochs x {len(data.loader)} iterations, lr {lr:g}")
+                 f"{len(data.dataset)} training images, {span}, lr {lr:g}{floor}")
     if at.epoch >= epochs:
         ctx.log.info(f"step {step}: all {epochs} epochs were trained ({last_checkpoint(ctx.run_dir).name}); "
                      "evaluating them")
@@ -264,15 +304,19 @@ def log_step_start(ctx: RunContext, step: int, data: TrainingData, epochs: int, 
 
 
 def train_epoch(ctx: RunContext, step: int, epoch: int, epochs: int, train_model: nn.Module, setup: StepSetup,
-                data: TrainingData, opt: Optimisation, at: Position) -> EpochProgress:
-    """One epoch (or its rest) with a progress bar and its logged means; adds its wall time to ``at``."""
+                data: TrainingData, opt: Optimisation, at: Position, iterations: int) -> EpochProgress:
+    """One epoch (or its rest) with a progress bar and its logged means; adds its wall time to ``at``.
+
+    ``iterations``: how many the epoch has (the loader's length, or fewer in
+    the last epoch of an iteration-based step).
+    """
     # Every epoch's randomness is a function of (seed, step, epoch): a resumed
     # run draws exactly the crops and order an uninterrupted run would.
     seed_everything(ctx.cfg.runtime.seed + 1000 * step + epoch)
     partial = at.partial if epoch == at.epoch else None
     done = partial.iterations if partial is not None else 0
     data.set_epoch(epoch, skip=done)
-    bar = ctx.log.progress(len(data.loader) - done, f"step {step} epoch {epoch + 1}/{epochs}")
+    bar = ctx.log.progress(iterations - done, f"step {step} epoch {epoch + 1}/{epochs}")
 
     def on_iteration(values: dict[str, float], lr: float) -> None:
         bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()} | {"lr": f"{lr:.2e}"}, refresh=False)
@@ -283,7 +327,8 @@ def train_epoch(ctx: RunContext, step: int, epoch: int, epochs: int, train_model
         progress = train_one_epoch(model=train_model, teacher=setup.teacher, method=ctx.method, loader=data.loader,
                                    optimizer=opt.optimizer, scheduler=opt.scheduler, scaler=opt.scaler,
                                    precision=ctx.precision, step=step, progress=partial,
-                                   should_stop=ctx.stop.requested, on_iteration=on_iteration)
+                                   should_stop=ctx.stop.requested, on_iteration=on_iteration,
+                                   limit=iterations if iterations < len(data.loader) else None)
     except NonFiniteLoss as exc:
         raise IlsegError(f"{exc}. {lower_lr_advice(ctx, step)}") from None
     finally:

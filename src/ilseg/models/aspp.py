@@ -190,3 +190,70 @@ class ASPP(nn.Module):
         pool = self.pool_red_conv(pool)
         out = out + pool  # broadcasts a Bxoutx1x1 pool over the map
         return self.act(self.red_bn(out))
+
+
+# DeepLab-v2's ASPP rates (Chen et al. 2017, "ASPP-L"), as the ILT paper's code uses them on the layer4
+# output at output stride 8 (LTTM/IL-SemSegm, codes/LD1/network.py, ``build_decoder``: ``[6, 12, 18, 24]``).
+V2_RATES: tuple[int, int, int, int] = (6, 12, 18, 24)
+
+
+class ASPPv2Classifier(nn.Module):
+    """DeepLab-v2's ASPP as a classifier: four dilated 3x3 convs with biases, their logits summed.
+
+    ``BxCinxhxw -> Bx{num_classes}xhxw``::
+
+        x --+-- 3x3 conv, rate 6,  bias --+
+            +-- 3x3 conv, rate 12, bias --+-- sum -> logits
+            +-- 3x3 conv, rate 18, bias --+
+            +-- 3x3 conv, rate 24, bias --+
+
+    No BN, no activation: each branch maps the body's features straight to
+    class logits (``_ASPP`` in the ILT paper's ``network.py``: one biased
+    ``atrous_conv2d`` per rate, ``tf.add_n`` of the four).  Every branch is
+    linear, so one step's classifier for ``n`` classes concatenated with the
+    next step's is the same function as one ASPP-v2 with more outputs: the
+    incremental segmenter grows it one classifier per step.
+
+    Init: weights Xavier-uniform (TensorFlow's default for ``tf.get_variable``,
+    which the paper's code uses), biases 0.
+
+    Example::
+
+        >>> cls = ASPPv2Classifier(2048, 21)
+        >>> cls(torch.zeros(1, 2048, 41, 41)).shape
+        torch.Size([1, 21, 41, 41])
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int] = V2_RATES) -> None:
+        super().__init__()
+        if not rates or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rates):
+            raise IlsegError(f"ASPP-v2 rates must be positive integers, got {list(rates)!r}")
+        self.rates = tuple(rates)
+        self.out_channels = num_classes
+        self.branches = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, kernel_size=3, padding=r, dilation=r, bias=True) for r in self.rates
+        )
+        for conv in self.branches:
+            assert isinstance(conv, nn.Conv2d) and conv.bias is not None
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branches[0](x)
+        for branch in self.branches[1:]:
+            out = out + branch(x)
+        return out
+
+
+class NoHead(nn.Module):
+    """The DeepLab-v2 "head": none.  The body's features go straight to the ASPP-v2 classifiers.
+
+    ``out_channels`` is the body's, so the segmenter builds its classifiers on them.
+    """
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.out_channels = in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x

@@ -18,7 +18,11 @@ and cssegmentation differ (REFERENCE.md §5):
   32 is the plain network, handy for quick runs;
 * no average pool and no ``fc``: the output is the layer4 feature map.
 
-The stride sits on the 3x3 conv (ResNet v1.5), as in torchvision and MiB.
+The stride sits on the 3x3 conv (ResNet v1.5), as in torchvision and MiB, by
+default.  ``stride_on="1x1"`` puts it on each stage's first 1x1 conv instead,
+as in the original Caffe ResNet that DeepLab-v2 (and the ILT paper's code) was
+trained from; the weights of one layout do not suit the other (ResNet-50/101
+only: the basic blocks of ResNet-18/34 have no 1x1 conv).
 
 PLOP distils the *pre-activation* output of each stage (the residual sum of
 its last block, before the final activation): :meth:`ResNet.forward_with_stages`
@@ -37,12 +41,16 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ilseg.errors import IlsegError
+
+StrideOn = Literal["3x3", "1x1"]
+STRIDE_ON: tuple[StrideOn, ...] = ("3x3", "1x1")
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -119,6 +127,8 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     """1x1 -> 3x3 (stride, dilation) -> 1x1 with 4x expansion (ResNet-50/101).
 
+    ``stride_on="1x1"`` moves the stride to the first 1x1 conv (Caffe ResNet).
+
     ``x -> conv1 -> bn1 -> act -> conv2 -> bn2 -> act -> conv3 -> bn3
     (+ shortcut) -> act``.
     """
@@ -135,12 +145,14 @@ class Bottleneck(nn.Module):
         downsample: nn.Module | None = None,
         norm_layer: NormLayer = nn.BatchNorm2d,
         negative_slope: float = LEAKY_SLOPE,
+        stride_on: StrideOn = "3x3",
     ) -> None:
         super().__init__()
         out_channels = planes * self.expansion
-        self.conv1 = nn.Conv2d(in_channels, planes, kernel_size=1, bias=False)
+        stride_1x1, stride_3x3 = (stride, 1) if stride_on == "1x1" else (1, stride)
+        self.conv1 = nn.Conv2d(in_channels, planes, kernel_size=1, stride=stride_1x1, bias=False)
         self.bn1 = norm_layer(planes)
-        self.conv2 = _conv3x3(planes, planes, stride, dilation)
+        self.conv2 = _conv3x3(planes, planes, stride_3x3, dilation)
         self.bn2 = norm_layer(planes)
         self.conv3 = nn.Conv2d(planes, out_channels, kernel_size=1, bias=False)
         self.bn3 = norm_layer(out_channels)
@@ -205,8 +217,11 @@ class ResNet(nn.Module):
         norm_layer: NormLayer = nn.BatchNorm2d,
         negative_slope: float = LEAKY_SLOPE,
         width: int = 64,
+        stride_on: StrideOn = "3x3",
     ) -> None:
         super().__init__()
+        if stride_on not in STRIDE_ON:
+            raise IlsegError(f"stride_on must be one of {STRIDE_ON}, got {stride_on!r}")
         if width < 1:
             raise IlsegError(f"ResNet width must be a positive integer, got {width!r}")
         if depth not in _DEPTHS:
@@ -219,6 +234,10 @@ class ResNet(nn.Module):
         self.output_stride = output_stride
         kind, blocks_per_stage = _DEPTHS[depth]
         block: type[BasicBlock] | type[Bottleneck] = BasicBlock if kind == "basic" else Bottleneck
+        if kind == "basic" and stride_on != "3x3":
+            raise IlsegError(f"stride_on={stride_on!r} needs a bottleneck ResNet (50 or 101): "
+                             f"ResNet-{depth}'s blocks have no 1x1 conv")
+        self.stride_on = stride_on
 
         self.width = width
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
@@ -233,7 +252,7 @@ class ResNet(nn.Module):
         ):
             planes = width * 2**index
             stage, in_channels = self._make_stage(
-                block, in_channels, planes, num_blocks, stride, dilation, norm_layer, negative_slope
+                block, in_channels, planes, num_blocks, stride, dilation, norm_layer, negative_slope, stride_on
             )
             stages.append(stage)
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
@@ -250,6 +269,7 @@ class ResNet(nn.Module):
         dilation: int,
         norm_layer: NormLayer,
         negative_slope: float,
+        stride_on: StrideOn = "3x3",
     ) -> tuple[nn.Sequential, int]:
         """One stage; the first block takes the stride, every block the dilation."""
         out_channels = planes * block.expansion
@@ -259,17 +279,14 @@ class ResNet(nn.Module):
                 nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
                 norm_layer(out_channels),
             )
-        blocks: list[nn.Module] = [
-            block(
-                in_channels,
-                planes,
-                stride=stride,
-                dilation=dilation,
-                downsample=downsample,
-                norm_layer=norm_layer,
-                negative_slope=negative_slope,
-            )
-        ]
+        first: nn.Module
+        if block is Bottleneck:
+            first = Bottleneck(in_channels, planes, stride=stride, dilation=dilation, downsample=downsample,
+                               norm_layer=norm_layer, negative_slope=negative_slope, stride_on=stride_on)
+        else:
+            first = block(in_channels, planes, stride=stride, dilation=dilation, downsample=downsample,
+                          norm_layer=norm_layer, negative_slope=negative_slope)
+        blocks: list[nn.Module] = [first]
         for _ in range(1, num_blocks):
             blocks.append(
                 block(

@@ -194,29 +194,45 @@ def iabn_to_torchvision_names(
     for key, value in _strip_wrapper_prefix(state_dict).items():
         if key.startswith(_IABN_IGNORED):
             continue
-        stem = _IABN_STEM.match(key)
-        block = _IABN_BLOCK.match(key)
-        if stem:
-            module, attr, is_bn = stem[1], stem[2], stem[1] == "bn1"
-        elif block:
-            stage, index, inner, proj, attr = block.groups()
-            if int(index) < 1:
-                unknown.append(key)
-                continue
-            name = inner if inner else {"proj_conv": "downsample.0", "proj_bn": "downsample.1"}[proj]
-            module = f"layer{int(stage) - 1}.{int(index) - 1}.{name}"
-            is_bn = name.startswith("bn") or name == "downsample.1"
-        else:
+        name = iabn_to_torchvision_name(key)
+        if name is None:
             unknown.append(key)
             continue
-        if is_bn and attr == "weight":
+        module, attr = name.rsplit(".", 1)
+        if attr == "weight" and _is_bn_module_name(module):
             value = iabn_bn_weight(value, bn_eps.get(module, IABN_EPS))
-        renamed[f"{module}.{attr}"] = value
+        renamed[name] = value
     return renamed, unknown
 
 
-def _torchvision_to_iabn_name(key: str) -> str:
-    """Inverse of the renaming, for error messages about missing keys."""
+def iabn_to_torchvision_name(key: str) -> str | None:
+    """One InPlace-ABN ResNet key (``module.`` already stripped) in torchvision's names, or ``None``.
+
+    Renaming only, values untouched: ``mod1.bn1.weight`` -> ``bn1.weight``,
+    ``mod3.block2.convs.conv2.weight`` -> ``layer2.1.conv2.weight``,
+    ``mod2.block1.proj_bn.running_var`` -> ``layer1.0.downsample.1.running_var``.
+    ``None`` for any other key (``classifier.*`` included).
+    """
+    stem = _IABN_STEM.match(key)
+    if stem:
+        return f"{stem[1]}.{stem[2]}"
+    block = _IABN_BLOCK.match(key)
+    if not block:
+        return None
+    stage, index, inner, proj, attr = block.groups()
+    if int(index) < 1:
+        return None
+    name = inner if inner else {"proj_conv": "downsample.0", "proj_bn": "downsample.1"}[proj]
+    return f"layer{int(stage) - 1}.{int(index) - 1}.{name}.{attr}"
+
+
+def _is_bn_module_name(module: str) -> bool:
+    """Whether a torchvision-named body module is a BatchNorm (``bn1``, ``layerN.K.bnI``, ``downsample.1``)."""
+    return module.rsplit(".", 1)[-1].startswith("bn") or module.endswith("downsample.1")
+
+
+def torchvision_to_iabn_name(key: str) -> str:
+    """Inverse of :func:`iabn_to_torchvision_name`, for messages about missing keys (other keys unchanged)."""
     if key.startswith(("conv1.", "bn1.")):
         return f"mod1.{key}"
     match = _OURS_BLOCK.match(key)
@@ -257,7 +273,7 @@ def _is_iabn(state_dict: Mapping[str, torch.Tensor]) -> bool:
 def _load_iabn_state_dict(state_dict: Mapping[str, torch.Tensor], model_body: nn.Module, *, source: str) -> None:
     bn_eps = _bn_eps_of(model_body)
     renamed, unknown = iabn_to_torchvision_names(state_dict, bn_eps)
-    _load_strict(renamed, model_body, source=source, unexpected_extra=unknown, name_hint=_torchvision_to_iabn_name)
+    _load_strict(renamed, model_body, source=source, unexpected_extra=unknown, name_hint=torchvision_to_iabn_name)
 
 
 def _bn_eps_of(model_body: nn.Module) -> dict[str, float]:

@@ -41,13 +41,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ilseg.errors import IlsegError
-from ilseg.models.aspp import ASPP, DEFAULT_DILATIONS
-from ilseg.models.backbone import SUPPORTED_DEPTHS, SUPPORTED_OUTPUT_STRIDES, ResNet
+from ilseg.models.aspp import ASPP, DEFAULT_DILATIONS, V2_RATES, ASPPv2Classifier, NoHead
+from ilseg.models.backbone import LEAKY_SLOPE, SUPPORTED_DEPTHS, SUPPORTED_OUTPUT_STRIDES, ResNet, StrideOn
 from ilseg.models.pretrained import load_pretrained
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
 BACKBONES: dict[str, int] = {f"resnet{depth}": depth for depth in SUPPORTED_DEPTHS}
+
+HeadKind = Literal["aspp", "aspp_v2"]
+Activation = Literal["leaky_relu", "relu"]
+HEADS: tuple[HeadKind, ...] = ("aspp", "aspp_v2")
+ACTIVATIONS: dict[Activation, float] = {"leaky_relu": LEAKY_SLOPE, "relu": 0.0}  # the body's negative slope
+
+Classifier = nn.Conv2d | ASPPv2Classifier
 
 
 class IncrementalSegmenter(nn.Module):
@@ -58,6 +65,10 @@ class IncrementalSegmenter(nn.Module):
         head: the ASPP; must expose ``out_channels``.
         classes_per_step: output channels of each step's classifier so far
             (background is channel 0 of step 0).
+        classifier_rates: ``None``: each step's classifier is a 1x1 conv
+            (DeepLab-v3).  A tuple of rates: each step's classifier is an
+            :class:`~ilseg.models.aspp.ASPPv2Classifier` with those rates
+            (DeepLab-v2, with a :class:`~ilseg.models.aspp.NoHead` head).
 
     ``forward(x)`` with ``x`` of shape ``Bx3xHxW`` returns a dict:
 
@@ -87,15 +98,15 @@ class IncrementalSegmenter(nn.Module):
         [64, 128, 256, 512, 16, 5]
     """
 
-    def __init__(self, body: nn.Module, head: nn.Module, classes_per_step: Sequence[int]) -> None:
+    def __init__(self, body: nn.Module, head: nn.Module, classes_per_step: Sequence[int], *,
+                 classifier_rates: Sequence[int] | None = None) -> None:
         super().__init__()
         _check_classes_per_step(classes_per_step)
         self.body = body
         self.head = head
         self.head_channels = int(getattr(head, "out_channels"))
-        self.classifiers = nn.ModuleList(
-            nn.Conv2d(self.head_channels, int(n), kernel_size=1) for n in classes_per_step
-        )
+        self.classifier_rates = None if classifier_rates is None else tuple(classifier_rates)
+        self.classifiers = nn.ModuleList(self._new_classifier(int(n)) for n in classes_per_step)
         self.bn_frozen = False
         self.encoder_frozen = False
         self.is_teacher = False
@@ -137,35 +148,38 @@ class IncrementalSegmenter(nn.Module):
         """Append a classifier for ``num_classes`` new classes, on the model's device and dtype.
 
         ``init="default"``: PyTorch's default conv init (the MiB/cssegmentation
-        ILT recipe).  ``init="background"``: MiB's init - every new channel
+        ILT recipe), or an ASPP-v2 classifier's own init.  ``init="background"``: MiB's init - every new channel
         copies the background channel's weight (channel 0 of the first
         classifier) and gets bias ``b_bg - log(n_new + 1)``; the background
         bias itself becomes ``b_bg - log(n_new + 1)`` too, so the background
         probability is shared out among background and new classes.
         Old outputs are unchanged by ``"default"``; ``"background"`` changes
-        only the background logit.
+        only the background logit.  With ASPP-v2 classifiers every branch is
+        copied from the background's, and the shift goes into the first
+        branch's bias (the logit is the branches' sum).
         """
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise IlsegError(f"a new step needs a positive number of classes, got {num_classes!r}")
         if init not in ("default", "background"):
             raise IlsegError(f"classifier init must be 'default' or 'background', got {init!r}")
-        old = self._classifier_convs()[0]
-        new = nn.Conv2d(self.head_channels, num_classes, kernel_size=1)
-        new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+        first = self._classifier_convs()[0]
+        reference = next(first.parameters())
+        new = self._new_classifier(num_classes).to(device=reference.device, dtype=reference.dtype)
         if init == "background":
-            assert old.bias is not None and new.bias is not None  # every classifier has a bias
-            with torch.no_grad():
-                bias = old.bias[0] - math.log(num_classes + 1)
-                new.weight.copy_(old.weight[0:1].expand_as(new.weight))
-                new.bias.fill_(bias.item())
-                old.bias[0] = bias
+            _init_from_background(first, new, num_classes)
         if self.is_teacher:
             new.requires_grad_(False)
         new.train(self.training and not self.is_teacher)
         self.classifiers.append(new)
 
-    def _classifier_convs(self) -> list[nn.Conv2d]:
-        return [cls for cls in self.classifiers if isinstance(cls, nn.Conv2d)]
+    def _classifier_convs(self) -> list[Classifier]:
+        return [cls for cls in self.classifiers if isinstance(cls, (nn.Conv2d, ASPPv2Classifier))]
+
+    def _new_classifier(self, num_classes: int) -> Classifier:
+        """A 1x1 conv, or an ASPP-v2 classifier when the model has ``classifier_rates``."""
+        if self.classifier_rates is None:
+            return nn.Conv2d(self.head_channels, num_classes, kernel_size=1)
+        return ASPPv2Classifier(self.head_channels, num_classes, self.classifier_rates)
 
     def train(self, mode: bool = True) -> IncrementalSegmenter:
         """Set train/eval mode, keeping frozen BNs (and a teacher) in eval mode."""
@@ -175,6 +189,20 @@ class IncrementalSegmenter(nn.Module):
         elif self.encoder_frozen:
             _set_bn_eval(self.body)
         return self
+
+
+def _init_from_background(first: Classifier, new: Classifier, num_classes: int) -> None:
+    """MiB's init of ``new`` from the background channel of ``first`` (see :meth:`IncrementalSegmenter.add_step`)."""
+    firsts = list(first.branches) if isinstance(first, ASPPv2Classifier) else [first]
+    news = list(new.branches) if isinstance(new, ASPPv2Classifier) else [new]
+    with torch.no_grad():
+        for index, (old, fresh) in enumerate(zip(firsts, news, strict=True)):
+            assert isinstance(old, nn.Conv2d) and isinstance(fresh, nn.Conv2d)
+            assert old.bias is not None and fresh.bias is not None  # every classifier has a bias
+            fresh.weight.copy_(old.weight[0:1].expand_as(fresh.weight))
+            bias = old.bias[0] - math.log(num_classes + 1) if index == 0 else old.bias[0]
+            fresh.bias.fill_(bias.item())
+            old.bias[0] = bias
 
 
 def _check_classes_per_step(classes_per_step: Sequence[int]) -> None:
@@ -246,8 +274,12 @@ def build_segmenter(
     pretrained: str | None = None,
     aspp_dilations: Sequence[int] | None = None,
     backbone_width: int = 64,
+    head: HeadKind = "aspp",
+    frozen_bn: bool = False,
+    stride_on: StrideOn = "3x3",
+    activation: Activation = "leaky_relu",
 ) -> IncrementalSegmenter:
-    """DeepLab-v3 (MiB's variant) with one classifier per step so far.
+    """DeepLab-v3 (MiB's variant), or DeepLab-v2, with one classifier per step so far.
 
     Args:
         backbone: ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` or ``"resnet101"``.
@@ -265,6 +297,15 @@ def build_segmenter(
             (``(6, 12, 18)`` at 16, ``(12, 24, 32)`` at 8 as in MiB).
         backbone_width: the ResNet's base width (64 as published; smaller
             for thin CPU models, which cannot load pretrained weights).
+        head: ``"aspp"`` (DeepLab-v3: the ASPP head, 1x1 classifiers) or
+            ``"aspp_v2"`` (DeepLab-v2: no head, each step's classifier an
+            ASPP-v2 of rates 6/12/18/24 on the body's output;
+            ``head_channels`` and ``aspp_dilations`` then do not apply).
+        frozen_bn: every BN frozen from the start (:func:`freeze_bn`), as
+            DeepLab-v2 and the ILT paper's code train.
+        stride_on: which conv of a stage's first bottleneck strides:
+            ``"3x3"`` (torchvision, ResNet v1.5) or ``"1x1"`` (Caffe ResNet).
+        activation: the body's ``"leaky_relu"`` (0.01, MiB) or ``"relu"``.
 
     Raises:
         IlsegError: unknown backbone, stride or sizes; missing or incompatible
@@ -281,9 +322,20 @@ def build_segmenter(
     _check_classes_per_step(classes_per_step)
     if pretrained is not None and backbone_width != 64:
         raise IlsegError(f"pretrained weights need model.width 64, got {backbone_width}; set model.pretrained=null")
-    body = ResNet(BACKBONES[backbone], output_stride=output_stride, width=backbone_width)
+    if head not in HEADS:
+        raise IlsegError(f"unknown head {head!r}; use one of {HEADS}")
+    if activation not in ACTIVATIONS:
+        raise IlsegError(f"unknown activation {activation!r}; use one of {tuple(ACTIVATIONS)}")
+    body = ResNet(BACKBONES[backbone], output_stride=output_stride, width=backbone_width, stride_on=stride_on,
+                  negative_slope=ACTIVATIONS[activation])
     if pretrained is not None:
         load_pretrained(body, pretrained)
-    dilations = DEFAULT_DILATIONS[output_stride] if aspp_dilations is None else tuple(aspp_dilations)
-    head = ASPP(body.out_channels, head_channels, dilations=dilations)
-    return IncrementalSegmenter(body, head, classes_per_step)
+    if head == "aspp_v2":
+        model = IncrementalSegmenter(body, NoHead(body.out_channels), classes_per_step, classifier_rates=V2_RATES)
+    else:
+        dilations = DEFAULT_DILATIONS[output_stride] if aspp_dilations is None else tuple(aspp_dilations)
+        aspp = ASPP(body.out_channels, head_channels, dilations=dilations)
+        model = IncrementalSegmenter(body, aspp, classes_per_step)
+    if frozen_bn:
+        freeze_bn(model)
+    return model

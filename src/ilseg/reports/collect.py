@@ -43,9 +43,16 @@ class Run:
     def method(self) -> str:
         return str(self.results.get("method"))
 
+    @property
+    def imported(self) -> str | None:
+        """The tool an imported run's weights come from (``ilseg import``), or ``None`` for ilseg's own."""
+        record = self.results.get("imported")
+        return str(record.get("format")) if isinstance(record, dict) else None
+
     def identity(self) -> str:
-        """The run's settings without seed, paths and runtime, as a comparable string."""
-        return repr(_strip(self.config, ()))
+        """The run's settings without seed, paths and runtime, as a comparable string; an imported run is
+        never a seed of an ilseg run (its weights came from another tool)."""
+        return repr((_strip(self.config, ()), self.imported))
 
 
 def _strip(value: Any, where: tuple[str, ...]) -> Any:
@@ -239,7 +246,8 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     buckets: dict[str, list[Run]] = {}
     for run in runs:
         buckets.setdefault(run.identity(), []).append(run)
-    groups = [Group(label=rs[0].method, runs=rs) for rs in buckets.values()]
+    groups = [Group(label=rs[0].method + (f" ({rs[0].imported}, imported)" if rs[0].imported else ""), runs=rs)
+              for rs in buckets.values()]
     labels = [g.label for g in groups]
     for g in groups:  # two experiments of one method: tell them apart by their folder names
         if labels.count(g.label) > 1:
