@@ -20,6 +20,7 @@ from ilseg.engine.plain import plain_iteration, plain_sgd
 from ilseg.engine.run import evaluate_checkpoint, run_training
 from ilseg.methods import METHOD_PRESETS, Method
 from ilseg.models import build_segmenter, copy_for_teacher, fold_batchnorm
+from test_plain_vs_fast import assert_fast_update_is_plain
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -65,28 +66,9 @@ def test_channels_last_folded_fused_iteration_on_cuda_makes_the_plain_update(nam
     Precision is held at fp32 so that only the layout, the folding and the
     optimiser are compared; bf16 is the next test's.
     """
-    cfg = METHOD_PRESETS[name]
-    needs_teacher = Method(cfg).needs_teacher
     model, teacher = _models()
-    start = {k: v.clone() for k, v in model.state_dict().items()}
-    plain_model, plain_teacher = copy.deepcopy(model), copy.deepcopy(teacher)
-    precision = Precision(CUDA, amp="none", channels_last=True)
-    _fast(model, teacher, precision)
-    batch = [_batch(0, 7)]
-    opt = build_optimizer(model.parameters(), kind="sgd", lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    progress = train_one_epoch(model=model, teacher=teacher if needs_teacher else None, method=Method(cfg),
-                               loader=batch, optimizer=opt, scheduler=poly_schedule(opt, 10, 0.9), scaler=None,
-                               precision=precision, step=1)
-    plain_opt = plain_sgd(list(plain_model.parameters()), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    values = plain_iteration(plain_model, plain_teacher if needs_teacher else None, cfg, *batch[0], plain_opt, 1)
-    assert progress.sums == pytest.approx(values, rel=1e-4)
-    fast_state, plain_state = model.state_dict(), plain_model.state_dict()
-    for key, plain_value in plain_state.items():
-        if not plain_value.is_floating_point():
-            continue
-        update = (plain_value - start[key]).norm()
-        error = (fast_state[key] - plain_value).norm()
-        assert error <= 1e-3 * update + 1e-6, f"{name} {key}: {float(error):.3g} vs update {float(update):.3g}"
+    assert_fast_update_is_plain(name, model, teacher, _batch(0, 7), Precision(CUDA, amp="none", channels_last=True),
+                                loss_rel=1e-4, update_rel=1e-3, update_abs=1e-6)
 
 
 @pytest.mark.parametrize("name", ["finetune", "ilt", "ilt-kd-out"])
