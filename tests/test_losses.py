@@ -257,3 +257,27 @@ def test_losses_accept_inference_mode_teacher_outputs():
     assert student.grad is not None and feats.grad is not None
     expected_fd = ((feats.detach() - t_feats) ** 2).mean()
     assert torch.allclose(feature_distillation(feats, t_feats), expected_fd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_soft_cross_entropy_keeps_one_tensor_and_has_the_textbook_gradient(dtype):
+    """The KD terms' soft cross-entropy: value and gradient of -sum_c p_c log softmax(s)_c (s over all L
+    channels, p over the first K), while backward keeps one tensor in the logits' dtype."""
+    from ilseg.methods.losses import _soft_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 5, 3, 4, generator=g).to(dtype).requires_grad_()
+    p = torch.softmax(torch.randn(2, 3, 3, 4, generator=g), dim=1)
+    weights = torch.rand(2, 3, 4, generator=g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        value = _soft_cross_entropy(p, s)
+    (value * weights).sum().backward()
+    ref_s = s.detach().float().requires_grad_()
+    ref = -(p * torch.log_softmax(ref_s, dim=1)[:, :3]).sum(dim=1)
+    (ref * weights).sum().backward()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(value, ref.detach(), rtol=tol, atol=tol)
+    assert s.grad.dtype == dtype
+    torch.testing.assert_close(s.grad.float(), ref_s.grad, rtol=tol, atol=tol)
+    assert len(saved) == 1 and saved[0].dtype == dtype and saved[0].shape == s.shape

@@ -176,6 +176,9 @@ def train_one_epoch(
             parts = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
             raise NonFiniteLoss(f"the training loss became non-finite at step {step} ({parts}); nothing of this "
                                 "epoch after the last checkpoint was saved")
+        # What backward does not need goes before it: the teacher's outputs and the student's full-resolution
+        # logits (the losses keep what their gradients need), several B x C x H x W tensors at 512 px.
+        del teacher_out, student_out, losses
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

@@ -26,7 +26,7 @@ Sources:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -187,16 +187,41 @@ def _soft_cross_entropy(teacher_prob: Tensor, student_logits: Tensor) -> Tensor:
     """``- sum_c p_c * log softmax(s)_c`` per pixel, for ``p`` summing to 1 over c.
 
     ``teacher_prob`` is ``BxKxHxW`` (a probability over its K channels) and
-    ``student_logits`` ``BxLxHxW`` with ``L >= K``; the softmax runs over all
-    ``L`` student channels and the sum over the first ``K``.  Since
-    ``log softmax(s)_c = s_c - logsumexp(s)`` and ``sum_c p_c = 1``, the value
-    is ``logsumexp(s) - sum_{c<K} p_c s_c``; this never materialises (or keeps
-    for backward) a full-resolution log-softmax.  Both inputs are float32.
-    Returns ``BxHxW``.
+    ``student_logits`` ``BxLxHxW`` with ``L >= K``, any float dtype; the
+    softmax runs over all ``L`` student channels and the sum over the first
+    ``K``, in float32.  Since ``log softmax(s)_c = s_c - logsumexp(s)`` and
+    ``sum_c p_c = 1``, the value is ``logsumexp(s) - sum_{c<K} p_c s_c``.
+    Returns ``BxHxW`` float32 (:class:`_SoftCrossEntropy`: one saved tensor).
     """
-    k = teacher_prob.shape[1]
-    lse = torch.logsumexp(student_logits, dim=1)
-    return lse - (teacher_prob * student_logits[:, :k]).sum(dim=1)
+    return _SoftCrossEntropy.apply(student_logits, teacher_prob.detach().float())
+
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    """The soft cross-entropy of :func:`_soft_cross_entropy` with a backward that keeps one tensor.
+
+    Its gradient with respect to ``s`` is ``softmax(s) - p`` (``p`` padded
+    with zeros to ``L`` channels) times the incoming per-pixel gradient.  The
+    forward computes that difference once and keeps only it, in the student
+    logits' dtype (bf16 under autocast, whose gradient is bf16 anyway), where
+    autograd would keep the float32 logits and the teacher's probabilities:
+    two full-resolution float32 tensors (BENCHMARKS.md: ILT's memory).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, student_logits: Tensor, teacher_prob: Tensor) -> Tensor:
+        k = teacher_prob.shape[1]
+        s = student_logits.float()
+        lse = torch.logsumexp(s, dim=1)
+        per_pixel = lse - (teacher_prob * s[:, :k]).sum(dim=1)
+        direction = torch.softmax(s, dim=1)
+        direction[:, :k] -= teacher_prob
+        ctx.save_for_backward(direction.to(student_logits.dtype))
+        return per_pixel
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (direction,) = ctx.saved_tensors
+        return direction * grad.unsqueeze(1).to(direction.dtype), None
 
 
 def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
@@ -263,7 +288,7 @@ def kd_mib(
     if alpha != 1.0:
         teacher = teacher * alpha
     teacher_prob = torch.softmax(teacher, dim=1)
-    per_pixel = _soft_cross_entropy(teacher_prob, student_logits[:, :c_old].float()) / c_old
+    per_pixel = _soft_cross_entropy(teacher_prob, student_logits[:, :c_old]) / c_old
     return _masked_mean(per_pixel, mask)
 
 
@@ -326,10 +351,10 @@ def kd_ilt_output(
         raise ValueError(f"unknown KD mask {mask!r}; use 'old_bgr', 'all' or 'old'")
 
     teacher = teacher_logits.detach().float()
-    student = student_logits.float()
+    student = student_logits
     if temperature != 1.0:
         teacher = teacher / temperature
-        student = student / temperature
+        student = student.float() / temperature
     teacher_prob = torch.softmax(teacher, dim=1)
     per_pixel = _soft_cross_entropy(teacher_prob, student)
     return _masked_mean(per_pixel, pixels)
