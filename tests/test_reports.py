@@ -161,3 +161,27 @@ def test_an_imported_run_is_not_a_seed_of_ilsegs_own(runs, tmp_path):
     (imported / "results.json").write_text(json.dumps(results | {"imported": {"format": "mib"}}))
     groups = collect([runs[0], imported])
     assert [g.label for g in groups] == ["ilt", "ilt (mib, imported)"]
+
+
+def test_a_run_keeps_its_colour_in_every_figure(runs, tmp_path):
+    """Joint training has no forgetting bars; the runs after it must not take over its colour there."""
+    from ilseg.reports import plots
+
+    joint = make_run(tmp_path / "joint", "joint", 0, (0.7, 0.6), (0.9, 0.9), steps=1)
+    groups = collect([joint, runs[3], runs[0]])  # joint, finetune, ilt: colours 0, 1, 2
+    drawn = []
+    original = plots.Figure.subplots
+
+    def spy(self, *args, **kwargs):
+        axes = original(self, *args, **kwargs)
+        drawn.append(axes)
+        return axes
+
+    plots.Figure.subplots = spy
+    try:
+        plots.forgetting_bars(groups, tmp_path / "f.png")
+    finally:
+        plots.Figure.subplots = original
+    bars = {c.get_label(): c.patches[0].get_facecolor() for c in drawn[0].containers}
+    from matplotlib.colors import to_rgba
+    assert bars["finetune"] == to_rgba(plots.colour(1)) and bars["ilt"] == to_rgba(plots.colour(2))

@@ -113,6 +113,7 @@ def class_heatmap(group: Group, path: Path) -> Path:
 
 def forgetting_bars(groups: Sequence[Group], path: Path) -> Path:
     """Forgetting (IoU points lost since the class was learnt) per old class, groups side by side."""
+    index = {g.label: i for i, g in enumerate(groups)}  # each group keeps its colour of the other figures
     groups = [g for g in groups if not g.joint]  # joint training forgets nothing: it has one step
     stats = [g.forgetting() for g in groups]
     classes = list(dict.fromkeys(c for s in stats for c in s))
@@ -134,7 +135,7 @@ def forgetting_bars(groups: Sequence[Group], path: Path) -> Path:
         mean = _pct([s[c].mean if c in s else None for c in classes])
         err = _pct([s[c].std if c in s and s[c].std is not None else 0.0 for c in classes])
         label = g.label + (f" ({len(g.runs)} seeds)" if len(g.runs) > 1 else "")
-        ax.bar(x + (i - (len(groups) - 1) / 2) * width, mean, width, color=colour(i), label=label,
+        ax.bar(x + (i - (len(groups) - 1) / 2) * width, mean, width, color=colour(index[g.label]), label=label,
                yerr=err if len(g.runs) > 1 else None, error_kw={"elinewidth": 0.7, "capsize": 1.5})
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xticks(x, classes, rotation=45 if len(classes) > 6 else 0, ha="right" if len(classes) > 6 else "center",
