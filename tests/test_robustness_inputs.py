@@ -277,6 +277,16 @@ def test_predict_out_that_is_a_file_is_refused(finished_run, tmp_path, capsys):
     assert target.read_bytes() == b"keep"
 
 
+def test_predict_of_a_folder_asks_for_image_files(finished_run, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _photo(folder / "a.jpg", 0)
+    out = tmp_path / "out"
+    line = one_error(main(["predict", "--run", str(finished_run), str(folder), "--out", str(out)]), capsys)
+    assert f"{folder} is a folder" in line and f"{folder}/*.jpg" in line and "corrupt" not in line
+    assert not out.exists()
+
+
 def test_predict_corrupt_photo_is_named_and_nothing_is_written(finished_run, tmp_path, capsys):
     good = _photo(tmp_path / "first.jpg", 1)
     bad = tmp_path / "photo.jpg"

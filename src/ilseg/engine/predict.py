@@ -77,6 +77,10 @@ def predict_images(runs: str | Path | Sequence[str | Path], images: Sequence[str
     if out_dir.exists() and not out_dir.is_dir():
         raise IlsegError(f"--out {out_dir} is a file, not a folder; give a folder for the masks and overlays")
     photos = [Path(p) for p in images]
+    folders = [str(p) for p in photos if p.is_dir()]
+    if folders:
+        raise IlsegError(f"{', '.join(folders)} {'is a folder' if len(folders) == 1 else 'are folders'}: give "
+                         f"image files, e.g. {folders[0]}/*.jpg")
     stems = [p.stem for p in photos]
     clashes = sorted({str(p) for p in photos if stems.count(p.stem) > 1})
     if clashes:
