@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 import os
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from ilseg.cli import main
+from ilseg.engine import step as step_mod
 from ilseg.data.synth import generate_synth
 
 TINY = ["model.width=8", "model.head_channels=8", "model.output_stride=16", "optim.batch_size=4",
@@ -22,6 +24,21 @@ def synth_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth")
     generate_synth(root, seed=3, num_images=60, size=32, workers=1)
     return root
+
+
+def interrupt_epoch(monkeypatch: pytest.MonkeyPatch, n: int) -> Callable[..., object]:
+    """Make the ``n``-th epoch the engine trains raise KeyboardInterrupt (Ctrl-C); returns the real function."""
+    real = step_mod.train_one_epoch
+    calls = {"n": 0}
+
+    def stop(**kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(**kwargs)
+
+    monkeypatch.setattr(step_mod, "train_one_epoch", stop)
+    return real
 
 
 def train(root: Path, out: Path, *flags: str, extra: tuple[str, ...] = ()) -> int:
@@ -67,19 +84,8 @@ def test_new_settings_never_apply_to_finished_steps(finished, tmp_path, capsys):
 
 
 def test_a_last_checkpoint_from_before_a_settings_change_is_ignored(synth_root, tmp_path, capsys, monkeypatch):
-    from ilseg.engine import step as step_mod
-
     run = tmp_path / "run"
-    real = step_mod.train_one_epoch
-    calls = {"n": 0}
-
-    def stop_in_step1(**kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(**kwargs)
-
-    monkeypatch.setattr(step_mod, "train_one_epoch", stop_in_step1)
+    real = interrupt_epoch(monkeypatch, 3)  # step 0, step 1's first epoch, then Ctrl-C in its second
     assert train(synth_root, run, extra=("optim.epochs_next=2",)) == 130
     monkeypatch.setattr(step_mod, "train_one_epoch", real)
     assert torch.load(run / "last.pth", weights_only=True)["step"] == 1
@@ -164,19 +170,8 @@ def test_eval_of_a_step_that_is_not_there_lists_the_finished_ones(finished, caps
 
 def test_new_settings_from_a_later_step_still_load_the_steps_before(synth_root, tmp_path, capsys, monkeypatch):
     """Stopped in step 2, resumed with a new lr_next: step 2 starts from step1.pth, trained with the old one."""
-    from ilseg.engine import step as step_mod
-
     run = tmp_path / "run"
-    real = step_mod.train_one_epoch
-    calls = {"n": 0}
-
-    def stop_in_step2(**kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # step 0, step 1, then step 2's first epoch
-            raise KeyboardInterrupt
-        return real(**kwargs)
-
-    monkeypatch.setattr(step_mod, "train_one_epoch", stop_in_step2)
+    interrupt_epoch(monkeypatch, 3)  # step 0, step 1, then Ctrl-C in step 2's first epoch
     assert train(synth_root, run) == 130
     monkeypatch.undo()
     capsys.readouterr()

@@ -225,17 +225,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"ilseg {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add_set(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override config values, e.g. --set optim.lr=0.02 data.overlap=true; the KEY=VALUE "
-                             "items end at the next option, so put positional arguments before --set (or after --); "
-                             "repeatable")
+    _add_inspect_commands(sub)
+    _add_run_commands(sub)
+    _add_output_commands(sub)
+    return p
 
+
+def _add_set(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="override config values, e.g. --set optim.lr=0.02 data.overlap=true; the KEY=VALUE "
+                         "items end at the next option, so put positional arguments before --set (or after --); "
+                         "repeatable")
+
+
+def _add_inspect_commands(sub: argparse._SubParsersAction) -> None:
+    """tasks, methods, presets, data synth, splits: looking at the protocol and the data."""
     t = sub.add_parser("tasks", help="list incremental tasks, or show one task's steps")
     t.add_argument("dataset", nargs="?", help="voc, ade or synth")
     t.add_argument("task", nargs="?", help="e.g. 15-1")
     t.add_argument("--config", help="show the (custom) task of a config file")
-    add_set(t)
+    _add_set(t)
     t.set_defaults(func=cmd_tasks)
 
     m = sub.add_parser("methods", help="list the methods and their losses")
@@ -259,16 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--task")
     sp.add_argument("--overlap", action="store_true")
     sp.add_argument("--config", help="take dataset, root, task, order and mode from a config")
-    add_set(sp)
+    _add_set(sp)
     sp.add_argument("--list-file", help="training list file (default: the dataset's train list)")
     sp.add_argument("--workers", type=int, default=2, help="processes reading masks")
     sp.add_argument("--cache-dir")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_splits)
 
+
+def _add_run_commands(sub: argparse._SubParsersAction) -> None:
+    """train, eval, import: making and scoring runs."""
     tr = sub.add_parser("train", help="train and evaluate every step of an incremental task")
     tr.add_argument("--config", help="a YAML file or a bundled preset name (see 'ilseg presets')")
-    add_set(tr)
+    _add_set(tr)
     tr.add_argument("--out", help="the run folder")
     tr.add_argument("--steps", help="START:STOP or one step (default: all)")
     tr.add_argument("--resume", metavar="RUN_DIR",
@@ -285,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--step", type=int, help="the step to evaluate (default: the last finished)")
     ev.add_argument("--checkpoint", help="a single step checkpoint (with --config)")
     ev.add_argument("--config")
-    add_set(ev)
+    _add_set(ev)
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"])
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
@@ -297,13 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one file per step, in step order (MiB / PLOP file names and cssegmentation's task_id "
                          "give the step themselves)")
     im.add_argument("--config", required=True, help="the preset or YAML of the run the checkpoints come from")
-    add_set(im)
+    _add_set(im)
     im.add_argument("--out", required=True, help="a new run folder")
     im.add_argument("--evaluate", action="store_true",
                     help="score every imported step with ilseg's protocol and write results.json (needs the data)")
     im.add_argument("--device", choices=["auto", "cpu", "cuda"], help="for --evaluate")
     im.set_defaults(func=cmd_import)
 
+
+def _add_output_commands(sub: argparse._SubParsersAction) -> None:
+    """predict, report, demo: what people look at."""
     pd = sub.add_parser("predict", help="write colour masks and overlays for images, or side-by-side panels "
                                          "comparing runs, steps and ground truth")
     pd.add_argument("--run", required=True, action="append", metavar="RUN_DIR",
@@ -338,7 +353,6 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--methods", nargs="+", help="subset of the demo's methods")
     dm.add_argument("--quiet", action="store_true")
     dm.set_defaults(func=cmd_demo)
-    return p
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -216,9 +216,10 @@ def read_tool_checkpoint(path: Path, fmt: str) -> tuple[StateDict, dict[str, Any
     except Exception as exc:  # corrupt, truncated, not a torch file, or pickled objects
         entry = _CONTAINERS[fmt][0]
         raise IlsegError(
-            f"{path} cannot be read as a {title} checkpoint ({load_failure(exc)}); if the file is one, save its "
-            f"weights alone with the tool's own Python and import that file: python -c \"import torch; "
-            f"c = torch.load('{path.name}', map_location='cpu'); torch.save(c['{entry}'], 'weights.pth')\""
+            f"{path} cannot be read as a {title} checkpoint ({load_failure(exc)}); ilseg reads tensors only "
+            f"(weights_only=True). If the file is one and holds pickled objects besides the weights, and you trust "
+            f"it, save the '{entry}' entry alone with the tool's own environment (torch.save of that state dict) "
+            "and import that file"
         ) from None
     if not isinstance(saved, Mapping) or not saved:
         raise IlsegError(f"{path} holds no dict of weights, so it is not a {title} checkpoint")

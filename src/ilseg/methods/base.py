@@ -436,56 +436,60 @@ class Method:
             ``"loss" = ce + kd_weight * kd + fd_weight * fd``.
         """
         cfg = self.cfg
-        logits = student["logits"]
         distilling = step > 0 and self.needs_teacher
-        if distilling and teacher is None:
+        if not distilling:
+            ce = cross_entropy(student["logits"], target, reduction=cfg.ce_reduction)
+            return {"ce": ce, "loss": ce}
+        if teacher is None:
             raise ValueError(
                 f"method {cfg.name!r} distils from the previous model, but no teacher output was "
                 f"given at step {step}"
             )
-        if distilling and cfg.unbiased_ce:
-            assert teacher is not None
-            ce = unbiased_cross_entropy(logits, target, teacher["logits"].shape[1], reduction=cfg.ce_reduction)
-        elif distilling and cfg.pseudo_labels != "none":
-            assert teacher is not None
+        losses = {"ce": self._classification(student["logits"], teacher["logits"], target, step),
+                  **self._distillation(student, teacher, target)}
+        weights = {"ce": 1.0, "kd": cfg.kd_weight, "fd": cfg.fd_weight, "pod": 1.0}  # POD's factors are inside
+        losses["loss"] = sum((weights[k] * v for k, v in losses.items()), torch.zeros((), device=target.device))
+        return losses
+
+    def _classification(self, logits: Tensor, teacher_logits: Tensor, target: Tensor, step: int) -> Tensor:
+        """The cross-entropy term of a step > 0: plain, MiB's unbiased, or on PLOP's pseudo-labels."""
+        cfg = self.cfg
+        if cfg.unbiased_ce:
+            return unbiased_cross_entropy(logits, target, teacher_logits.shape[1], reduction=cfg.ce_reduction)
+        if cfg.pseudo_labels != "none":
             if self.thresholds is None:
                 raise ValueError(f"method {cfg.name!r} pseudo-labels with thresholds from calibrate(), which was "
                                  f"not called for step {step}")
             with torch.no_grad():
-                labels, kept = pseudo_label(target, teacher["logits"], self.thresholds.to(logits.device),
-                                            num_old_channels=teacher["logits"].shape[1],
+                labels, kept = pseudo_label(target, teacher_logits, self.thresholds.to(logits.device),
+                                            num_old_channels=teacher_logits.shape[1],
                                             num_classes_total=logits.shape[1])
-            ce = plop_cross_entropy(logits, labels, kept)
-        else:
-            ce = cross_entropy(logits, target, reduction=cfg.ce_reduction)
-        losses: dict[str, Tensor] = {"ce": ce}
-        total = losses["ce"]
-        if distilling:
-            assert teacher is not None
-            if cfg.uses_kd:
-                if cfg.kd == "mib":
-                    kd = kd_mib(logits, teacher["logits"], alpha=cfg.kd_alpha)
-                elif cfg.kd == "unbiased":
-                    kd = kd_unbiased(logits, teacher["logits"], alpha=cfg.kd_alpha)
-                else:
-                    kd = kd_ilt_output(logits, teacher["logits"], target,
-                                       temperature=cfg.kd_temperature, mask=cfg.kd_mask)
-                losses["kd"] = kd
-                total = total + cfg.kd_weight * kd
-            if cfg.fd_weight > 0:
-                fd = feature_distillation(student["features"], teacher["features"])
-                losses["fd"] = fd
-                total = total + cfg.fd_weight * fd
-            if cfg.uses_pod:
-                old = teacher["logits"].shape[1]
-                maps = cast(Sequence[Tensor], student["pod"]), cast(Sequence[Tensor], teacher["pod"])
-                pod = local_pod_loss(*maps, num_old_channels=old,
-                                     num_classes_total=logits.shape[1], num_new=logits.shape[1] - old,
-                                     factors=cfg.pod_factor, logits_factor=cfg.pod_logits_factor)
-                losses["pod"] = pod  # its factors are inside
-                total = total + pod
-        losses["loss"] = total
-        return losses
+            return plop_cross_entropy(logits, labels, kept)
+        return cross_entropy(logits, target, reduction=cfg.ce_reduction)
+
+    def _distillation(self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor],
+                      target: Tensor) -> dict[str, Tensor]:
+        """The unweighted distillation terms that are on: ``kd``, ``fd``, ``pod`` (already weighted)."""
+        cfg = self.cfg
+        logits, old_logits = student["logits"], teacher["logits"]
+        terms: dict[str, Tensor] = {}
+        if cfg.uses_kd:
+            if cfg.kd == "mib":
+                terms["kd"] = kd_mib(logits, old_logits, alpha=cfg.kd_alpha)
+            elif cfg.kd == "unbiased":
+                terms["kd"] = kd_unbiased(logits, old_logits, alpha=cfg.kd_alpha)
+            else:
+                terms["kd"] = kd_ilt_output(logits, old_logits, target, temperature=cfg.kd_temperature,
+                                            mask=cfg.kd_mask)
+        if cfg.fd_weight > 0:
+            terms["fd"] = feature_distillation(student["features"], teacher["features"])
+        if cfg.uses_pod:
+            old = old_logits.shape[1]
+            maps = cast(Sequence[Tensor], student["pod"]), cast(Sequence[Tensor], teacher["pod"])
+            terms["pod"] = local_pod_loss(*maps, num_old_channels=old, num_classes_total=logits.shape[1],
+                                          num_new=logits.shape[1] - old, factors=cfg.pod_factor,
+                                          logits_factor=cfg.pod_logits_factor)
+        return terms
 
 
 def build_method(cfg: MethodConfig) -> Method:
