@@ -22,6 +22,7 @@ from ilseg.config import RunConfig
 from ilseg.data.io import PHOTO_FIX, image_size, overlay, read_image, read_mask, write_mask_png
 from ilseg.data.transforms import eval_transform
 from ilseg.engine.loop import resolve_device
+from ilseg.engine.preview import channel_to_dataset_ids
 from ilseg.engine.rundir import finished_steps, load_step_model, read_run_config, step_checkpoint, training_task
 from ilseg.errors import IlsegError
 from ilseg.fileio import atomic_write_bytes
@@ -231,8 +232,7 @@ def column_model(column: PredictionColumn, device: str | None) -> tuple[Incremen
     """The column's model (eval mode, on its device) and its channel -> dataset class id table."""
     model, _ = load_step_model(column.cfg, step_checkpoint(column.run_dir, column.step), column.step)
     model.to(resolve_device(device or column.cfg.runtime.device)).eval()
-    to_dataset_ids = np.array(training_task(column.cfg).seen_classes(column.step), dtype=np.uint8)
-    return model, to_dataset_ids
+    return model, channel_to_dataset_ids(training_task(column.cfg), column.step)
 
 
 def predict_one(model: IncrementalSegmenter, to_dataset_ids: np.ndarray, x: torch.Tensor) -> np.ndarray:
