@@ -215,7 +215,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ilseg.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, quiet=args.quiet, methods=args.methods)
+    run_demo(Path(args.out), quick=args.quick, quiet=args.quiet, methods=args.methods, processes=args.processes,
+             seed=args.seed)
     return 0
 
 
@@ -351,6 +352,11 @@ def _add_output_commands(sub: argparse._SubParsersAction) -> None:
     dm.add_argument("--out", default="ilseg-demo")
     dm.add_argument("--quick", action="store_true", help="a much shorter run (smoke test, numbers not meaningful)")
     dm.add_argument("--methods", nargs="+", help="subset of the demo's methods")
+    dm.add_argument("--seed", type=int, default=0,
+                    help="draws the synthetic data and the training; the README's table is seed 0")
+    dm.add_argument("--processes", type=int,
+                    help="methods trained at once, each in its own process with one thread (default: all of them "
+                         "on a CPU with 2 or more cores); 1: one after another in this process, with progress bars")
     dm.add_argument("--quiet", action="store_true")
     dm.set_defaults(func=cmd_demo)
 

@@ -6,20 +6,35 @@ joint training on all classes, and prints one table: old / new / all mIoU
 after the last step, then writes the report of ``ilseg report`` for its runs
 (``report/report.html``).  The recipe is the ``synth-demo`` preset; its
 comments say how and why it differs from the paper recipe.
+
+The methods train side by side, each in its own process with one thread
+(``processes``): a small model on a CPU of a few cores gets more done this
+way than one process using every core for one method at a time (1.4x on 2
+cores, BENCHMARKS.md), and runs with one thread give the same numbers on
+any machine with the same kind of CPU.  ``processes=1`` trains one method
+after another in this process, with progress bars.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import multiprocessing
+import os
+import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from ilseg.config import RunConfig, load_config, preset_dir
 from ilseg.data.synth import generate_synth, synth_matches
-from ilseg.fileio import atomic_write_text
 from ilseg.engine.run import run_training
-from ilseg.errors import IlsegError
+from ilseg.errors import IlsegError, Interrupted, one_line
+from ilseg.fileio import atomic_write_text
 from ilseg.methods import METHOD_PRESETS, Method
 from ilseg.report import comparison_table
 from ilseg.reports import write_report
@@ -32,7 +47,23 @@ SHARED_STEP0_FROM = "finetune"
 DEMO_IMAGES, DEMO_SIZE = 1800, 64
 # Joint training sees every training image each epoch (about 3x step 0's share
 # under 6-2-2 disjoint), so it gets fewer epochs for about as many iterations.
-JOINT_EPOCHS = 4
+JOINT_EPOCHS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoJob:
+    """One call of :func:`run_training`: a method's run folder, the steps it trains, the job it waits for."""
+
+    method: str
+    cfg: RunConfig
+    run_dir: Path
+    steps: str | None = None  # None: every step not finished yet
+    init_from: Path | None = None
+    after: str | None = None  # the key of the job whose step-0 model this one starts from
+
+    @property
+    def key(self) -> str:
+        return self.method if self.steps is None else f"{self.method} (step {self.steps})"
 
 
 def demo_config(root: Path, *, quick: bool = False, seed: int = 0) -> RunConfig:
@@ -42,18 +73,30 @@ def demo_config(root: Path, *, quick: bool = False, seed: int = 0) -> RunConfig:
     return load_config(preset_dir() / "synth-demo.yaml", overrides)
 
 
+def default_processes() -> int:
+    """Train side by side where there are at least two cores; in this process otherwise."""
+    return 1 if (os.cpu_count() or 1) < 2 else len(DEMO_METHODS)
+
+
 def run_demo(out: Path, *, quick: bool = False, quiet: bool = False, methods: Sequence[str] | None = None,
-             seed: int = 0) -> str:
+             seed: int = 0, processes: int | None = None) -> str:
     """Run the demo into ``out``; return (and print) the comparison table.
 
     ``seed`` draws both the synthetic data and the training (initialisation,
     crops, order): the published table is seed 0; other seeds show how much
     of a difference between methods is noise (``benchmarks/bench_demo.py --seeds``).
+    ``processes``: how many methods train at once, each in its own process
+    with one thread (default: :func:`default_processes`); 1 trains them one
+    after another in this process.  Running the demo again continues
+    unfinished runs and reuses finished ones.
     """
     methods = tuple(methods or DEMO_METHODS)
     unknown = [m for m in methods if m not in METHOD_PRESETS]
     if unknown:
         raise IlsegError(f"unknown demo method(s) {unknown}; choose from {', '.join(METHOD_PRESETS)}")
+    processes = default_processes() if processes is None else processes
+    if processes < 1:
+        raise IlsegError(f"the demo needs at least 1 process, got {processes}")
     out = Path(out)
     start = time.perf_counter()
     base = demo_config(out / "data" / "synth", quick=quick, seed=seed)
@@ -62,21 +105,15 @@ def run_demo(out: Path, *, quick: bool = False, quiet: bool = False, methods: Se
         print(f"generating the synthetic dataset in {synth.root} ...", flush=True)
         generate_synth(Path(synth.root), seed=seed, num_images=DEMO_IMAGES, size=DEMO_SIZE)
     runs = out / ("runs-quick" if quick else "runs")
-    results = []
-    order = sorted(methods, key=lambda m: (m != SHARED_STEP0_FROM, m == "joint"))
-    shared = runs / SHARED_STEP0_FROM
-    for name in order:
-        cfg = dataclasses.replace(base, name=f"demo-{name}", method=METHOD_PRESETS[name])
-        if cfg.method.joint and not quick:
-            cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=JOINT_EPOCHS))
-        run_dir = runs / name
-        same_step0 = Method(cfg.method).identity(0) == Method(METHOD_PRESETS[SHARED_STEP0_FROM]).identity(0)
-        init = shared if (name != SHARED_STEP0_FROM and same_step0 and (shared / "step0.pth").is_file()) else None
-        print(f"\n=== {name} ===", flush=True)
-        resume = (run_dir / "config.yaml").is_file()
-        res = run_training(cfg, run_dir, resume=resume, init_from=init, quiet=quiet)
-        results.append({**res, "label": name})
-    table = comparison_table(results)
+    jobs = plan_jobs(base, methods, runs, quick=quick)
+    if processes == 1:
+        results = run_in_turn(jobs, quiet=quiet)
+    else:
+        print(f"training {len(methods)} methods side by side, each in its own process with one thread "
+              f"(logs: {runs}/<method>/train.log)", flush=True)
+        results = run_side_by_side(jobs, processes, start)
+    rows = [{**results[method], "label": method} for method in sorted(methods, key=lambda m: m == "joint")]
+    table = comparison_table(rows)
     minutes = (time.perf_counter() - start) / 60
     text = (f"ilseg demo: synthetic {base.data.task} ({'overlapped' if base.data.overlap else 'disjoint'}), "
             f"{base.model.backbone}, mIoU % after the last step ({minutes:.1f} min)\n\n{table}\n")
@@ -85,3 +122,153 @@ def run_demo(out: Path, *, quick: bool = False, quiet: bool = False, methods: Se
     print("\n" + text)
     print(f"report with figures: {report['html']} (open it in a browser; report.md beside it)")
     return text
+
+
+def method_config(base: RunConfig, name: str, *, quick: bool) -> RunConfig:
+    cfg = dataclasses.replace(base, name=f"demo-{name}", method=METHOD_PRESETS[name])
+    if cfg.method.joint and not quick:
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=JOINT_EPOCHS))
+    return cfg
+
+
+def plan_jobs(base: RunConfig, methods: Sequence[str], runs: Path, *, quick: bool) -> list[DemoJob]:
+    """The demo's training calls in a workable order.
+
+    The first method whose step 0 is fine-tuning's trains it as a job of its
+    own; every other such method starts from that model (``init_from``) once
+    it exists, and the first method's later steps are a second job.
+    """
+    reference = Method(METHOD_PRESETS[SHARED_STEP0_FROM]).identity(0)
+    order = sorted(methods, key=lambda m: (m != SHARED_STEP0_FROM, m == "joint"))
+    sharing = [m for m in order if Method(METHOD_PRESETS[m]).identity(0) == reference]
+    jobs: list[DemoJob] = []
+    owner = sharing[0] if len(sharing) > 1 else None
+    for name in order:
+        cfg = method_config(base, name, quick=quick)
+        if name == owner:
+            first = DemoJob(name, cfg, runs / name, steps="0")
+            jobs += [first, DemoJob(name, cfg, runs / name, after=first.key)]
+        elif owner is not None and name in sharing:
+            jobs.append(DemoJob(name, cfg, runs / name, init_from=runs / owner, after=f"{owner} (step 0)"))
+        else:
+            jobs.append(DemoJob(name, cfg, runs / name))
+    return jobs
+
+
+def train_job(job: DemoJob, *, quiet: bool) -> dict[str, Any]:
+    resume = (job.run_dir / "config.yaml").is_file()
+    return run_training(job.cfg, job.run_dir, steps=job.steps, resume=resume, init_from=job.init_from, quiet=quiet)
+
+
+def run_in_turn(jobs: Sequence[DemoJob], *, quiet: bool) -> dict[str, dict[str, Any]]:
+    """Train the jobs one after another in this process; each method's last results."""
+    results = {}
+    for job in jobs:
+        print(f"\n=== {job.key} ===", flush=True)
+        results[job.method] = train_job(job, quiet=quiet)
+    return results
+
+
+def _worker_setup() -> None:
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an idle worker ignores Ctrl-C; training handles it itself
+
+
+def _train_in_worker(job: DemoJob) -> dict[str, Any]:
+    """A job in a worker process: its results, or its error as plain data (exceptions may not unpickle)."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        try:
+            return {"results": train_job(job, quiet=True)}
+        except IlsegError as exc:
+            return {"error": one_line(exc), "signal": exc.signal_number if isinstance(exc, Interrupted) else None}
+
+
+def run_side_by_side(jobs: Sequence[DemoJob], processes: int, start: float) -> dict[str, dict[str, Any]]:
+    """Train every job whose step-0 model exists at once, each in a worker process; each method's last results.
+
+    Ctrl-C (or SIGTERM) reaches the workers, which save and stop as ``ilseg
+    train`` does; then this raises :class:`Interrupted`.  A job that fails
+    stops the jobs that wait for it, the others finish, and one
+    :class:`IlsegError` names every failure.
+    """
+    waiting, running = list(jobs), dict[Future, DemoJob]()
+    done: dict[str, dict[str, Any]] = {}
+    failures: list[str] = []
+    stopped: int | None = None
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_worker_setup) as pool, \
+            _sigterm_as_interrupt():
+        while waiting or running:
+            if stopped is None:
+                ready = [j for j in waiting if j.after is None or j.after in done]
+                waiting = [j for j in waiting if j not in ready]
+                if ready:
+                    _say(start, "started " + ", ".join(j.key for j in ready))
+                running.update({pool.submit(_train_in_worker, j): j for j in ready})
+            if not running:
+                break  # the rest wait for a job that failed
+            try:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt as exc:
+                stopped = getattr(exc, "signal_number", int(signal.SIGINT))
+                _say(start, "stopping: each running method saves its state first ...")
+                continue
+            for future in finished:
+                job = running.pop(future)
+                outcome = _outcome(future)
+                if "results" in outcome:
+                    done[job.key] = outcome["results"]
+                    _say(start, f"{job.key}: {_summary(outcome['results'])}")
+                elif outcome.get("signal") is not None:
+                    stopped = stopped or outcome["signal"]
+                else:
+                    failures.append(f"{job.key}: {outcome['error']} (log: {job.run_dir / 'train.log'})")
+                    _say(start, f"{job.key} failed: {outcome['error']}")
+    if stopped is not None:
+        raise Interrupted(f"demo stopped by {signal.Signals(stopped).name}; every method saved its state: "
+                          "run the same command again to continue", stopped)
+    if failures:
+        raise IlsegError("the demo could not finish: " + "; ".join(failures))
+    return {job.method: done[job.key] for job in jobs}  # a method's later job overwrites its step-0 job
+
+
+def _outcome(future: Future) -> dict[str, Any]:
+    try:
+        return future.result()
+    except Exception as exc:  # a worker that died (killed, out of memory) or a bug outside ilseg's errors
+        return {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
+
+
+class _Terminated(KeyboardInterrupt):
+    signal_number = int(signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM to the demo's process is passed to its workers and then handled as Ctrl-C is."""
+    def forward(signum: int, frame: Any) -> None:
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)  # type: ignore[arg-type]
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _summary(results: dict[str, Any]) -> str:
+    last = results["steps"][-1]
+    parts = [f"step {last['step']} mIoU all {100 * last['miou_all']:.1f}"]
+    for key in ("old", "new"):
+        value = last.get(f"miou_{key}")
+        if value is not None and last["step"] > 0:
+            parts.append(f"{key} {100 * value:.1f}")
+    return " | ".join(parts)
+
+
+def _say(start: float, text: str) -> None:
+    seconds = int(time.perf_counter() - start)
+    print(f"  {seconds // 60}:{seconds % 60:02d}  {text}", flush=True)

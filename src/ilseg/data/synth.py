@@ -18,13 +18,18 @@ makes it a fair small benchmark:
   every visible object spans at least 1/5 of the image), the mask shows what
   is visible, and a 1-pixel 255 "boundary" ring surrounds visible objects as
   in VOC;
-* colour does not give the class away: each class draws its colour from 2 of
-  6 colour families, each family shared by 3-4 classes, with jitter, shading
-  and noise; the background is textured (smooth noise, stripes, noise,
-  coloured clutter lines in object colours), so shape must be learned;
+* colour narrows the class down but does not identify it: each class has
+  its own hue, and every object draws its hue within +-25 degrees of it
+  (with random saturation, brightness, shading and noise), while the ten
+  class hues lie 36 degrees apart, so about half of each class's objects
+  have a colour a neighbouring class also draws; shape decides between them.
+  The hues follow the partner cycle below, so classes that co-occur also
+  look alike, across the step boundaries.  The background is textured
+  (smooth noise, stripes, noise, clutter lines in object colours), so
+  neither colour nor texture alone segments an image;
 * classes co-occur with structure: the second object of an image is, with
   probability 0.6, a "partner" of the first along the cycle
-  1-8-3-9-2-5-10-6-7-4-1, whose edges mostly straddle the step boundaries
+  1-7-2-8-3-9-6-10-4-5-1, whose edges mostly straddle the step boundaries
   of the 6-2-2 and 6-1 tasks, so disjoint and overlapped filters differ;
 * each class appears about equally often.
 
@@ -35,6 +40,7 @@ generated serially or in parallel.
 
 from __future__ import annotations
 
+import colorsys
 import json
 import os
 import shutil
@@ -51,31 +57,23 @@ from ilseg.fileio import atomic_write_text
 from ilseg.tasks import IGNORE_INDEX, SYNTH_CLASSES
 
 FORMAT_NAME = "ilseg-synth"
-FORMAT_VERSION = 4  # bump whenever rendering changes: old folders then no longer match
+FORMAT_VERSION = 5  # bump whenever rendering changes: old folders then no longer match
 META_FILE = "ilseg_synth.json"
 NUM_CLASSES = len(SYNTH_CLASSES)
 
-# Six colour families; each class draws from two of them (each family serves
-# three or four classes, and no two classes share both), so colour narrows the
-# class down but never identifies it: shape must be learned.
-_FAMILIES = np.array([
-    (205, 55, 50),    # red
-    (60, 170, 70),    # green
-    (55, 85, 205),    # blue
-    (225, 200, 45),   # yellow
-    (185, 65, 185),   # magenta
-    (45, 185, 195),   # cyan
-], dtype=np.float32)
-_CLASS_FAMILIES: dict[int, tuple[int, ...]] = {
-    1: (0, 1), 2: (2, 3), 3: (4, 5), 4: (0, 2), 5: (1, 4),
-    6: (3, 5), 7: (0, 3), 8: (1, 5), 9: (2, 4), 10: (0, 5),
-}
 # Co-occurrence: a cycle over the ten shapes; neighbours are "partners".
-_PARTNER_CYCLE = (1, 8, 3, 9, 2, 5, 10, 6, 7, 4)
-_PARTNERS: dict[int, tuple[int, int]] = {
+_PARTNER_CYCLE = (1, 7, 2, 8, 3, 9, 6, 10, 4, 5)
+PARTNERS: dict[int, tuple[int, int]] = {
     c: (_PARTNER_CYCLE[i - 1], _PARTNER_CYCLE[(i + 1) % len(_PARTNER_CYCLE)])
     for i, c in enumerate(_PARTNER_CYCLE)
 }
+# Colour: class hues (fractions of the hue circle) 1/10 apart in the partner
+# cycle's order; an object's hue lies within _HUE_JITTER of its class's, so
+# each class's hue range (50 degrees) overlaps its neighbours' by 14 degrees.
+CLASS_HUES: dict[int, float] = {c: i / len(_PARTNER_CYCLE) for i, c in enumerate(_PARTNER_CYCLE)}
+_HUE_JITTER = 25 / 360
+_SATURATION = (0.55, 0.85)
+_VALUE = (0.65, 0.95)
 _NUM_OBJECTS_P = (0.35, 0.35, 0.2, 0.1)  # P(1..4 objects)
 _PARTNER_P = 0.6
 _RADIUS = (0.15, 0.28)  # object "radius" as a fraction of the image side
@@ -135,11 +133,16 @@ def _bilinear_basis(size: int, grid: int) -> np.ndarray:
     return basis
 
 
+def _hue_rgb(hue: float, saturation: float, value: float) -> np.ndarray:
+    """RGB (float, 0..255) of an HSV colour; ``hue`` in turns, wrapped to [0, 1)."""
+    return np.array(colorsys.hsv_to_rgb(hue % 1.0, saturation, value), dtype=np.float32) * 255
+
+
 def _background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
     """A textured ``size x size x 3`` float background (before clipping)."""
-    family = _FAMILIES[rng.integers(len(_FAMILIES))]
+    tint = _hue_rgb(rng.uniform(0, 1), 0.75, 0.85)
     grey = rng.uniform(60, 190)
-    base = 0.2 * family + 0.8 * grey
+    base = 0.2 * tint + 0.8 * grey
     grid = int(rng.integers(3, 7))
     basis = _bilinear_basis(size, grid)
     control = rng.normal(0.0, 28.0, size=(grid, grid, 3)).astype(np.float32)
@@ -157,7 +160,7 @@ def _background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndar
         t = np.clip(((xx - p0[0]) * d[0] + (yy - p0[1]) * d[1]) / max(float(d @ d), 1e-6), 0, 1)
         dist2 = (xx - p0[0] - t * d[0]) ** 2 + (yy - p0[1] - t * d[1]) ** 2
         width = rng.uniform(0.6, 1.4) * size / 64
-        colour = _FAMILIES[rng.integers(len(_FAMILIES))] * rng.uniform(0.7, 1.1)
+        colour = _hue_rgb(rng.uniform(0, 1), rng.uniform(*_SATURATION), rng.uniform(*_VALUE))
         img[dist2 <= width * width] = colour
     img += rng.normal(0.0, 8.0, size=img.shape).astype(np.float32)
     return img
@@ -167,8 +170,8 @@ def _object_colours(
     rng: np.random.Generator, cls: int, u: np.ndarray, v: np.ndarray, shading: np.ndarray,
 ) -> np.ndarray:
     """Colours (``...x3`` float) of the pixels of an object at local coordinates ``(u, v)``."""
-    family = _FAMILIES[rng.choice(_CLASS_FAMILIES[cls])]
-    colour = family * rng.uniform(0.75, 1.15) + rng.normal(0.0, 18.0, size=3)
+    hue = CLASS_HUES[cls] + rng.uniform(-_HUE_JITTER, _HUE_JITTER)
+    colour = _hue_rgb(hue, rng.uniform(*_SATURATION), rng.uniform(*_VALUE)) + rng.normal(0.0, 8.0, size=3)
     pixels = np.broadcast_to(colour, (*u.shape, 3)) + shading[..., None]
     if cls == 10:
         cell = 0.82 / 2
@@ -183,7 +186,7 @@ def _choose_classes(rng: np.random.Generator) -> list[int]:
     classes = [int(rng.integers(1, NUM_CLASSES))]
     if n >= 2:
         if rng.random() < _PARTNER_P:
-            classes.append(int(rng.choice(_PARTNERS[classes[0]])))
+            classes.append(int(rng.choice(PARTNERS[classes[0]])))
         else:
             classes.append(int(rng.integers(1, NUM_CLASSES)))
     classes += [int(c) for c in rng.integers(1, NUM_CLASSES, size=n - len(classes))]
