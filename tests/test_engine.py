@@ -506,7 +506,8 @@ def test_fused_adamw_follows_the_plain_loop_and_repeats_itself():
                               weight_decay=1e-4, fused=fused)
         assert opt.defaults["fused"] is (True if fused else None)
         g = torch.Generator().manual_seed(1)
-        x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 5, (4, 32, 32), generator=g)
+        y = torch.arange(4).view(4, 1, 1).expand(4, 32, 32)  # one class per image, given away by its colour
+        x = torch.randn(4, 3, 32, 32, generator=g) + torch.eye(4, 3).view(4, 3, 1, 1) * 2
         losses = []
         for _ in range(30):  # fit one batch: the loss must fall the same way with either kernel
             loss = torch.nn.functional.cross_entropy(model(x)["logits"], y)
@@ -518,7 +519,7 @@ def test_fused_adamw_follows_the_plain_loop_and_repeats_itself():
 
     (plain, _), (fused, weights), (again, weights_again) = train(False), train(True), train(True)
     assert fused[-1] < 0.5 * fused[0]
-    assert fused == pytest.approx(plain, rel=0.05)
+    assert fused == pytest.approx(plain, rel=1e-3)
     assert fused == again and all(torch.equal(weights[k], weights_again[k]) for k in weights)
 
 
@@ -556,10 +557,13 @@ def test_compiled_training_matches_eager(synth_root, tmp_path):
     compiled = tiny_config(synth_root, *sgd, "runtime.compile=true")
     run_training(compiled, tmp_path / "compiled", quiet=True, steps="0:2")
     assert "torch.compile failed" not in (tmp_path / "compiled" / "train.log").read_text()
-    losses = lambda run: [(e["step"], e["train/loss"]) for e in map(json.loads, (run / "metrics.jsonl").read_text()
-                                                                   .splitlines()) if "train/loss" in e]
-    eager_losses, compiled_losses = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    terms = lambda run, key: [(e["step"], e[key]) for e in map(json.loads, (run / "metrics.jsonl").read_text()
+                                                               .splitlines()) if key in e]
+    eager_losses, compiled_losses = terms(tmp_path / "eager", "train/loss"), terms(tmp_path / "compiled", "train/loss")
     assert [s for s, _ in compiled_losses] == [s for s, _ in eager_losses] == [0, 1]
     assert compiled_losses[0][1] == pytest.approx(eager_losses[0][1], rel=1e-3)
-    # step 1 starts from step 0's weights, which differ in the last bits; its loss (x100 distillation) by < 1%
-    assert compiled_losses[1][1] == pytest.approx(eager_losses[1][1], rel=1e-2)
+    # Step 1 starts from step 0's weights, which differ in the last bits.  Its cross-entropy follows by < 1%;
+    # the x100 distillation terms measure the (small) student-teacher gap, which those bits move more: < 5%.
+    eager_ce, compiled_ce = terms(tmp_path / "eager", "train/ce"), terms(tmp_path / "compiled", "train/ce")
+    assert compiled_ce[1][1] == pytest.approx(eager_ce[1][1], rel=1e-2)
+    assert compiled_losses[1][1] == pytest.approx(eager_losses[1][1], rel=5e-2)

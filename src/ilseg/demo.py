@@ -171,7 +171,8 @@ def run_in_turn(jobs: Sequence[DemoJob], *, quiet: bool) -> dict[str, dict[str, 
 
 def _worker_setup() -> None:
     torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an idle worker ignores Ctrl-C; training handles it itself
+    for sig in (signal.SIGINT, signal.SIGTERM):  # an idle worker ignores them; training handles them itself
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _train_in_worker(job: DemoJob) -> dict[str, Any]:
@@ -221,6 +222,7 @@ def run_side_by_side(jobs: Sequence[DemoJob], processes: int, start: float) -> d
                     _say(start, f"{job.key}: {_summary(outcome['results'])}")
                 elif outcome.get("signal") is not None:
                     stopped = stopped or outcome["signal"]
+                    _say(start, f"{job.key}: {outcome['error'].split(';')[0]}")
                 else:
                     failures.append(f"{job.key}: {outcome['error']} (log: {job.run_dir / 'train.log'})")
                     _say(start, f"{job.key} failed: {outcome['error']}")

@@ -177,7 +177,7 @@ def train_one_epoch(
         if not math.isfinite(values["loss"]):
             parts = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
             raise NonFiniteLoss(f"the training loss became non-finite at step {step} ({parts}); nothing of this "
-                                "epoch after the last checkpoint was saved")
+                                "epoch after the last checkpoint was saved", iterations_done=progress.iterations)
         # What backward does not need goes before it: the teacher's outputs and the student's full-resolution
         # logits (the losses keep what their gradients need), several B x C x H x W tensors at 512 px.
         del teacher_out, student_out, losses
@@ -202,7 +202,14 @@ def train_one_epoch(
 
 
 class NonFiniteLoss(IlsegError):
-    """The loss became NaN or infinite; the engine adds how to continue with a lower learning rate."""
+    """The loss became NaN or infinite; the engine adds how to continue with a lower learning rate.
+
+    ``iterations_done``: the epoch's iterations before the one that failed.
+    """
+
+    def __init__(self, message: str, iterations_done: int = 0) -> None:
+        super().__init__(message)
+        self.iterations_done = iterations_done
 
 
 @torch.inference_mode()

@@ -330,7 +330,9 @@ def train_epoch(ctx: RunContext, step: int, epoch: int, epochs: int, train_model
                                    should_stop=ctx.stop.requested, on_iteration=on_iteration,
                                    limit=iterations if iterations < len(data.loader) else None)
     except NonFiniteLoss as exc:
-        raise IlsegError(f"{exc}. {lower_lr_advice(ctx, step)}") from None
+        first_batch = step > 0 and epoch == 0 and exc.iterations_done == 0
+        advice = start_over_advice(ctx, step) if first_batch else lower_lr_advice(ctx, step)
+        raise IlsegError(f"{exc}. {advice}") from None
     finally:
         bar.close()
     at.seconds += time.perf_counter() - start
@@ -350,6 +352,23 @@ def lower_lr_advice(ctx: RunContext, step: int) -> str:
     fp16 = " (or use runtime.amp=bf16 instead of fp16)" if ctx.precision.amp == "fp16" else ""
     return (f"Lower the learning rate{fp16} and train step {step} again, keeping the finished steps: "
             f"ilseg train --resume {ctx.run_dir.resolve()} --set optim.{key}={lr / 10:g}")
+
+
+def start_over_advice(ctx: RunContext, step: int) -> str:
+    """A later step whose very first batch gives a non-finite loss: the model the step before ended with is broken.
+
+    Its weights are finite but its training diverged (a loss that grew by
+    orders of magnitude without overflowing), so no learning rate of this step
+    helps: the later steps are trained again, in a new run folder, from this
+    run's step-0 model and with a lower learning rate.
+    """
+    lr = ctx.cfg.optim.lr_next
+    fresh = ctx.run_dir.with_name(f"{ctx.run_dir.name}-lr{lr / 10:g}")
+    return (f"It failed on step {step}'s first batch, before any update, so the model step {step - 1} ended with "
+            f"is at fault (step {step - 1}'s training diverged: see its loss in {ctx.run_dir / 'train.log'}).  "
+            f"Train the later steps again from this run's step 0 with a lower learning rate: ilseg train --config "
+            f"{ctx.run_dir.resolve() / 'config.yaml'} --init-from {ctx.run_dir.resolve()} --out {fresh.resolve()} "
+            f"--set optim.lr_next={lr / 10:g}")
 
 
 def interrupted(ctx: RunContext, step: int, epoch: int, epochs: int, done: int, total: int) -> Interrupted:
