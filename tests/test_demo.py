@@ -146,3 +146,27 @@ def test_demo_refuses_zero_processes(tmp_path, capsys):
     assert main(["demo", "--quick", "--processes", "0", "--out", str(tmp_path)]) == 2
     assert "at least 1 process" in capsys.readouterr().err
     assert not tmp_path.joinpath("data").exists()
+
+
+def test_runs_of_an_earlier_demo_recipe_are_refused_before_anything_changes(tmp_path, capsys):
+    import dataclasses
+
+    from ilseg.config import dump_config
+    from ilseg.data.synth import META_FILE
+    from ilseg.demo import demo_config, plan_jobs
+
+    out = tmp_path / "demo"
+    cfg = plan_jobs(demo_config(out / "data" / "synth"), ["ilt"], out / "runs", quick=False)[0].cfg
+    older = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, crop_size=64))
+    (out / "runs" / "ilt").mkdir(parents=True)
+    (out / "runs" / "ilt" / "config.yaml").write_text(dump_config(older))
+    (out / "data" / "synth").mkdir(parents=True)
+    (out / "data" / "synth" / META_FILE).write_text('{"format": "ilseg-synth", "version": 4}')
+    assert main(["demo", "--methods", "ilt", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'runs'} holds runs of an earlier demo" in err
+    assert "ilt (data.crop_size: 64 -> 48; the synthetic set in" in err and "of another version or seed" in err
+    assert f"Move or delete {out / 'runs'}" in err
+    # nothing was touched: the old data's description and the old run are as they were
+    assert (out / "data" / "synth" / META_FILE).read_text() == '{"format": "ilseg-synth", "version": 4}'
+    assert sorted(p.name for p in (out / "runs" / "ilt").iterdir()) == ["config.yaml"]

@@ -12,7 +12,6 @@ from PIL import Image
 
 from ilseg.cli import main
 from ilseg.config import load_config, preset_dir
-from ilseg.data.synth import generate_synth
 from ilseg.engine import step as step_mod
 from ilseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from ilseg.engine.loop import poly_schedule
@@ -27,13 +26,6 @@ TINY = [
     "optim.batch_size=4", "optim.epochs=2", "optim.epochs_next=1",
     "data.crop_size=32", "data.workers=0", "eval.batch_size=16",
 ]
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    generate_synth(root, seed=3, num_images=60, size=32, workers=1)
-    return root
 
 
 def tiny_config(root: Path, *extra: str):

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from ilseg.cli import main
 from ilseg.config import load_config, preset_dir
-from ilseg.data.synth import generate_synth
 from ilseg.engine.checkpoint import load_checkpoint
 from ilseg.engine.importing import import_run, parse_tool_file_name
 from ilseg.engine.rundir import load_step_model
@@ -183,13 +182,6 @@ def reference_forward(w: dict[str, torch.Tensor], x: torch.Tensor, steps: int) -
 
 
 # -- fixtures ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    generate_synth(root, seed=3, num_images=60, size=32, workers=1)
-    return root
-
-
 def tiny_config(root: Path, *extra: str):
     return load_config(preset_dir() / "synth-demo.yaml", [f"data.root={root}", *TINY, *extra])
 

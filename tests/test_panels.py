@@ -23,7 +23,6 @@ from ilseg.cli import main
 from ilseg.config import dump_config, load_config, preset_dir
 from ilseg.data.datasets import build_dataset
 from ilseg.data.io import palette, read_mask, write_mask_png
-from ilseg.data.synth import generate_synth
 from ilseg.engine.checkpoint import load_checkpoint
 from ilseg.engine.loop import Precision
 from ilseg.engine.preview import write_preview
@@ -141,13 +140,6 @@ def test_rows_of_different_sizes_align_their_columns():
 
 
 # -- predict and previews on tiny trained runs ---------------------------------------------------
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    generate_synth(root, seed=3, num_images=60, size=32, workers=1)
-    return root
-
-
 def tiny(root: Path, *extra: str):
     return load_config(preset_dir() / "synth-demo.yaml",
                        [f"data.root={root}", f"data.cache_dir={root.parent / 'cache'}", *TINY, *extra])

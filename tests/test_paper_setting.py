@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from ilseg.config import config_from_dict, load_config, preset_dir
-from ilseg.data.synth import generate_synth
 from ilseg.engine.loop import poly_schedule
 from ilseg.engine.run import run_training
 from ilseg.engine.signals import StopRequests
@@ -189,13 +188,6 @@ def test_poly_schedule_with_a_floor_reaches_lr_end_and_resumes_exactly():
             s.step()
     # lr_end 0 keeps torch's PolynomialLR (today's schedule)
     assert isinstance(poly_schedule(optimizer(), 10, 0.9), torch.optim.lr_scheduler.PolynomialLR)
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    generate_synth(root, seed=3, num_images=60, size=32, workers=1)
-    return root
 
 
 def _paper_synth(root, cache, *extra):

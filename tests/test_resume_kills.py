@@ -23,7 +23,6 @@ import torch
 
 import ilseg
 from ilseg.cli import main
-from ilseg.data.synth import generate_synth
 
 TINY = [
     "model.width=8", "model.head_channels=8", "model.output_stride=16",
@@ -85,13 +84,6 @@ _FAULTY_TRAIN = textwrap.dedent('''
     step_mod.evaluate_step, step_mod.record_step, step_mod.initial_model = evaluate, record, initial
     raise SystemExit(main(sys.argv[1:]))
 ''')
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    generate_synth(root, seed=3, num_images=60, size=32, workers=1)
-    return root
 
 
 def _train_args(root: Path, cache: Path, out: Path, *extra: str) -> list[str]:

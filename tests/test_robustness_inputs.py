@@ -30,7 +30,6 @@ from ilseg.config import dump_config, load_config
 from ilseg.data.datasets import build_dataset
 from ilseg.data.io import write_mask_png
 from ilseg.data.splits import step_image_indices
-from ilseg.data.synth import generate_synth
 from ilseg.engine import checkpoint as checkpoint_mod
 from ilseg.engine.checkpoint import load_checkpoint
 from ilseg.errors import IlsegError, WriteError, one_line
@@ -53,13 +52,6 @@ class _Opaque:
 
 
 # -- fixtures and helpers ----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    generate_synth(root, seed=3, num_images=60, size=32, workers=1)
-    return root
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     """The module's mask cache (never the user's ``~/.cache/ilseg``)."""

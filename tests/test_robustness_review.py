@@ -13,17 +13,9 @@ import torch
 
 from ilseg.cli import main
 from ilseg.engine import step as step_mod
-from ilseg.data.synth import generate_synth
 
 TINY = ["model.width=8", "model.head_channels=8", "model.output_stride=16", "optim.batch_size=4",
         "optim.epochs=1", "optim.epochs_next=1", "data.crop_size=32", "data.workers=0", "eval.batch_size=16"]
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    generate_synth(root, seed=3, num_images=60, size=32, workers=1)
-    return root
 
 
 def interrupt_epoch(monkeypatch: pytest.MonkeyPatch, n: int) -> Callable[..., object]:

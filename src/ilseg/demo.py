@@ -31,8 +31,9 @@ from typing import Any
 import torch
 
 from ilseg.config import RunConfig, load_config, preset_dir
-from ilseg.data.synth import generate_synth, synth_matches
+from ilseg.data.synth import META_FILE, generate_synth, synth_matches
 from ilseg.engine.run import run_training
+from ilseg.engine.rundir import config_differences
 from ilseg.errors import IlsegError, Interrupted, one_line
 from ilseg.fileio import atomic_write_text
 from ilseg.methods import METHOD_PRESETS, Method
@@ -100,12 +101,12 @@ def run_demo(out: Path, *, quick: bool = False, quiet: bool = False, methods: Se
     out = Path(out)
     start = time.perf_counter()
     base = demo_config(out / "data" / "synth", quick=quick, seed=seed)
-    synth = base.data
-    if not synth_matches(Path(synth.root), seed=seed, num_images=DEMO_IMAGES, size=DEMO_SIZE):
-        print(f"generating the synthetic dataset in {synth.root} ...", flush=True)
-        generate_synth(Path(synth.root), seed=seed, num_images=DEMO_IMAGES, size=DEMO_SIZE)
     runs = out / ("runs-quick" if quick else "runs")
     jobs = plan_jobs(base, methods, runs, quick=quick)
+    refuse_stale_runs(jobs, Path(base.data.root), seed)
+    if not synth_matches(Path(base.data.root), seed=seed, num_images=DEMO_IMAGES, size=DEMO_SIZE):
+        print(f"generating the synthetic dataset in {base.data.root} ...", flush=True)
+        generate_synth(Path(base.data.root), seed=seed, num_images=DEMO_IMAGES, size=DEMO_SIZE)
     if processes == 1:
         results = run_in_turn(jobs, quiet=quiet)
     else:
@@ -153,6 +154,41 @@ def plan_jobs(base: RunConfig, methods: Sequence[str], runs: Path, *, quick: boo
         else:
             jobs.append(DemoJob(name, cfg, runs / name))
     return jobs
+
+
+# Settings that say where and how a run executes, not what it learns: a demo run that differs only here is reused.
+_PLACEMENT = ("data.root", "data.cache_dir", "data.workers", "eval.batch_size", "runtime.tensorboard",
+              "runtime.preview_images")
+
+
+def refuse_stale_runs(jobs: Sequence[DemoJob], synth_root: Path, seed: int) -> None:
+    """Refuse run folders an earlier version of the demo made, before anything is generated or trained.
+
+    A run made with another recipe, or on a synthetic set of another version
+    (about to be generated anew), would otherwise be continued or shown as if
+    it were this demo's.  Nothing is deleted: the message says what to move.
+    """
+    stale = []
+    data_changed = (synth_root / META_FILE).is_file() and not synth_matches(
+        synth_root, seed=seed, num_images=DEMO_IMAGES, size=DEMO_SIZE)
+    for run_dir in dict.fromkeys(job.run_dir for job in jobs):
+        if not (run_dir / "config.yaml").is_file():
+            continue
+        cfg = next(job.cfg for job in jobs if job.run_dir == run_dir)
+        try:
+            differences = [d for d in config_differences(load_config(run_dir / "config.yaml"), cfg)
+                           if not d.startswith(_PLACEMENT)]
+        except IlsegError as exc:
+            differences = [one_line(exc)]
+        if data_changed:
+            differences.append(f"the synthetic set in {synth_root} is of another version or seed")
+        if differences:
+            stale.append(f"{run_dir.name} ({'; '.join(differences[:3])}{'; ...' if len(differences) > 3 else ''})")
+    if stale:
+        runs = jobs[0].run_dir.parent
+        raise IlsegError(f"{runs} holds runs of an earlier demo, made with other settings or data: "
+                         f"{', '.join(stale)}; nothing was changed. Move or delete {runs} (and its report) to run "
+                         "this demo there, or choose another --out")
 
 
 def train_job(job: DemoJob, *, quiet: bool) -> dict[str, Any]:

@@ -175,7 +175,7 @@ def check_run_dir(cfg: RunConfig, run_dir: Path, todo: range, *, resume: bool, o
         return
     old = load_config(saved)
     if old.hash() != cfg.hash() and not resume:
-        diff = _differences(_flatten(old.to_dict()), _flatten(cfg.to_dict()))
+        diff = config_differences(old, cfg)
         raise IlsegError(
             f"{run_dir} holds a run with another config ({'; '.join(diff) or 'name'}); choose another --out, "
             "use --resume to continue that run as it was configured, or --overwrite to start it over with this one"
@@ -442,6 +442,11 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[key] = v
     return flat
+
+
+def config_differences(old: RunConfig, new: RunConfig) -> list[str]:
+    """``"key: old -> new"`` for every setting that differs, in config order."""
+    return _differences(_flatten(old.to_dict()), _flatten(new.to_dict()))
 
 
 def _differences(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
