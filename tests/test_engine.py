@@ -461,17 +461,21 @@ def test_ade_label_zero_at_test_time(tmp_path, ade_zero, expected):
     assert set(np.unique(target.numpy()).tolist()) == {expected, 1, 255}
 
 
-def test_fused_sgd_updates_equal_the_plain_loop():
+def _tiny_model_and_optimizer(kind: str, lr: float, fused: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     from ilseg.engine.loop import build_optimizer
 
+    torch.manual_seed(0)
+    model = model_from_config(load_config(None, ["model.pretrained=null", "model.backbone=resnet18",
+                                                 "model.width=8", "model.head_channels=8"]), [5], pretrained=False)
+    opt = build_optimizer(model.parameters(), kind=kind, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4,
+                          fused=fused)
+    assert opt.defaults["fused"] is (True if fused else None)
+    return model, opt
+
+
+def test_fused_sgd_updates_equal_the_plain_loop():
     def train(fused: bool) -> dict[str, torch.Tensor]:
-        torch.manual_seed(0)
-        model = model_from_config(load_config(None, ["model.pretrained=null", "model.backbone=resnet18",
-                                                     "model.width=8", "model.head_channels=8"]), [5],
-                                  pretrained=False)
-        opt = build_optimizer(model.parameters(), kind="sgd", lr=0.01, momentum=0.9, nesterov=True,
-                              weight_decay=1e-4, fused=fused)
-        assert opt.defaults["fused"] is (True if fused else None)
+        model, opt = _tiny_model_and_optimizer("sgd", 0.01, fused)
         g = torch.Generator().manual_seed(1)
         for _ in range(3):
             x, y = torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 5, (2, 32, 32), generator=g)
@@ -487,16 +491,9 @@ def test_fused_sgd_updates_equal_the_plain_loop():
 
 def test_fused_adamw_follows_the_plain_loop_and_repeats_itself():
     """Fused AdamW rounds differently from the loop, so weights drift apart; the losses keep the same course."""
-    from ilseg.engine.loop import build_optimizer
 
     def train(fused: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
-        torch.manual_seed(0)
-        model = model_from_config(load_config(None, ["model.pretrained=null", "model.backbone=resnet18",
-                                                     "model.width=8", "model.head_channels=8"]), [5],
-                                  pretrained=False)
-        opt = build_optimizer(model.parameters(), kind="adamw", lr=0.004, momentum=0.9, nesterov=True,
-                              weight_decay=1e-4, fused=fused)
-        assert opt.defaults["fused"] is (True if fused else None)
+        model, opt = _tiny_model_and_optimizer("adamw", 0.004, fused)
         g = torch.Generator().manual_seed(1)
         y = torch.arange(4).view(4, 1, 1).expand(4, 32, 32)  # one class per image, given away by its colour
         x = torch.randn(4, 3, 32, 32, generator=g) + torch.eye(4, 3).view(4, 3, 1, 1) * 2
