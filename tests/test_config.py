@@ -209,3 +209,16 @@ def test_runtime_channels_last_reads_auto_or_a_bool(tmp_path):
         cfg = load_config(None, [f"runtime.channels_last={value}", "runtime.amp=fp16"])
         path.write_text(dump_config(cfg))
         assert load_config(path) == cfg
+
+
+def test_caffe_stride_layout_with_torchvision_imagenet_weights_is_refused():
+    with pytest.raises(IlsegError, match="stride_on 1x1 .* does not suit torchvision's ImageNet weights"):
+        load_config(None, ["model.stride_on=1x1", "model.pretrained=imagenet"])
+    assert load_config(None, ["model.stride_on=1x1", "model.pretrained=null"]).model.stride_on == "1x1"
+
+
+def test_frozen_batchnorm_with_deeplab_v3s_head_is_refused():
+    with pytest.raises(IlsegError, match="frozen_bn .* ASPP ones too, which would never learn; use it with "
+                                         "model.head=aspp_v2"):
+        load_config(None, ["model.frozen_bn=true"])
+    assert load_config(None, ["model.frozen_bn=true", "model.head=aspp_v2"]).model.frozen_bn

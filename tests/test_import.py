@@ -14,6 +14,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from ilseg.cli import main
 from ilseg.config import load_config, preset_dir
 from ilseg.engine.checkpoint import load_checkpoint
-from ilseg.engine.importing import import_run, parse_tool_file_name
+from ilseg.engine.importing import NUMPY_SCALARS, import_run, parse_tool_file_name
 from ilseg.engine.rundir import load_step_model
 from ilseg.errors import IlsegError
 
@@ -123,7 +124,9 @@ def save_tool_checkpoint(path: Path, fmt: str, step: int, seed: int,
         segmentor = {f"module.{css_key(k)}": v for k, v in weights.items()}
         segmentor |= {f"module.{css_key(k).removesuffix('running_mean')}num_batches_tracked": torch.tensor(123)
                       for k in weights if k.endswith("running_mean")}
-        torch.save({"cur_epoch": 30, "cur_iter": 900, "best_score": 0.61, "segmentor": segmentor, "task_id": step,
+        # best_score is numpy's float64 (the mean of its evaluator's IoUs) in every file saved after an evaluation
+        torch.save({"cur_epoch": 30, "cur_iter": 900, "best_score": np.float64(0.61), "segmentor": segmentor,
+                    "task_id": step,
                     "optimizer": {"state": {}, "param_groups": [{"lr": 0.001, "params": [0, 1]}]},
                     "amp": {"loss_scaler0": {"loss_scale": 65536.0, "unskipped": 0}}}, path)
     else:  # MiB / PLOP: apex DDP's module. prefix, inside model_state; inplace-abn 1.0.7 has no counters
@@ -133,6 +136,12 @@ def save_tool_checkpoint(path: Path, fmt: str, step: int, seed: int,
                     "scheduler_state": {"last_epoch": 450, "base_lrs": [0.001]}, "best_score": 0.0,
                     "trainer_state": {"regularizer": None}}, path)
     return weights
+
+
+def load_tool_file(path: Path) -> dict:
+    """A file written by save_tool_checkpoint, read as ilseg reads them (tensors and numpy scalars only)."""
+    with torch.serialization.safe_globals(NUMPY_SCALARS):
+        return torch.load(path, weights_only=True)
 
 
 def tool_file(folder: Path, fmt: str, step: int) -> Path:
@@ -258,7 +267,7 @@ def test_a_missing_and_an_extra_tensor_are_both_named(fmt: str, synth_root: Path
     css = fmt == "cssegmentation"
     missing = "encoder.layer2.1.conv2.weight" if css else "body.mod3.block2.convs.conv2.weight"
     extra = "decoder.extra_conv.weight" if css else "head.extra_conv.weight"
-    state = torch.load(saved, weights_only=True)
+    state = load_tool_file(saved)
     state["segmentor" if css else "model_state"][f"module.{extra}"] = torch.zeros(HEAD, HEAD, 1, 1)
     torch.save(state, saved)
     message = _refusal(tiny_config(synth_root), [saved], tmp_path / "run", fmt)
@@ -313,11 +322,11 @@ def test_files_and_configs_that_cannot_be_imported_are_refused(what: str, synth_
         save_tool_checkpoint(files[0], "cssegmentation", 0, seed=6)
         expected = "use --format cssegmentation"
     elif what == "pickled-objects":  # a fork that also saves its argparse options
-        state = torch.load(files[0], weights_only=True) | {"opts": argparse.Namespace(lr=0.01)}
+        state = load_tool_file(files[0]) | {"opts": argparse.Namespace(lr=0.01)}
         torch.save(state, files[0])
         files, expected = files[:1], "save the 'model_state' entry alone"
     elif what == "non-finite":  # e.g. a run that diverged in its last epoch
-        state = torch.load(files[0], weights_only=True)
+        state = load_tool_file(files[0])
         state["model_state"]["module.head.red_bn.running_var"][0] = float("nan")
         torch.save(state, files[0])
         files, expected = files[:1], "non-finite values in: head.red_bn.running_var"
@@ -345,7 +354,7 @@ def test_cssegmentation_older_decoder_names_import_and_a_module_given_twice_is_r
         synth_root: Path, tmp_path: Path) -> None:
     saved = tool_file(tmp_path / "tool", "cssegmentation", 0)
     weights = save_tool_checkpoint(saved, "cssegmentation", 0, seed=11)
-    state = torch.load(saved, weights_only=True)
+    state = load_tool_file(saved)
     older = {"decoder.parallel_bn.": "decoder.parallel_bn.0.", "decoder.out_project.0.": "decoder.bottleneck_conv.",
              "decoder.out_project.1.": "decoder.bottleneck_bn.0."}  # cssegmentation commit 22d3fc7
     renamed = {}
@@ -440,3 +449,48 @@ def test_init_from_an_unscored_import_scores_step0_and_keeps_its_row(synth_root:
     assert main(["train", "--resume", str(new), "--quiet"]) == 0  # results rebuilt: step 0's row is kept
     results = json.loads((new / "results.json").read_text())
     assert [s["step"] for s in results["steps"]] == [0, 1, 2] and results["steps"][0]["miou_all"] is not None
+
+
+def test_cssegmentations_numpy_best_score_is_read_as_a_number(tmp_path: Path) -> None:
+    from ilseg.engine.importing import read_tool_checkpoint
+
+    path = tool_file(tmp_path, "cssegmentation", 0)
+    save_tool_checkpoint(path, "cssegmentation", 0, seed=7)
+    _, info = read_tool_checkpoint(path, "cssegmentation")
+    assert info["entries"]["best_score"] == 0.61 and type(info["entries"]["best_score"]) is float
+    # other pickled objects are still refused, numpy arrays included
+    torch.save({"segmentor": {"module.x": torch.zeros(1)}, "history": np.zeros(3)}, tmp_path / "array.pth")
+    with pytest.raises(IlsegError, match="cannot be read as a cssegmentation checkpoint"):
+        read_tool_checkpoint(tmp_path / "array.pth", "cssegmentation")
+
+
+def test_a_failure_while_writing_leaves_no_half_imported_run(synth_root: Path, tmp_path: Path, monkeypatch) -> None:
+    import ilseg.engine.importing as importing
+
+    files = [tool_file(tmp_path / "ckpt", "mib", t) for t in range(3)]
+    for t, f in enumerate(files):
+        save_tool_checkpoint(f, "mib", t, seed=10 + t)
+    real_save, saved = importing.save_checkpoint, []
+
+    def disk_full_on_step_2(path, state):
+        if path.name == "step2.pth":
+            raise IlsegError(f"cannot write {path}: No space left on device")
+        saved.append(path.name)
+        return real_save(path, state)
+
+    monkeypatch.setattr(importing, "save_checkpoint", disk_full_on_step_2)
+    out = tmp_path / "run"
+    with pytest.raises(IlsegError, match="No space left on device"):
+        import_run(tiny_config(synth_root), files, out, fmt="mib")
+    assert saved == ["step0.pth", "step1.pth"] and not out.exists()  # what was written is gone with the folder
+    monkeypatch.setattr(importing, "save_checkpoint", real_save)
+    assert [s["step"] for s in import_run(tiny_config(synth_root), files, out, fmt="mib")["steps"]] == [0, 1, 2]
+
+
+def test_a_users_own_relative_link_is_followed(synth_root: Path, tmp_path: Path) -> None:
+    real = tool_file(tmp_path, "cssegmentation", 0)
+    save_tool_checkpoint(real, "cssegmentation", 0, seed=5)
+    link = real.parent / "step0.pth"
+    link.symlink_to(real.name)  # relative to the link's own folder, as `ln -s epoch_30.pth step0.pth` makes it
+    done = import_run(tiny_config(synth_root), [link], tmp_path / "run", fmt="cssegmentation")
+    assert [s["step"] for s in done["steps"]] == [0]

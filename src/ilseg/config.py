@@ -216,6 +216,12 @@ def _validate(cfg: RunConfig) -> None:
          "optim.lr_end and optim.lr_end_next must be >= 0 and below optim.lr and optim.lr_next"),
         (cfg.model.stride_on == "3x3" or cfg.model.backbone in ("resnet50", "resnet101"),
          "model.stride_on 1x1 needs a bottleneck ResNet (resnet50 or resnet101)"),
+        (not cfg.model.frozen_bn or cfg.model.head == "aspp_v2",
+         "model.frozen_bn freezes every BatchNorm from step 0 on, DeepLab-v3's freshly made ASPP ones too, which "
+         "would never learn; use it with model.head=aspp_v2 (DeepLab-v2, no BatchNorm in the head)"),
+        (cfg.model.stride_on == "3x3" or cfg.model.pretrained != "imagenet",
+         "model.stride_on 1x1 (Caffe's ResNet) does not suit torchvision's ImageNet weights, which stride on the "
+         "3x3 conv; give weights of that layout as model.pretrained=PATH, or null"),
         (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
         (cfg.runtime.collective_timeout_s > 0, "runtime.collective_timeout_s must be positive"),
         (cfg.runtime.preview_images >= 0, "runtime.preview_images must be >= 0 (0: no previews)"),

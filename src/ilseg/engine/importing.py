@@ -47,10 +47,12 @@ import dataclasses
 import hashlib
 import os
 import re
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -58,6 +60,7 @@ from ilseg.config import RunConfig
 from ilseg.engine.checkpoint import save_checkpoint
 from ilseg.engine.rundir import (
     CONFIG_FILE,
+    LOCK_FILE,
     RunLock,
     checkpoint_identity,
     create_run_dir,
@@ -201,6 +204,10 @@ def parse_tool_file_name(path: Path) -> ToolFileName | None:
 
 
 # -- reading a file --------------------------------------------------------------------------
+# numpy scalars (cssegmentation's best_score, a float64 mean): rebuilt from a dtype and raw bytes, no code run.
+NUMPY_SCALARS: list[Any] = [np._core.multiarray.scalar, np.dtype,  # type: ignore[attr-defined]
+                             *(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))]
+
 def read_tool_checkpoint(path: Path, fmt: str) -> tuple[StateDict, dict[str, Any]]:
     """The weights of one checkpoint (``module.`` stripped) and what else it records.
 
@@ -212,7 +219,8 @@ def read_tool_checkpoint(path: Path, fmt: str) -> tuple[StateDict, dict[str, Any
     title = _TITLES[fmt]
     _check_readable_path(path, fmt)
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(NUMPY_SCALARS):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, truncated, not a torch file, or pickled objects
         entry = _CONTAINERS[fmt][0]
         raise IlsegError(
@@ -236,20 +244,21 @@ def read_tool_checkpoint(path: Path, fmt: str) -> tuple[StateDict, dict[str, Any
     if bad:
         raise IlsegError(f"{path}: these entries of {container or 'the state dict'!r} are not tensors: "
                          f"{_listed(bad)}")
-    others = {str(k): v for k, v in saved.items() if k != container} if container is not None else {}
+    others = {str(k): v.item() if isinstance(v, np.generic) else v for k, v in saved.items() if k != container} \
+        if container is not None else {}
     entries = {k: v for k, v in others.items() if v is None or isinstance(v, (bool, int, float, str))}
     info = {"container": container, "entries": entries, "ignored": sorted(k for k in others if k not in entries)}
     return {k.removeprefix(_WRAPPER_PREFIX): v for k, v in weights.items()}, info
 
 
 def _check_readable_path(path: Path, fmt: str) -> None:
-    """Refuse a missing file and cssegmentation's ``latest.pth`` / ``best.pth`` links.
+    """Refuse a missing file and cssegmentation's own ``latest.pth`` / ``best.pth`` links (others are followed).
 
     cssegmentation links ``task_k/latest.pth`` to the text ``<work_dir>/task_k/epoch_e.pth``,
     relative to the folder it was started from, not to the link's own folder
     (REFERENCE-METHODS.md §3.2): followed from anywhere else it finds nothing (or another file).
     """
-    if fmt == "cssegmentation" and path.is_symlink():
+    if fmt == "cssegmentation" and path.is_symlink() and path.name in ("latest.pth", "best.pth"):
         target = os.readlink(path)
         if not os.path.isabs(target):
             beside = path.parent / Path(target).name
@@ -516,18 +525,37 @@ def import_run(cfg: RunConfig, files: Sequence[Path], out: Path, *, fmt: str, ev
         _convert(weights, info, path, fmt, cfg, step)
         steps.append(step)
     _check_steps(steps, paths)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out):
-        create_run_dir(cfg, out, overwrite=False)
-        written = []
-        for path, step, order in sorted(zip(paths, steps, orders, strict=True), key=lambda item: item[1]):
-            imported = convert_checkpoint(path, fmt, cfg, step)
-            imported.record["class_order"] = order
-            save_checkpoint(step_checkpoint(out, step), imported_state(cfg, imported))
-            written.append({"step": step, "source": str(path), "class_order": order})
-            log(f"step {step}: {path} -> {step_checkpoint(out, step)}; class order: {order}")
-        results = evaluate_imported(cfg, out, fmt, written, device=device, log=log) if evaluate else None
+    try:
+        with RunLock(out):
+            try:
+                written = write_imported_steps(cfg, out, fmt, paths, steps, orders, log)
+            except BaseException:  # a full disk, a file changed since it was checked, Ctrl-C: leave no half run
+                for leftover in out.iterdir():
+                    if leftover.name != LOCK_FILE:
+                        leftover.unlink()
+                raise
+            results = evaluate_imported(cfg, out, fmt, written, device=device, log=log) if evaluate else None
+    except BaseException:
+        if created and not any(p.name != LOCK_FILE for p in out.iterdir()):
+            shutil.rmtree(out)
+        raise
     return {"steps": written, "results": results}
+
+
+def write_imported_steps(cfg: RunConfig, out: Path, fmt: str, paths: Sequence[Path], steps: Sequence[int],
+                         orders: Sequence[Any], log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """``config.yaml`` and each step's ``step{t}.pth`` in the locked, empty ``out``."""
+    create_run_dir(cfg, out, overwrite=False)
+    written = []
+    for path, step, order in sorted(zip(paths, steps, orders, strict=True), key=lambda item: item[1]):
+        imported = convert_checkpoint(path, fmt, cfg, step)
+        imported.record["class_order"] = order
+        save_checkpoint(step_checkpoint(out, step), imported_state(cfg, imported))
+        written.append({"step": step, "source": str(path), "class_order": order})
+        log(f"step {step}: {path} -> {step_checkpoint(out, step)}; class order: {order}")
+    return written
 
 
 def imported_state(cfg: RunConfig, imported: ImportedStep) -> dict[str, Any]:

@@ -75,6 +75,34 @@ def predict_images(runs: str | Path | Sequence[str | Path], images: Sequence[str
     run_dirs = [Path(runs)] if isinstance(runs, (str, Path)) else [Path(r) for r in runs]
     columns = prediction_columns(run_dirs, step=step, steps=steps)
     out_dir = Path(out_dir)
+    photos = checked_photos(images, out_dir)
+    truth = match_ground_truth(photos, [Path(m) for m in ground_truth],
+                               Path(ground_truth_dir) if ground_truth_dir is not None else None)
+    class_names = training_task(columns[0].cfg).class_names
+    for path in photos:  # every input is decoded once before anything is written
+        rgb = read_image(path, fix=PHOTO_FIX)
+        if path in truth:
+            read_truth(truth[path], path, rgb.shape[:2], len(class_names))
+    models = [column_model(column, device) for column in columns]
+    transform = eval_transform(None, crop=False)
+    written = []
+    for path in photos:
+        rgb = read_image(path, fix=PHOTO_FIX)
+        x, _ = transform(rgb, np.zeros(rgb.shape[:2], dtype=np.uint8))
+        shown = [(column.title, predict_one(model, to_ids, x)) for column, (model, to_ids) in zip(columns, models)]
+        if len(shown) == 1:
+            written += write_mask_and_overlay(out_dir / path.stem, rgb, shown[0][1])
+        if path in truth or len(shown) > 1 or panel:
+            if path in truth:
+                shown.insert(0, ("ground truth", read_truth(truth[path], path, rgb.shape[:2], len(class_names))))
+            panel_path = out_dir / f"{path.stem}_panel.png"
+            render_panels(rgb, shown, class_names, panel_path)
+            written.append(panel_path)
+    return written
+
+
+def checked_photos(images: Sequence[str | Path], out_dir: Path) -> list[Path]:
+    """``images`` as paths, refusing a file as ``--out``, folders among the images and clashing file names."""
     if out_dir.exists() and not out_dir.is_dir():
         raise IlsegError(f"--out {out_dir} is a file, not a folder; give a folder for the masks and overlays")
     photos = [Path(p) for p in images]
@@ -87,37 +115,17 @@ def predict_images(runs: str | Path | Sequence[str | Path], images: Sequence[str
     if clashes:
         raise IlsegError(f"images {', '.join(clashes)} share a file name, so their masks would overwrite each "
                          "other in --out; predict them in separate runs (or rename them)")
-    truth = match_ground_truth(photos, [Path(m) for m in ground_truth],
-                               Path(ground_truth_dir) if ground_truth_dir is not None else None)
-    class_names = training_task(columns[0].cfg).class_names
-    for path in photos:  # every input is decoded once before anything is written
-        rgb = read_image(path, fix=PHOTO_FIX)
-        if path in truth:
-            read_truth(truth[path], path, rgb.shape[:2], len(class_names))
-    models = [column_model(column, device) for column in columns]
-    transform = eval_transform(None, crop=False)
-    single = len(columns) == 1
-    written = []
-    for path in photos:
-        rgb = read_image(path, fix=PHOTO_FIX)
-        x, _ = transform(rgb, np.zeros(rgb.shape[:2], dtype=np.uint8))
-        predictions = [predict_one(model, to_ids, x) for model, to_ids in models]
-        if single:
-            pred = predictions[0]
-            mask_path = out_dir / f"{path.stem}_mask.png"
-            atomic_write_bytes(mask_path, lambda f: write_mask_png(f, pred))
-            blend = Image.fromarray(overlay(rgb, pred))
-            overlay_path = out_dir / f"{path.stem}_overlay.png"
-            atomic_write_bytes(overlay_path, lambda f: blend.save(f, format="PNG"))
-            written += [mask_path, overlay_path]
-        if path in truth or not single or panel:
-            shown = [(column.title, pred) for column, pred in zip(columns, predictions)]
-            if path in truth:
-                shown.insert(0, ("ground truth", read_truth(truth[path], path, rgb.shape[:2], len(class_names))))
-            panel_path = out_dir / f"{path.stem}_panel.png"
-            render_panels(rgb, shown, class_names, panel_path)
-            written.append(panel_path)
-    return written
+    return photos
+
+
+def write_mask_and_overlay(prefix: Path, rgb: np.ndarray, pred: np.ndarray) -> list[Path]:
+    """``<prefix>_mask.png`` (palette PNG of dataset ids) and ``<prefix>_overlay.png``; returns both paths."""
+    mask_path = prefix.with_name(f"{prefix.name}_mask.png")
+    atomic_write_bytes(mask_path, lambda f: write_mask_png(f, pred))
+    blend = Image.fromarray(overlay(rgb, pred))
+    overlay_path = prefix.with_name(f"{prefix.name}_overlay.png")
+    atomic_write_bytes(overlay_path, lambda f: blend.save(f, format="PNG"))
+    return [mask_path, overlay_path]
 
 
 def prediction_columns(run_dirs: Sequence[Path], *, step: int | None = None,
