@@ -157,9 +157,12 @@ def test_bad_files(tmp_path):
     with pytest.raises(IlsegError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("data: [unclosed\n")
-    with pytest.raises(IlsegError, match="not valid YAML"):
+    bad.write_text("data:\n  root: [unclosed\nmodel:\n  backbone: resnet18\n")
+    with pytest.raises(IlsegError) as info:
         load_config(bad)
+    # one line: the file, where the problem is and where its construct began, no quoted excerpts
+    assert str(info.value) == (f"config file {bad} is not valid YAML: line 3, column 6: expected ',' or ']', but "
+                               "got ':' (while parsing a flow sequence at line 2, column 9); fix it there")
     code = tmp_path / "code.yaml"
     code.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(IlsegError, match="not valid YAML"):

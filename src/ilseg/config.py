@@ -377,7 +377,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
-            raise IlsegError(f"--set {item!r}: cannot parse the value: {exc}") from None
+            raise IlsegError(f"--set {item!r}: cannot parse the value: {yaml_problem(exc)}") from None
         node = tree
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -398,6 +398,19 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: where it is and what is wrong, without PyYAML's quoted source excerpts."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(exc).split())
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        text += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return text
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -405,7 +418,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise IlsegError(f"config file {path} is not valid YAML: {exc}") from None
+        raise IlsegError(f"config file {path} is not valid YAML: {yaml_problem(exc)}; fix it there") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
