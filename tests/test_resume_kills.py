@@ -257,3 +257,17 @@ def test_changed_optimisation_restarts_the_unfinished_step_and_a_moved_dataset_d
     assert all(e["config"]["data"]["root"] == str(moved) for e in history)
     assert "step 2 already complete" in (out / "train.log").read_text()
     assert main(["eval", "--run", str(out), "--step", "0", "--json"]) == 0  # step 0: old lr, new root
+
+
+def test_a_step_trained_before_an_optimisation_change_evaluates_with_the_runs_config(synth_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_train_args(synth_root, tmp_path / "cache", out, "--steps", "0:2")) == 0
+    assert main(["train", "--resume", str(out), "--set", "optim.lr_next=0.0002", "--quiet"]) == 0
+    capsys.readouterr()
+    # step 1 was trained with lr_next 0.001, config.yaml now says 0.0002: how it was optimised does not matter here
+    config = str(out / "config.yaml")
+    assert main(["eval", "--checkpoint", str(out / "step1.pth"), "--config", config, "--json"]) == 0
+    # what the model is still has to match
+    assert main(["eval", "--checkpoint", str(out / "step1.pth"), "--config", config,
+                 "--set", "model.head_channels=16"]) == 2
+    assert "model.head_channels: checkpoint has 8, this run has 16" in capsys.readouterr().err

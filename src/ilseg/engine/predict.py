@@ -238,7 +238,8 @@ def read_truth(mask: Path, photo: Path, size: tuple[int, int], num_classes: int)
 
 def column_model(column: PredictionColumn, device: str | None) -> tuple[IncrementalSegmenter, np.ndarray]:
     """The column's model (eval mode, on its device) and its channel -> dataset class id table."""
-    model, _ = load_step_model(column.cfg, step_checkpoint(column.run_dir, column.step), column.step)
+    model, _ = load_step_model(column.cfg, step_checkpoint(column.run_dir, column.step), column.step,
+                               for_inference=True)
     model.to(resolve_device(device or column.cfg.runtime.device)).eval()
     return model, channel_to_dataset_ids(training_task(column.cfg), column.step)
 

@@ -287,7 +287,7 @@ def parse_steps(spec: str | None, num_steps: int) -> range:
 def evaluate_checkpoint(cfg: RunConfig, checkpoint: Path, *, step: int | None = None,
                         device: str | None = None) -> dict[str, Any]:
     """Re-evaluate one saved step checkpoint on the test split; return its scores."""
-    model, state = load_step_model(cfg, checkpoint, step)
+    model, state = load_step_model(cfg, checkpoint, step, for_inference=True)
     step = int(state["step"]) if step is None else step
     dev = resolve_device(device or cfg.runtime.device)
     model.to(dev)

@@ -398,11 +398,14 @@ def load_weights(model: nn.Module, state: Mapping[str, Any], path: Path) -> None
         raise IlsegError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}") from None
 
 
-def load_step_model(cfg: RunConfig, path: Path, step: int | None = None) -> tuple[IncrementalSegmenter, dict[str, Any]]:
+def load_step_model(cfg: RunConfig, path: Path, step: int | None = None, *,
+                    for_inference: bool = False) -> tuple[IncrementalSegmenter, dict[str, Any]]:
     """The model saved in ``path`` as step ``step`` (default: the step it records) of a ``cfg`` run.
 
-    The checkpoint's identity is checked against ``cfg`` first.  Returns the
-    model and the whole checkpoint state.
+    The checkpoint's identity is checked against ``cfg`` first; ``for_inference``
+    (evaluation, prediction) leaves out how the weights were optimised
+    (``optim.*``), which a resumed run may have changed since that step.
+    Returns the model and the whole checkpoint state.
     """
     state = load_checkpoint(path)
     if step is None:
@@ -410,7 +413,10 @@ def load_step_model(cfg: RunConfig, path: Path, step: int | None = None) -> tupl
         if not isinstance(step, int):
             raise IlsegError(f"checkpoint {path} does not record its step; pass --step")
     method = build_method(cfg.method)
-    check_compatible(state, checkpoint_identity(cfg, step, method), path)
+    expected = checkpoint_identity(cfg, step, method)
+    if for_inference:
+        expected = {k: v for k, v in expected.items() if not k.startswith("optim.")}
+    check_compatible(state, expected, path)
     model = model_from_config(cfg, method.training_task(cfg.build_task()).classifier_sizes(step), pretrained=False)
     load_weights(model, state, path)
     return model, state
