@@ -81,7 +81,10 @@ def test_side_by_side_runs_jobs_after_what_they_wait_for(tmp_path, monkeypatch, 
         assert quiet and torch.get_num_threads() == 1
         with order.open("a") as f:
             f.write(f"start {job.key}\n")
-        time.sleep(0.3 if job.steps == "0" else 0.05)
+        if job.steps == "0":  # finish only once joint has started: both must be running at once
+            deadline = time.monotonic() + 30
+            while "start joint" not in order.read_text() and time.monotonic() < deadline:
+                time.sleep(0.01)
         with order.open("a") as f:
             f.write(f"end {job.key}\n")
         return _fake_results(job)
@@ -134,7 +137,6 @@ def test_a_worker_that_dies_is_reported_not_a_traceback(monkeypatch):
     def fake_train(job, *, quiet):
         if job.method == "joint":
             os._exit(9)  # as if killed by the out-of-memory killer
-        time.sleep(0.2)
         return _fake_results(job)
 
     monkeypatch.setattr(demo, "train_job", fake_train)

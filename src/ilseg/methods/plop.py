@@ -165,32 +165,42 @@ def local_pod_loss(
     if num_new < 1 or num_old_channels < 1 or num_old_channels + num_new != num_classes_total:
         raise ValueError(f"need num_old_channels + num_new == num_classes_total with both positive, got "
                          f"{num_old_channels} + {num_new} != {num_classes_total}")
-    if isinstance(factors, (int, float)):
-        layer_factors = [float(factors)] * (count - 1)
-    else:
-        layer_factors = [float(f) for f in factors]
-        if len(layer_factors) != count - 1:
-            raise ValueError(f"need one factor per map but the last ({count - 1}), got {len(layer_factors)}")
+    map_factors = _map_factors(factors, logits_factor, count)
     schedule = math.sqrt(num_classes_total / num_new)
     total = torch.zeros((), dtype=torch.float32, device=student_maps[0].device)
-    for index, (student, teacher) in enumerate(zip(student_maps, teacher_maps)):
-        is_last = index == count - 1
-        factor = logits_factor if is_last else layer_factors[index]
+    for index, (student, teacher, factor) in enumerate(zip(student_maps, teacher_maps, map_factors)):
         if factor == 0:
             continue
-        a = teacher.detach().float()
-        b = student.float()
-        if is_last:
-            if a.shape[1] != num_old_channels or b.shape[1] != num_classes_total:
-                raise ValueError(f"the last (logits) maps need {num_old_channels} teacher and {num_classes_total} "
-                                 f"student channels, got {a.shape[1]} and {b.shape[1]}")
-            b = merge_extra_channels(b, num_old_channels)
-        if a.shape != b.shape:
-            raise ValueError(f"POD map {index}: teacher {tuple(a.shape)} and student {tuple(b.shape)} differ")
+        a, b = _paired_maps(index, teacher, student, logits=index == count - 1, num_old_channels=num_old_channels,
+                            num_classes_total=num_classes_total)
         difference = pod_embedding(a.pow(2), scales) - pod_embedding(b.pow(2), scales)
         distance = torch.linalg.vector_norm(difference, dim=1).mean()
         total = total + factor * distance * schedule
     return total / count
+
+
+def _map_factors(factors: float | Sequence[float], logits_factor: float, count: int) -> list[float]:
+    """``lambda_l`` of each of the ``count`` maps: ``factors`` for all but the last, ``logits_factor`` last."""
+    if isinstance(factors, (int, float)):
+        return [float(factors)] * (count - 1) + [logits_factor]
+    layer_factors = [float(f) for f in factors]
+    if len(layer_factors) != count - 1:
+        raise ValueError(f"need one factor per map but the last ({count - 1}), got {len(layer_factors)}")
+    return layer_factors + [logits_factor]
+
+
+def _paired_maps(index: int, teacher: Tensor, student: Tensor, *, logits: bool, num_old_channels: int,
+                 num_classes_total: int) -> tuple[Tensor, Tensor]:
+    """Teacher (detached) and student map ``index`` in float32 and one shape; the logits merged to ``C_old``."""
+    a, b = teacher.detach().float(), student.float()
+    if logits:
+        if a.shape[1] != num_old_channels or b.shape[1] != num_classes_total:
+            raise ValueError(f"the last (logits) maps need {num_old_channels} teacher and {num_classes_total} "
+                             f"student channels, got {a.shape[1]} and {b.shape[1]}")
+        b = merge_extra_channels(b, num_old_channels)
+    if a.shape != b.shape:
+        raise ValueError(f"POD map {index}: teacher {tuple(a.shape)} and student {tuple(b.shape)} differ")
+    return a, b
 
 
 # ---------------------------------------------------------------- pseudo-labels

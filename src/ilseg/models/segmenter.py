@@ -311,6 +311,26 @@ def build_segmenter(
         IlsegError: unknown backbone, stride or sizes; missing or incompatible
             weights.
     """
+    _check_build_args(backbone, output_stride, head_channels, classes_per_step, pretrained, backbone_width, head,
+                      activation)
+    body = ResNet(BACKBONES[backbone], output_stride=output_stride, width=backbone_width, stride_on=stride_on,
+                  negative_slope=ACTIVATIONS[activation])
+    if pretrained is not None:
+        load_pretrained(body, pretrained)
+    if head == "aspp_v2":
+        model = IncrementalSegmenter(body, NoHead(body.out_channels), classes_per_step, classifier_rates=V2_RATES)
+    else:
+        dilations = DEFAULT_DILATIONS[output_stride] if aspp_dilations is None else tuple(aspp_dilations)
+        aspp = ASPP(body.out_channels, head_channels, dilations=dilations)
+        model = IncrementalSegmenter(body, aspp, classes_per_step)
+    if frozen_bn:
+        freeze_bn(model)
+    return model
+
+
+def _check_build_args(backbone: str, output_stride: int, head_channels: int, classes_per_step: Sequence[int],
+                      pretrained: str | None, backbone_width: int, head: str, activation: str) -> None:
+    """Refuse, with the value named, what :func:`build_segmenter` cannot build."""
     if backbone not in BACKBONES:
         raise IlsegError(f"unknown backbone {backbone!r}; use one of {sorted(BACKBONES)}")
     if output_stride not in SUPPORTED_OUTPUT_STRIDES:
@@ -326,16 +346,3 @@ def build_segmenter(
         raise IlsegError(f"unknown head {head!r}; use one of {HEADS}")
     if activation not in ACTIVATIONS:
         raise IlsegError(f"unknown activation {activation!r}; use one of {tuple(ACTIVATIONS)}")
-    body = ResNet(BACKBONES[backbone], output_stride=output_stride, width=backbone_width, stride_on=stride_on,
-                  negative_slope=ACTIVATIONS[activation])
-    if pretrained is not None:
-        load_pretrained(body, pretrained)
-    if head == "aspp_v2":
-        model = IncrementalSegmenter(body, NoHead(body.out_channels), classes_per_step, classifier_rates=V2_RATES)
-    else:
-        dilations = DEFAULT_DILATIONS[output_stride] if aspp_dilations is None else tuple(aspp_dilations)
-        aspp = ASPP(body.out_channels, head_channels, dilations=dilations)
-        model = IncrementalSegmenter(body, aspp, classes_per_step)
-    if frozen_bn:
-        freeze_bn(model)
-    return model
