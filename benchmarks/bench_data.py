@@ -9,7 +9,7 @@
    like PIL, or colours, and how far its JPEG pixels are from PIL's.
 2. Decode + training augmentation (``train_transform`` at the configured
    crop) through the engine's DataLoader of one step's ``SeededItems``
-   training set (``ilseg.engine.data.training_data``), at each of
+   training set (``ilseg.engine.loaders.training_data``), at each of
    ``--workers``, images/s over the whole run and after the first batch
    (the workers' start-up; the engine keeps them between epochs, so a long
    epoch runs at the second rate).  Next to it the rate one training iteration of the
@@ -41,20 +41,36 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import (
+    add_common_options,
+    bench_config,
+    best_rate,
+    print_table,
+    save_record,
+    seconds,
+    sync,
+)
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, decode_png, read_file
+from torchvision.io import (
+    ImageReadMode,
+    decode_image,
+    decode_jpeg,
+    decode_png,
+    read_file,
+)
 
-from _common import add_common_options, bench_config, best_rate, print_table, save_record, seconds, sync
 from ilseg.config import RunConfig
 from ilseg.data import io
 from ilseg.data.datasets import SegmentationDataset, build_dataset
 from ilseg.data.splits import class_presence, step_image_indices
-from ilseg.engine.data import training_data
 from ilseg.engine.distributed import DistInfo
-from ilseg.engine.loop import Precision, build_optimizer, poly_schedule, resolve_device, train_one_epoch
-from ilseg.engine.rundir import model_from_config, training_task
+from ilseg.engine.loaders import training_data
+from ilseg.engine.loop import train_one_epoch
+from ilseg.engine.optim import build_optimizer, poly_schedule
 from ilseg.methods import build_method
 from ilseg.models import fold_batchnorm
+from ilseg.placement import Placement, resolve_device
+from ilseg.runs.folder import model_from_config, training_task
 from ilseg.tasks import Mode, Task, train_lut
 
 
@@ -153,18 +169,18 @@ def pipeline_rate(cfg: RunConfig, task: Task, step: int, lut: np.ndarray, worker
 
 def consume_rate(cfg: RunConfig, task: Task, step: int, device: torch.device, iters: int, warmup: int) -> float:
     """Images/s one training iteration of step ``step`` consumes: the config's model, method, optimiser,
-    batch, crop and precision, placed as the engine places them, on random tensors (no data loading)."""
+    batch, crop and placement, placed as the engine places them, on random tensors (no data loading)."""
     torch.manual_seed(0)
     method = build_method(cfg.method)
     model = model_from_config(cfg, task.classifier_sizes(max(step - 1, 0)), pretrained=False)
     setup = method.start_step(model, task, step)
-    precision = Precision.for_runtime(cfg.runtime, device)
+    placement = Placement.for_runtime(cfg.runtime, device)
     if setup.teacher is not None:
         fold_batchnorm(setup.teacher)  # as the engine's place_models does
     for m in (setup.student, setup.teacher):
         if m is not None:
             m.to(device)
-            if precision.channels_last:
+            if placement.channels_last:
                 m.to(memory_format=torch.channels_last)
     o, crop = cfg.optim, cfg.data.crop_size
     x = torch.randn(o.batch_size, 3, crop, crop)
@@ -172,7 +188,7 @@ def consume_rate(cfg: RunConfig, task: Task, step: int, device: torch.device, it
     batches = [(x, y)] * (warmup + iters)
     opt = build_optimizer(setup.student.parameters(), kind=o.optimizer, lr=1e-4, momentum=o.momentum,
                           nesterov=o.nesterov, weight_decay=o.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if precision.amp == "fp16" and device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda") if placement.amp == "fp16" and device.type == "cuda" else None
     times: list[float] = []
 
     def tick(values: dict[str, float], lr: float) -> None:
@@ -182,7 +198,7 @@ def consume_rate(cfg: RunConfig, task: Task, step: int, device: torch.device, it
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     train_one_epoch(model=setup.student, teacher=setup.teacher, method=method, loader=batches, optimizer=opt,
-                    scheduler=poly_schedule(opt, len(batches), o.poly_power), scaler=scaler, precision=precision,
+                    scheduler=poly_schedule(opt, len(batches), o.poly_power), scaler=scaler, placement=placement,
                     step=step, on_iteration=tick)
     durations = np.diff(times[warmup - 1:])  # the timed iterations; the median resists a busy machine's spikes
     return o.batch_size / float(np.median(durations))

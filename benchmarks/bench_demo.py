@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ilseg.report import read_results
+from ilseg.runs.results import read_results
 
 HERE = Path(__file__).resolve().parent.parent
 

@@ -4,7 +4,7 @@ For the config's model after ``--step`` (default: the last step, all
 classifiers; random weights, since speed does not depend on them) on the test
 split, at each batch size of ``--batch`` (default: the batch the engine uses,
 and ``eval.batch_size`` if that differs: the engine batches when the test
-images share one size, ``ilseg.engine.data.eval_batch_size``), side by side:
+images share one size, ``ilseg.engine.loaders.eval_batch_size``), side by side:
 
 * ``evaluate`` with the engine's loader (read + eval transform + forward +
   argmax + ``ConfusionMatrix.update``), images/s over the whole split;
@@ -32,15 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import add_common_options, bench_config, print_table, save_record, seconds
 from torch import nn
 
-from _common import add_common_options, bench_config, print_table, save_record, seconds
 from ilseg.config import RunConfig
 from ilseg.data.datasets import SegmentationDataset
-from ilseg.engine.data import eval_batch_size, eval_dataset, make_loader
-from ilseg.engine.loop import Precision, evaluate, resolve_device
-from ilseg.engine.rundir import model_from_config, training_task
+from ilseg.engine.loaders import eval_batch_size, eval_dataset, make_loader
+from ilseg.engine.loop import evaluate
 from ilseg.metrics import ConfusionMatrix
+from ilseg.placement import Placement, resolve_device
+from ilseg.runs.folder import model_from_config, training_task
 from ilseg.tasks import IGNORE_INDEX
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -68,18 +69,18 @@ def random_pairs(batches: Batches, num_classes: int, device: torch.device) -> Ba
     return pairs
 
 
-def measure(cfg: RunConfig, model: nn.Module, ds: SegmentationDataset, num_classes: int, precision: Precision,
+def measure(cfg: RunConfig, model: nn.Module, ds: SegmentationDataset, num_classes: int, placement: Placement,
             batch: int, memory_images: int, repeat: int) -> dict[str, Any]:
-    device = precision.device
+    device = placement.device
     loader = make_loader(ds, batch_size=batch, workers=cfg.data.workers)
     memory = first_batches(loader, memory_images)
     n_memory = sum(x.shape[0] for x, _ in memory)
     pairs = random_pairs(memory, num_classes, device)
 
     def forward() -> None:
-        with torch.inference_mode(), precision.autocast():
+        with torch.inference_mode(), placement.autocast():
             for x, _ in memory:
-                model(precision.images(x))["logits"].argmax(1)
+                model(placement.images(x))["logits"].argmax(1)
 
     def cm_update() -> None:
         cm = ConfusionMatrix(num_classes, device=device)
@@ -89,10 +90,10 @@ def measure(cfg: RunConfig, model: nn.Module, ds: SegmentationDataset, num_class
     def best(fn: Callable[[], object]) -> float:
         return min(seconds(fn, device) for _ in range(max(1, repeat)))
 
-    evaluate(model, memory[:2], num_classes, precision)  # warm-up (allocator, cuDNN autotuning)
+    evaluate(model, memory[:2], num_classes, placement)  # warm-up (allocator, cuDNN autotuning)
     per_image = {
-        "evaluate_loader": best(lambda: evaluate(model, loader, num_classes, precision)) / len(ds),
-        "evaluate_memory": best(lambda: evaluate(model, memory, num_classes, precision)) / n_memory,
+        "evaluate_loader": best(lambda: evaluate(model, loader, num_classes, placement)) / len(ds),
+        "evaluate_memory": best(lambda: evaluate(model, memory, num_classes, placement)) / n_memory,
         "forward_argmax": best(forward) / n_memory,
         "cm_update": best(cm_update) / n_memory,
     }
@@ -124,10 +125,10 @@ def main() -> None:
         ds = eval_dataset(cfg, task, step)
         if 0 < args.max_images < len(ds):
             ds = ds.subset(range(args.max_images))
-        precision = Precision.for_runtime(cfg.runtime, device)
+        placement = Placement.for_runtime(cfg.runtime, device)
         torch.manual_seed(0)
         model = model_from_config(cfg, task.classifier_sizes(step), pretrained=False).to(device)
-        if precision.channels_last:
+        if placement.channels_last:
             model.to(memory_format=torch.channels_last)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # as the engine does
@@ -136,12 +137,12 @@ def main() -> None:
         m = cfg.model
         print(f"{cfg.name}: {len(ds)} test images of {cfg.data.dataset} ({cfg.data.root}), test_size "
               f"{cfg.data.test_size}, crop {cfg.data.test_crop}; {m.backbone} width {m.width} OS {m.output_stride}, "
-              f"{num_classes} classes after step {step}; {device}, amp {precision.amp}, channels_last "
-              f"{precision.channels_last}; the engine evaluates at batch {eval_batch_size(cfg, ds)}", flush=True)
+              f"{num_classes} classes after step {step}; {device}, amp {placement.amp}, channels_last "
+              f"{placement.channels_last}; the engine evaluates at batch {eval_batch_size(cfg, ds)}", flush=True)
         rows = []
         for b in batches:
             try:
-                rows.append(measure(cfg, model, ds, num_classes, precision, b, args.memory_images, args.repeat))
+                rows.append(measure(cfg, model, ds, num_classes, placement, b, args.memory_images, args.repeat))
             except RuntimeError as exc:  # default_collate cannot stack images of different sizes
                 print(f"batch {b}: skipped ({str(exc).splitlines()[0]})")
         print()
@@ -151,7 +152,7 @@ def main() -> None:
                       f"{r['evaluate_memory_images_per_second']:.1f}", f"{r['ms_per_image']['forward_argmax']:.3f}",
                       f"{r['ms_per_image']['cm_update']:.4f}", f"{r['cm_percent_of_evaluate']:.2f}%"] for r in rows])
         results = {"step": step, "num_classes": num_classes, "engine_batch": eval_batch_size(cfg, ds),
-                   "amp": precision.amp, "channels_last": precision.channels_last, "batches": rows}
+                   "amp": placement.amp, "channels_last": placement.channels_last, "batches": rows}
         path = save_record(args, cfg, "eval", device, results)
     print(f"\nsaved {path}")
 

@@ -5,8 +5,8 @@ every loss term, optimiser step), each done
 
 * ``plain``: fp32 (on CUDA strictly: no TF32, unless ``--plain-tf32``),
   contiguous, teacher under ``no_grad`` with its BNs, the textbook losses,
-  per-parameter SGD (:mod:`ilseg.engine.plain`);
-* ``fast``: what ``ilseg train`` runs: ``runtime`` "auto" precision and
+  per-parameter SGD (:mod:`plain`);
+* ``fast``: what ``ilseg train`` runs: ``runtime`` "auto" placement and
   memory format (bf16 + channels_last on CUDA, fp32 on the CPU), the teacher
   under ``inference_mode`` with its BNs folded into its convolutions, the
   methods' losses, fused SGD.
@@ -42,14 +42,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from plain import plain_iteration, plain_sgd
 from torch.utils.flop_counter import FlopCounterMode
 
 from ilseg.config import RuntimeConfig
-from ilseg.engine.loop import Precision, build_optimizer, poly_schedule, train_one_epoch
-from ilseg.engine.plain import plain_iteration, plain_sgd
+from ilseg.engine.loop import train_one_epoch
+from ilseg.engine.optim import build_optimizer, poly_schedule
 from ilseg.engine.step import CompiledOrEager
 from ilseg.methods import METHOD_PRESETS, Method
 from ilseg.models import build_segmenter, copy_for_teacher, fold_batchnorm
+from ilseg.placement import Placement
 
 OLD_CLASSES, NEW_CLASSES = 16, 1  # VOC 15-1 at step 1
 # Training images per step of the recipes (VOC 15-1 overlapped: MiB's published counts; ADE20k 100-50:
@@ -88,13 +90,13 @@ def make_variant(args: argparse.Namespace, method: str, mode: str) -> Callable[[
                 for _ in range(n):
                     plain_iteration(model, teacher, cfg, images, target, plain_opt, 1)
         return run_plain
-    precision = Precision.for_runtime(RuntimeConfig(), device)
+    placement = Placement.for_runtime(RuntimeConfig(), device)
     if teacher is not None:
         fold_batchnorm(teacher)
     for m in (model, teacher):
         if m is not None:
             m.to(device)
-            if precision.channels_last:
+            if placement.channels_last:
                 m.to(memory_format=torch.channels_last)
     opt = build_optimizer(model.parameters(), kind="sgd", lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
     sched = poly_schedule(opt, 10**9, 0.9)
@@ -105,7 +107,7 @@ def make_variant(args: argparse.Namespace, method: str, mode: str) -> Callable[[
 
     def run(n: int) -> None:
         train_one_epoch(model=train_model, teacher=teacher, method=method_obj, loader=[(images, target)] * n,
-                        optimizer=opt, scheduler=sched, scaler=None, precision=precision, step=1)
+                        optimizer=opt, scheduler=sched, scaler=None, placement=placement, step=1)
     return run
 
 

@@ -12,15 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from plain import plain_iteration, plain_sgd
+from test_plain_vs_fast import assert_fast_update_is_plain
 
 from ilseg.config import RuntimeConfig, load_config, preset_dir
 from ilseg.data.synth import generate_synth
-from ilseg.engine.loop import Precision, build_optimizer, poly_schedule, train_one_epoch
-from ilseg.engine.plain import plain_iteration, plain_sgd
+from ilseg.engine.loop import train_one_epoch
+from ilseg.engine.optim import build_optimizer, poly_schedule
 from ilseg.engine.run import evaluate_checkpoint, run_training
 from ilseg.methods import METHOD_PRESETS, Method
 from ilseg.models import build_segmenter, copy_for_teacher, fold_batchnorm
-from test_plain_vs_fast import assert_fast_update_is_plain
+from ilseg.placement import Placement
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -42,10 +44,10 @@ def _models() -> tuple[torch.nn.Module, torch.nn.Module]:
     return model.to(CUDA), teacher.to(CUDA)
 
 
-def _fast(model: torch.nn.Module, teacher: torch.nn.Module, precision: Precision) -> None:
+def _fast(model: torch.nn.Module, teacher: torch.nn.Module, placement: Placement) -> None:
     """What the engine does to the models before training: fold the teacher's BNs, set the layout."""
     fold_batchnorm(teacher)
-    if precision.channels_last:
+    if placement.channels_last:
         model.to(memory_format=torch.channels_last)
         teacher.to(memory_format=torch.channels_last)
 
@@ -63,11 +65,11 @@ def strict_fp32():
 def test_channels_last_folded_fused_iteration_on_cuda_makes_the_plain_update(name, strict_fp32):
     """In fp32, the CUDA fast path (channels_last, folded teacher, fused SGD) makes the plain update.
 
-    Precision is held at fp32 so that only the layout, the folding and the
+    Placement is held at fp32 so that only the layout, the folding and the
     optimiser are compared; bf16 is the next test's.
     """
     model, teacher = _models()
-    assert_fast_update_is_plain(name, model, teacher, _batch(0, 7), Precision(CUDA, amp="none", channels_last=True),
+    assert_fast_update_is_plain(name, model, teacher, _batch(0, 7), Placement(CUDA, amp="none", channels_last=True),
                                 loss_rel=1e-4, update_rel=1e-3, update_abs=1e-6)
 
 
@@ -87,9 +89,9 @@ def test_bf16_training_follows_the_fp32_plain_training(name):
     needs_teacher = Method(cfg).needs_teacher
     model, teacher = _models()
     plain_model, plain_teacher = copy.deepcopy(model), copy.deepcopy(teacher)
-    precision = Precision.for_runtime(RuntimeConfig(), CUDA)
-    assert precision.amp == "bf16" and precision.channels_last
-    _fast(model, teacher, precision)
+    placement = Placement.for_runtime(RuntimeConfig(), CUDA)
+    assert placement.amp == "bf16" and placement.channels_last
+    _fast(model, teacher, placement)
     images, target = _batch(0, 7)
     opt = build_optimizer(model.parameters(), kind="sgd", lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
     sched = poly_schedule(opt, 10**6, 0.9)
@@ -98,7 +100,7 @@ def test_bf16_training_follows_the_fp32_plain_training(name):
     for _ in range(15):
         progress = train_one_epoch(model=model, teacher=teacher if needs_teacher else None, method=Method(cfg),
                                    loader=[(images, target)], optimizer=opt, scheduler=sched, scaler=None,
-                                   precision=precision, step=1)
+                                   placement=placement, step=1)
         fast.append(progress.sums["loss"])
         plain.append(plain_iteration(plain_model, plain_teacher if needs_teacher else None, cfg, images, target,
                                      plain_opt, 1)["loss"])

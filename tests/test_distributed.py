@@ -33,9 +33,9 @@ from ilseg.data.datasets import SeededItems
 from ilseg.data.synth import generate_synth
 from ilseg.engine import distributed as D
 from ilseg.engine.run import evaluate_checkpoint, run_training
-from ilseg.engine.rundir import model_from_config
 from ilseg.errors import IlsegError, ReportedByMainRank
 from ilseg.models import CPUSyncBatchNorm, convert_sync_batchnorm
+from ilseg.runs.folder import model_from_config
 from ilseg.tasks import get_task
 
 # The tiny run of test_engine.py, with a global batch of 8 (4 per process): BN
@@ -381,7 +381,7 @@ def test_a_frozen_rank_ends_the_job_after_the_collective_timeout(synth_root, tmp
 
 def test_persistent_workers_draw_each_epochs_augmentation():
     """The training loader keeps its workers between epochs; the epoch travels with each index."""
-    from ilseg.engine.data import EpochKeys, make_loader
+    from ilseg.engine.loaders import EpochKeys, make_loader
 
     items = SeededItems(_RandomItems(), seed=7)
     batches = D.GlobalBatchSampler(8, 4, rank=0, world_size=1, seed=3)

@@ -13,12 +13,12 @@ from PIL import Image
 from ilseg.cli import main
 from ilseg.config import load_config, preset_dir
 from ilseg.engine import step as step_mod
-from ilseg.engine.checkpoint import load_checkpoint, save_checkpoint
-from ilseg.engine.loop import poly_schedule
+from ilseg.engine.optim import poly_schedule
 from ilseg.engine.run import evaluate_checkpoint, run_training
-from ilseg.engine.rundir import model_from_config
 from ilseg.errors import IlsegError, WriteError
 from ilseg.methods import Method
+from ilseg.runs.checkpoint import load_checkpoint, save_checkpoint
+from ilseg.runs.folder import model_from_config
 from ilseg.tasks import get_task
 
 TINY = [
@@ -451,7 +451,7 @@ def test_index_file_per_step_chooses_the_training_images(synth_root, tmp_path):
 def test_ade_label_zero_at_test_time(tmp_path, ade_zero, expected):
     from datatrees import block_mask, make_ade_tree
 
-    from ilseg.engine.data import eval_dataset
+    from ilseg.engine.loaders import eval_dataset
 
     root = make_ade_tree(tmp_path, train={"a": block_mask([0, 1])}, val={"v": block_mask([0, 1, 120])})
     cfg = load_config(None, ["data.dataset=ade", f"data.root={root}", "data.task=100-50", f"data.ade_zero={ade_zero}",
@@ -462,7 +462,7 @@ def test_ade_label_zero_at_test_time(tmp_path, ade_zero, expected):
 
 
 def _tiny_model_and_optimizer(kind: str, lr: float, fused: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    from ilseg.engine.loop import build_optimizer
+    from ilseg.engine.optim import build_optimizer
 
     torch.manual_seed(0)
     model = model_from_config(load_config(None, ["model.pretrained=null", "model.backbone=resnet18",

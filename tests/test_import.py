@@ -1,7 +1,7 @@
 """``ilseg import``: MiB / PLOP / cssegmentation step checkpoints become an ilseg run.
 
 The checkpoints are generated here, with each tool's key names, wrappers and shapes written
-out for a thin ResNet-50 DeepLab-v3 (REFERENCE-METHODS.md §3), independently of the library's
+out for a thin ResNet-50 DeepLab-v3 (docs/protocol.md#checkpoint-formats), independently of the library's
 renaming.  The converted model's forward is compared with a forward computed here from the
 original tensors with InPlace-ABN's formula (BN scaled by |w| + eps, LeakyReLU 0.01).
 """
@@ -21,10 +21,12 @@ import torch.nn.functional as F
 
 from ilseg.cli import main
 from ilseg.config import load_config, preset_dir
-from ilseg.engine.checkpoint import load_checkpoint
-from ilseg.engine.importing import NUMPY_SCALARS, import_run, parse_tool_file_name
-from ilseg.engine.rundir import load_step_model
 from ilseg.errors import IlsegError
+from ilseg.importing.command import import_run
+from ilseg.importing.convert import NUMPY_SCALARS
+from ilseg.importing.names import parse_tool_file_name
+from ilseg.runs.checkpoint import load_checkpoint
+from ilseg.runs.folder import load_step_model
 
 WIDTH, HEAD = 4, 8  # thin ResNet-50 body, 8-channel ASPP
 BLOCKS = (3, 4, 6, 3)  # ResNet-50
@@ -107,7 +109,7 @@ CSS_HEAD = {"head.map_convs.": "decoder.parallel_convs.", "head.map_bn.": "decod
 
 
 def css_key(mib_key: str) -> str:
-    """cssegmentation's name of a MiB key (REFERENCE-METHODS.md §3.2 table)."""
+    """cssegmentation's name of a MiB key (docs/protocol.md#cssegmentation-checkpoints)."""
     ours = ilseg_key(mib_key)
     for prefix, theirs in CSS_HEAD.items():
         if ours.startswith(prefix):
@@ -452,7 +454,7 @@ def test_init_from_an_unscored_import_scores_step0_and_keeps_its_row(synth_root:
 
 
 def test_cssegmentations_numpy_best_score_is_read_as_a_number(tmp_path: Path) -> None:
-    from ilseg.engine.importing import read_tool_checkpoint
+    from ilseg.importing.convert import read_tool_checkpoint
 
     path = tool_file(tmp_path, "cssegmentation", 0)
     save_tool_checkpoint(path, "cssegmentation", 0, seed=7)
@@ -464,8 +466,30 @@ def test_cssegmentations_numpy_best_score_is_read_as_a_number(tmp_path: Path) ->
         read_tool_checkpoint(tmp_path / "array.pth", "cssegmentation")
 
 
+@pytest.mark.parametrize("writer", ["numpy.core.multiarray", "numpy._core.multiarray"], ids=["numpy1", "numpy2"])
+def test_a_numpy_scalar_pickled_by_either_numpy_is_read(writer: str, tmp_path: Path) -> None:
+    """numpy 1.x pickles a scalar as a call of numpy.core.multiarray.scalar, numpy 2.x of numpy._core...:
+    a file written under either is read under the numpy installed here (which lacks one of the paths)."""
+    import zipfile
+
+    from ilseg.importing.convert import read_tool_checkpoint
+
+    written = tmp_path / "written.pth"
+    torch.save({"segmentor": {"module.x": torch.zeros(1)}, "best_score": np.float64(0.61)}, written)
+    path = tmp_path / "epoch_30.pth"
+    with zipfile.ZipFile(written) as source, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename.endswith("/data.pkl"):  # the module path as the other numpy writes it
+                data = re.sub(rb"numpy\.(_?core)\.multiarray\n", writer.encode() + b"\n", data)
+                assert writer.encode() + b"\nscalar\n" in data
+            target.writestr(item, data)
+    _, info = read_tool_checkpoint(path, "cssegmentation")
+    assert info["entries"]["best_score"] == 0.61
+
+
 def test_a_failure_while_writing_leaves_no_half_imported_run(synth_root: Path, tmp_path: Path, monkeypatch) -> None:
-    import ilseg.engine.importing as importing
+    import ilseg.importing.command as importing
 
     files = [tool_file(tmp_path / "ckpt", "mib", t) for t in range(3)]
     for t, f in enumerate(files):

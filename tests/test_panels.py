@@ -1,4 +1,4 @@
-"""Side-by-side panels (``ilseg.panels``), ``ilseg predict``'s comparisons and ``runtime.preview_images``.
+"""Side-by-side panels (``ilseg.visual.panels``), ``ilseg predict``'s comparisons and ``runtime.preview_images``.
 
 Colours are checked against the VOC palette pixel by pixel in the written
 PNGs; panel boxes come from the figure's axes and are checked against the
@@ -23,14 +23,23 @@ from ilseg.cli import main
 from ilseg.config import dump_config, load_config, preset_dir
 from ilseg.data.datasets import build_dataset
 from ilseg.data.io import palette, read_mask, write_mask_png
-from ilseg.engine.checkpoint import load_checkpoint
-from ilseg.engine.loop import Precision
-from ilseg.engine.preview import write_preview
+from ilseg.engine.loaders import eval_dataset
 from ilseg.engine.run import run_training
-from ilseg.engine.rundir import load_step_model, training_task
 from ilseg.errors import IlsegError
-from ilseg.panels import GAP, MARGIN, PANEL_WIDTH, TITLE_BAND, figure_png, panel_figure, render_panels
+from ilseg.placement import Placement
+from ilseg.runs.checkpoint import load_checkpoint
+from ilseg.runs.folder import load_step_model, training_task
 from ilseg.tasks import get_task
+from ilseg.visual.panels import (
+    GAP,
+    MARGIN,
+    PANEL_WIDTH,
+    TITLE_BAND,
+    figure_png,
+    panel_figure,
+    render_panels,
+)
+from ilseg.visual.preview import write_preview
 
 PALETTE = np.array(palette(), dtype=np.uint8).reshape(256, 3)
 WHITE = (255, 255, 255)
@@ -310,7 +319,8 @@ def test_write_preview_restores_mode_weights_and_random_state(runs, tmp_path):
     model.register_forward_hook(lambda module, args, out: seen_training.append(module.training))
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
     states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
-    path = write_preview(cfg, training_task(cfg), model, 2, tmp_path, Precision(torch.device("cpu")))
+    path = write_preview(cfg, training_task(cfg), model, 2, tmp_path, Placement(torch.device("cpu")),
+                         eval_dataset(cfg, training_task(cfg), 2))
     assert path == tmp_path / "preview" / "step2.png" and decode(path).shape[1] == 2 * MARGIN + 3 * PANEL_WIDTH + 2 * GAP
     assert seen_training == [False, False]  # two images, each forward in eval mode
     assert {name: m.training for name, m in model.named_modules()} == modes

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ilseg.config import config_from_dict, load_config, preset_dir
-from ilseg.engine.loop import poly_schedule
+from ilseg.engine.optim import poly_schedule
 from ilseg.engine.run import run_training
 from ilseg.engine.signals import StopRequests
 from ilseg.errors import IlsegError, Interrupted

@@ -6,11 +6,13 @@ import copy
 
 import pytest
 import torch
+from plain import plain_iteration, plain_losses, plain_sgd
 
-from ilseg.engine.loop import Precision, build_optimizer, poly_schedule, train_one_epoch
-from ilseg.engine.plain import plain_iteration, plain_losses, plain_sgd
+from ilseg.engine.loop import train_one_epoch
+from ilseg.engine.optim import build_optimizer, poly_schedule
 from ilseg.methods import METHOD_PRESETS, Method
 from ilseg.models import build_segmenter, copy_for_teacher, fold_batchnorm
+from ilseg.placement import Placement
 
 # PLOP's terms (Local POD, pseudo-labels from calibrated thresholds) have no plain twin: they are checked
 # against hand-computed values in test_plop.py.
@@ -59,14 +61,14 @@ def test_a_fast_iteration_makes_the_update_of_a_plain_one(name):
     update are what the fast path must get right.
     """
     model, teacher = _models()
-    assert_fast_update_is_plain(name, model, teacher, _batch(0, 7), Precision(torch.device("cpu")),
+    assert_fast_update_is_plain(name, model, teacher, _batch(0, 7), Placement(torch.device("cpu")),
                                 loss_rel=1e-5, update_rel=1e-4, update_abs=1e-7)
 
 
 def assert_fast_update_is_plain(name: str, model: torch.nn.Module, teacher: torch.nn.Module,
-                                batch: tuple[torch.Tensor, torch.Tensor], precision: Precision, *,
+                                batch: tuple[torch.Tensor, torch.Tensor], placement: Placement, *,
                                 loss_rel: float, update_rel: float, update_abs: float) -> None:
-    """One iteration of ``name`` the engine's way (teacher folded, ``precision``'s layout, fused SGD) and
+    """One iteration of ``name`` the engine's way (teacher folded, ``placement``'s layout, fused SGD) and
     the plain way from the same weights: the losses agree to ``loss_rel`` and every tensor's update to
     ``update_rel`` of its size (also used by the CUDA tests)."""
     cfg = METHOD_PRESETS[name]
@@ -74,13 +76,13 @@ def assert_fast_update_is_plain(name: str, model: torch.nn.Module, teacher: torc
     start = {k: v.clone() for k, v in model.state_dict().items()}
     plain_model, plain_teacher = copy.deepcopy(model), copy.deepcopy(teacher)
     fold_batchnorm(teacher)  # what the engine does to its teacher
-    if precision.channels_last:
+    if placement.channels_last:
         model.to(memory_format=torch.channels_last)
         teacher.to(memory_format=torch.channels_last)
     opt = build_optimizer(model.parameters(), kind="sgd", lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
     progress = train_one_epoch(model=model, teacher=teacher if needs_teacher else None, method=Method(cfg),
                                loader=[batch], optimizer=opt, scheduler=poly_schedule(opt, 10, 0.9), scaler=None,
-                               precision=precision, step=1)
+                               placement=placement, step=1)
     plain_opt = plain_sgd(list(plain_model.parameters()), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
     values = plain_iteration(plain_model, plain_teacher if needs_teacher else None, cfg, *batch, plain_opt, 1)
     assert progress.sums == pytest.approx(values, rel=loss_rel)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 
-from ilseg.report import comparison_table, pct, results_csv, results_markdown
+from ilseg.runs.results import comparison_table, pct, results_csv, results_markdown
 
 RESULTS = {
     "method": "ilt", "dataset": "synth", "task": "6-2-2", "overlap": False, "labels": "current step",

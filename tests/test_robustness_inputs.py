@@ -30,9 +30,9 @@ from ilseg.config import dump_config, load_config
 from ilseg.data.datasets import build_dataset
 from ilseg.data.io import write_mask_png
 from ilseg.data.splits import step_image_indices
-from ilseg.engine import checkpoint as checkpoint_mod
-from ilseg.engine.checkpoint import load_checkpoint
 from ilseg.errors import IlsegError, WriteError, one_line
+from ilseg.runs import checkpoint as checkpoint_mod
+from ilseg.runs.checkpoint import load_checkpoint
 from ilseg.tasks import get_task
 
 TINY = [
@@ -551,7 +551,7 @@ def test_resume_with_overwrite_is_refused(finished_run, tmp_path, capsys):
 _HOLD_LOCK = """\
 import sys, time
 from pathlib import Path
-from ilseg.engine.rundir import RunLock
+from ilseg.runs.folder import RunLock
 lock = RunLock(Path(sys.argv[1]))
 lock.acquire()
 print("locked", flush=True)
@@ -589,7 +589,7 @@ def test_a_lock_file_nobody_holds_is_taken_over(finished_run, tmp_path, capsys):
 
 
 def test_two_processes_racing_for_one_lock_never_both_hold_it(tmp_path):
-    from ilseg.engine.rundir import RunLock
+    from ilseg.runs.folder import RunLock
 
     for trial in range(20):
         folder = tmp_path / str(trial)

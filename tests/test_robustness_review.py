@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -178,9 +178,9 @@ def test_a_checkpoint_from_before_a_new_setting_stays_usable_when_the_setting_is
     """Settings added later (e.g. PLOP's POD factors) are absent from older checkpoints; those trained as
     the default does, so a run at the default accepts them, and a run that sets the new value does not."""
     from ilseg.config import load_config, preset_dir
-    from ilseg.engine.checkpoint import check_compatible
     from ilseg.errors import IlsegError
-    from ilseg.engine.rundir import checkpoint_identity
+    from ilseg.runs.checkpoint import check_compatible
+    from ilseg.runs.folder import checkpoint_identity
 
     cfg = load_config(preset_dir() / "synth-demo.yaml", ["method.name=ilt"])
     identity = checkpoint_identity(cfg, 1)

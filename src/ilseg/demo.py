@@ -33,12 +33,12 @@ import torch
 from ilseg.config import RunConfig, load_config, preset_dir
 from ilseg.data.synth import META_FILE, generate_synth, synth_matches
 from ilseg.engine.run import run_training
-from ilseg.engine.rundir import config_differences
 from ilseg.errors import IlsegError, Interrupted, one_line
 from ilseg.fileio import atomic_write_text
 from ilseg.methods import METHOD_PRESETS, Method
-from ilseg.report import comparison_table
 from ilseg.reports import write_report
+from ilseg.runs.folder import config_differences
+from ilseg.runs.results import comparison_table
 
 DEMO_METHODS: tuple[str, ...] = ("joint", "finetune", "ilt", "ilt-kd-out")
 # Methods whose step 0 is the same training (Method.identity(0): plain cross-entropy with the same

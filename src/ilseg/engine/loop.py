@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -11,93 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ilseg.config import RuntimeConfig
 from ilseg.engine.distributed import all_reduce_sum, average_over_ranks
 from ilseg.errors import IlsegError
 from ilseg.metrics import ConfusionMatrix
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Where and how the forward runs: device, autocast dtype, memory format."""
-
-    device: torch.device
-    amp: str = "none"
-    channels_last: bool = False
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        dtype = AMP_DTYPES[self.amp]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
-    @classmethod
-    def for_runtime(cls, runtime: RuntimeConfig, device: torch.device) -> Precision:
-        """The precision ``runtime`` asks for on ``device`` (``"auto"`` resolved for it)."""
-        return cls(device, runtime.amp_for(device.type), runtime.channels_last_for(device.type))
-
-    def images(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images
-
-
-def resolve_device(kind: str) -> torch.device:
-    """``"cuda"``, ``"cpu"`` or ``"auto"`` (CUDA when there is one) as a device, or a clear error."""
-    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise IlsegError("runtime.device is 'cuda' but no CUDA device is available; use runtime.device=cpu")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def build_optimizer(params: Iterable[nn.Parameter], *, kind: str, lr: float, momentum: float,
-                    nesterov: bool, weight_decay: float, fused: bool = True) -> torch.optim.Optimizer:
-    """SGD (the references' recipe) or AdamW (used by the CPU demo) over trainable params.
-
-    ``fused``: torch's fused kernel (one pass over all parameters, on the CPU
-    and CUDA) where the parameters allow it.  Fused SGD's updates equal the
-    per-parameter loop's bit for bit (tested).  Fused AdamW (2.4x faster per
-    update than the loop on the demo's model on a CPU) rounds differently,
-    and Adam's first updates amplify rounding (about lr times the sign of a
-    tiny gradient), so its weights drift from the loop's within a few
-    updates while the loss follows the same course (tested); runs stay
-    repeatable, as each kernel is deterministic.
-    """
-    params = [p for p in params if p.requires_grad]
-    use_fused = fused and bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
-                                               for p in params)
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                               fused=use_fused or None)
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=use_fused or None)
-    raise IlsegError(f"unknown optimizer {kind!r}; use 'sgd' or 'adamw'")
-
-
-def poly_schedule(optimizer: torch.optim.Optimizer, total_iters: int, power: float,
-                  lr_end: float = 0.0) -> torch.optim.lr_scheduler.LRScheduler:
-    """lr_i = (lr_0 - lr_end) * (1 - i / total_iters) ** power + lr_end, stepped once per iteration.
-
-    From ``total_iters`` on the rate stays at ``lr_end``.  ``lr_end`` 0 is
-    torch's ``PolynomialLR`` (the MiB recipe, unchanged); a positive floor
-    (TensorFlow's ``polynomial_decay`` with an ``end_learning_rate``, as the
-    ILT paper's code uses) is a ``LambdaLR`` of the closed form, relative to
-    each group's initial rate.  Both keep their position in ``state_dict()``,
-    so a resumed step continues the same sequence.
-    """
-    total = max(1, total_iters)
-    if lr_end == 0.0:
-        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=power)
-    floors = [lr_end / float(group["lr"]) for group in optimizer.param_groups]
-
-    def factor(floor: float) -> Callable[[int], float]:
-        return lambda i: (1.0 - floor) * (1.0 - min(i, total) / total) ** power + floor
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(f) for f in floors])
+from ilseg.placement import Placement
 
 
 @dataclass
@@ -138,7 +54,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
-    precision: Precision,
+    placement: Placement,
     step: int,
     progress: EpochProgress | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -160,10 +76,10 @@ def train_one_epoch(
     model.train()
     progress = progress if progress is not None else EpochProgress()
     for images, targets in loader:
-        images = precision.images(images)
-        targets = targets.to(precision.device, non_blocking=True)
+        images = placement.images(images)
+        targets = targets.to(placement.device, non_blocking=True)
         teacher_out = None
-        with precision.autocast():
+        with placement.autocast():
             if teacher is not None:
                 # No activations kept.  The losses never save the teacher's
                 # (inference) tensors for backward, so no copy of them is needed.
@@ -213,7 +129,7 @@ class NonFiniteLoss(IlsegError):
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: Iterable, num_classes: int, precision: Precision,
+def evaluate(model: nn.Module, loader: Iterable, num_classes: int, placement: Placement,
              *, on_batch: Callable[[], None] | None = None) -> ConfusionMatrix:
     """Confusion matrix of ``model`` on ``loader`` (summed over ranks when distributed).
 
@@ -221,11 +137,11 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, precision: Pr
     at the input's resolution, so predictions are compared pixel for pixel.
     """
     model.eval()
-    cm = ConfusionMatrix(num_classes, device=precision.device)
+    cm = ConfusionMatrix(num_classes, device=placement.device)
     for images, targets in loader:
-        images = precision.images(images)
-        targets = targets.to(precision.device, non_blocking=True)
-        with precision.autocast():
+        images = placement.images(images)
+        targets = targets.to(placement.device, non_blocking=True)
+        with placement.autocast():
             logits = model(images)["logits"]
         cm.update(logits.argmax(1), targets)
         if on_batch is not None:

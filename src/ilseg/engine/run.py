@@ -1,9 +1,9 @@
 """A whole incremental run: every step trained (:func:`ilseg.engine.step.train_step`), evaluated and saved.
 
-The run folder's layout is in :mod:`ilseg.engine.rundir`.  Before anything
+The run folder's layout is in :mod:`ilseg.runs.folder`.  Before anything
 is created, everything that can be refused is (:func:`check_runtime`,
-:func:`~ilseg.engine.rundir.check_run_dir`,
-:func:`~ilseg.engine.data.check_data`); then the folder is locked and the
+:func:`~ilseg.runs.folder.check_run_dir`,
+:func:`~ilseg.engine.loaders.check_data`); then the folder is locked and the
 steps run.  ``--resume`` continues from the last saved iteration in
 ``last.pth`` (going straight to evaluation when the step's epochs were all
 trained); ``--init-from`` takes step 0 from another run trained with the same
@@ -24,10 +24,22 @@ import torchvision
 import ilseg
 from ilseg.config import RunConfig, load_config
 from ilseg.engine import distributed
-from ilseg.engine.checkpoint import check_compatible, load_checkpoint
-from ilseg.engine.data import check_data
-from ilseg.engine.loop import Precision, resolve_device
-from ilseg.engine.rundir import (
+from ilseg.engine.loaders import check_data
+from ilseg.engine.runlog import RunLogger
+from ilseg.engine.signals import StopRequests, signal_name
+from ilseg.engine.step import (
+    RunContext,
+    evaluate_step,
+    preview_step,
+    record_step,
+    train_step,
+)
+from ilseg.errors import IlsegError, Interrupted
+from ilseg.methods import Method, build_method
+from ilseg.metrics import mean_over_steps
+from ilseg.placement import Placement, resolve_device
+from ilseg.runs.checkpoint import check_compatible, load_checkpoint
+from ilseg.runs.folder import (
     CONFIG_FILE,
     HISTORY_FILE,
     RunLock,
@@ -39,21 +51,15 @@ from ilseg.engine.rundir import (
     load_step_model,
     read_history,
     read_run_config,
-    training_task,
     rebuild_results,
     record_config_change,
     remove_temporaries,
     resume_changes,
     same_eval_protocol,
     step_checkpoint,
+    training_task,
 )
-from ilseg.engine.runlog import RunLogger
-from ilseg.engine.signals import StopRequests, signal_name
-from ilseg.engine.step import RunContext, evaluate_step, preview_step, record_step, train_step
-from ilseg.errors import IlsegError, Interrupted
-from ilseg.methods import Method, build_method
-from ilseg.metrics import mean_over_steps
-from ilseg.report import read_results, write_results
+from ilseg.runs.results import read_results, write_results
 
 
 def run_training(
@@ -138,7 +144,7 @@ def run_steps(ctx: RunContext, todo: range, *, resume: bool, restart: int | None
     """Each step of ``todo`` in order: adopted, skipped (resume, already done) or trained."""
     ctx.log.info(f"ilseg {ilseg.__version__} | {ctx.cfg.method.name} on {ctx.task.dataset} {ctx.train_task.name} "
                  f"({'overlapped' if ctx.cfg.data.overlap else 'disjoint'}) | steps {todo.start}..{todo.stop - 1} "
-                 f"| device {ctx.precision.device}{f' x{ctx.dist.world_size}' if ctx.dist.enabled else ''} "
+                 f"| device {ctx.placement.device}{f' x{ctx.dist.world_size}' if ctx.dist.enabled else ''} "
                  f"| run {ctx.run_dir}")
     if rebuild_results(ctx.run_dir, ctx.results):
         ctx.log.info("results rebuilt from the step checkpoints (the last run stopped before writing them)")
@@ -167,7 +173,7 @@ def run_context(cfg: RunConfig, run_dir: Path, dist: distributed.DistInfo, devic
     method = build_method(cfg.method)
     task = cfg.build_task()
     return RunContext(cfg=cfg, method=method, run_dir=run_dir, task=task, train_task=method.training_task(task),
-                      dist=dist, precision=Precision.for_runtime(cfg.runtime, device), log=log,
+                      dist=dist, placement=Placement.for_runtime(cfg.runtime, device), log=log,
                       results=read_results(run_dir) or new_results(cfg, method) | {"config_hash": cfg.hash()},
                       stop=stop, progress=progress)
 
@@ -250,15 +256,15 @@ def adopt_step0(ctx: RunContext, source: Path) -> None:
     if "metrics" in state and same_eval_protocol(state.get("config", {}), ctx.cfg.to_dict()):
         entry = dict(state["metrics"])
     else:
-        model.to(ctx.precision.device)
-        scores = evaluate_step(ctx.cfg, ctx.task, ctx.train_task, model, 0, ctx.dist, ctx.precision)
+        model.to(ctx.placement.device)
+        scores = evaluate_step(ctx.cfg, ctx.task, ctx.train_task, model, 0, ctx.dist, ctx.placement)
         entry = {k: v for k, v in scores.items() if k != "confusion_matrix"}
         entry |= {k: state.get("metrics", {}).get(k) for k in ("new_classes", "num_train_images", "epochs",
                                                                 "train_seconds")}
         entry |= {"step": 0, "classes_seen": ctx.train_task.num_outputs(0)}
     record_step(ctx, entry | {"adopted_from": str(src)})
     ctx.log.info(f"step 0 taken from {src}")
-    preview_step(ctx, model.to(ctx.precision.device), 0)
+    preview_step(ctx, model.to(ctx.placement.device), 0)
 
 
 def step0_source(source: Path) -> Path:
@@ -293,6 +299,6 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: Path, *, step: int | None = 
     model.to(dev)
     task = cfg.build_task()
     train_task = training_task(cfg)
-    precision = Precision.for_runtime(cfg.runtime, dev)
-    scores = evaluate_step(cfg, task, train_task, model, step, distributed.DistInfo(), precision)
+    placement = Placement.for_runtime(cfg.runtime, dev)
+    scores = evaluate_step(cfg, task, train_task, model, step, distributed.DistInfo(), placement)
     return scores | {"step": step, "classes_seen": train_task.num_outputs(step)}

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ilseg.errors import WriteError
 from ilseg.fileio import write_failure
-from ilseg.report import pct
+from ilseg.runs.results import pct
 
 LOGGER = logging.getLogger("ilseg")
 _FORMAT = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S")

@@ -9,47 +9,45 @@ recorded in the results.  Each line is one named call below it.
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import time
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ilseg.config import OptimConfig, RunConfig
+from ilseg.config import RunConfig
 from ilseg.engine import distributed
-from ilseg.engine.checkpoint import load_checkpoint, save_checkpoint, training_state, check_compatible
-from ilseg.engine.data import TrainingData, eval_loader, training_data
-from ilseg.engine.loop import (
-    EpochProgress,
-    NonFiniteLoss,
-    Precision,
-    build_optimizer,
-    evaluate,
-    poly_schedule,
-    train_one_epoch,
-)
-from ilseg.engine.preview import write_preview
-from ilseg.engine.rundir import (
-    checkpoint_identity,
-    read_run_config,
-    last_checkpoint,
-    load_weights,
-    model_from_config,
-    step_checkpoint,
-)
+from ilseg.engine.loaders import TrainingData, eval_dataset, eval_loader, training_data
+from ilseg.engine.loop import EpochProgress, NonFiniteLoss, evaluate, train_one_epoch
+from ilseg.engine.optim import Optimisation, StepLength, step_recipe
 from ilseg.engine.runlog import RunLogger
 from ilseg.engine.signals import StopRequests, signal_name
 from ilseg.errors import IlsegError, Interrupted
 from ilseg.methods import Method, StepSetup
 from ilseg.metrics import mean_over_steps, segmentation_scores
 from ilseg.models import IncrementalSegmenter, convert_sync_batchnorm, fold_batchnorm
-from ilseg.report import write_results
+from ilseg.placement import Placement
+from ilseg.runs.checkpoint import (
+    check_compatible,
+    load_checkpoint,
+    save_checkpoint,
+    training_state,
+)
+from ilseg.runs.folder import (
+    checkpoint_identity,
+    last_checkpoint,
+    load_weights,
+    model_from_config,
+    read_run_config,
+    step_checkpoint,
+)
+from ilseg.runs.results import write_results
 from ilseg.tasks import Task
+from ilseg.visual.preview import write_preview
 
 
 @dataclasses.dataclass
@@ -62,71 +60,11 @@ class RunContext:
     task: Task  # the configured task: old / new classes are reported by its step 0
     train_task: Task  # the task the method trains (== task unless joint)
     dist: distributed.DistInfo
-    precision: Precision
+    placement: Placement
     log: RunLogger
     results: dict[str, Any]
     stop: StopRequests = dataclasses.field(default_factory=StopRequests)
     progress: bool = True
-
-
-@dataclasses.dataclass
-class Optimisation:
-    """Optimiser, per-iteration poly schedule and (fp16 only) gradient scaler of one step."""
-
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None
-
-    @classmethod
-    def build(cls, cfg: RunConfig, model: nn.Module, *, lr: float, total_iters: int,
-              precision: Precision, lr_end: float = 0.0) -> Optimisation:
-        o = cfg.optim
-        optimizer = build_optimizer(model.parameters(), kind=o.optimizer, lr=lr, momentum=o.momentum,
-                                    nesterov=o.nesterov, weight_decay=o.weight_decay)
-        scheduler = poly_schedule(optimizer, total_iters, o.poly_power, lr_end=lr_end)
-        use_scaler = precision.amp == "fp16" and precision.device.type == "cuda"
-        return cls(optimizer, scheduler, torch.amp.GradScaler(precision.device.type) if use_scaler else None)
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-
-
-def step_recipe(optim: OptimConfig, step: int) -> tuple[int, float]:
-    """``(epochs, learning rate)`` of ``step``: step 0's, or the ``*_next`` values."""
-    return (optim.epochs, optim.lr) if step == 0 else (optim.epochs_next, optim.lr_next)
-
-
-@dataclasses.dataclass(frozen=True)
-class StepLength:
-    """How long a step trains: ``epochs`` passes over the loader, ``total`` iterations in all.
-
-    Epoch-based (``optim.iterations*`` 0): ``total = epochs * batches``.
-    Iteration-based: as many whole epochs as fit, then the first batches of
-    one more (``epochs = ceil(total / batches)``).  Every epoch keeps its own
-    seeded order and crops, so an interrupted last epoch resumes exactly.
-    """
-
-    epochs: int
-    total: int
-    batches: int  # the loader's batches per epoch
-    lr_end: float
-
-    @classmethod
-    def of(cls, optim: OptimConfig, step: int, batches: int) -> StepLength:
-        iterations, lr_end = (optim.iterations, optim.lr_end) if step == 0 else (optim.iterations_next,
-                                                                                 optim.lr_end_next)
-        batches = max(1, batches)
-        if iterations <= 0:
-            epochs = step_recipe(optim, step)[0]
-            return cls(epochs, epochs * batches, batches, lr_end)
-        return cls(math.ceil(iterations / batches), iterations, batches, lr_end)
-
-    def iterations_in(self, epoch: int) -> int:
-        """Iterations of epoch ``epoch``: a whole pass, or what is left of ``total`` in the last one."""
-        return max(0, min(self.batches, self.total - epoch * self.batches))
 
 
 def seed_everything(seed: int) -> None:
@@ -147,7 +85,7 @@ def train_step(ctx: RunContext, step: int, resume: dict[str, Any] | None = None)
     calibrate(ctx, setup, data, step)
     length = StepLength.of(ctx.cfg.optim, step, len(data.loader))
     epochs = length.epochs
-    opt = Optimisation.build(ctx.cfg, train_model, lr=lr, total_iters=length.total, precision=ctx.precision,
+    opt = Optimisation.build(ctx.cfg, train_model, lr=lr, total_iters=length.total, placement=ctx.placement,
                              lr_end=length.lr_end)
     at = Position.of(resume, opt)
     log_step_start(ctx, step, data, epochs, at, length)
@@ -160,7 +98,7 @@ def train_step(ctx: RunContext, step: int, resume: dict[str, Any] | None = None)
                    partial=partial)
         if not progress.finished:
             raise interrupted(ctx, step, epoch, epochs, progress.iterations, iterations)
-    scores = evaluate_step(ctx.cfg, ctx.task, ctx.train_task, setup.student, step, ctx.dist, ctx.precision)
+    scores = evaluate_step(ctx.cfg, ctx.task, ctx.train_task, setup.student, step, ctx.dist, ctx.placement)
     entry = step_entry(ctx.train_task, step, scores, len(data.dataset), epochs, at.seconds)
     save_state(ctx, step_checkpoint(ctx.run_dir, step), setup.student, opt, step, epochs - 1, epochs, at.seconds,
                entry=entry, confusion_matrix=scores["confusion_matrix"])
@@ -181,10 +119,10 @@ def calibrate(ctx: RunContext, setup: StepSetup, data: TrainingData, step: int) 
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, targets in data.loader:
-            images = ctx.precision.images(images)
-            with torch.inference_mode(), ctx.precision.autocast():
+            images = ctx.placement.images(images)
+            with torch.inference_mode(), ctx.placement.autocast():
                 logits = teacher(images)["logits"]
-            yield logits.float(), targets.to(ctx.precision.device, non_blocking=True)
+            yield logits.float(), targets.to(ctx.placement.device, non_blocking=True)
 
     reduce = (lambda t: torch.distributed.all_reduce(t)) if ctx.dist.enabled else None
     thresholds = ctx.method.calibrate(batches(), step, reduce=reduce)
@@ -238,13 +176,13 @@ def place_models(ctx: RunContext, setup: StepSetup) -> nn.Module:
     Returns the module to train (the student, or its DDP wrapper); the student
     itself keeps its state-dict keys (SyncBN conversion is in place).
     """
-    device = ctx.precision.device
+    device = ctx.placement.device
     if setup.teacher is not None:
         fold_batchnorm(setup.teacher)  # forward-only in eval mode: one conv instead of conv + BN (same outputs)
     for model in (setup.student, setup.teacher):
         if model is not None:
             model.to(device)
-            if ctx.precision.channels_last:
+            if ctx.placement.channels_last:
                 model.to(memory_format=torch.channels_last)
     train_model: nn.Module = setup.student
     if ctx.dist.enabled:
@@ -326,7 +264,7 @@ def train_epoch(ctx: RunContext, step: int, epoch: int, epochs: int, train_model
     try:
         progress = train_one_epoch(model=train_model, teacher=setup.teacher, method=ctx.method, loader=data.loader,
                                    optimizer=opt.optimizer, scheduler=opt.scheduler, scaler=opt.scaler,
-                                   precision=ctx.precision, step=step, progress=partial,
+                                   placement=ctx.placement, step=step, progress=partial,
                                    should_stop=ctx.stop.requested, on_iteration=on_iteration,
                                    limit=iterations if iterations < len(data.loader) else None)
     except NonFiniteLoss as exc:
@@ -349,7 +287,7 @@ def lower_lr_advice(ctx: RunContext, step: int) -> str:
     """How to continue a run whose loss diverged: the same run, this step again, a lower learning rate."""
     key = "lr" if step == 0 else "lr_next"
     lr = getattr(ctx.cfg.optim, key)
-    fp16 = " (or use runtime.amp=bf16 instead of fp16)" if ctx.precision.amp == "fp16" else ""
+    fp16 = " (or use runtime.amp=bf16 instead of fp16)" if ctx.placement.amp == "fp16" else ""
     return (f"Lower the learning rate{fp16} and train step {step} again, keeping the finished steps: "
             f"ilseg train --resume {ctx.run_dir.resolve()} --set optim.{key}={lr / 10:g}")
 
@@ -394,10 +332,10 @@ def save_state(ctx: RunContext, path: Path, model: nn.Module, opt: Optimisation,
 
 
 def evaluate_step(cfg: RunConfig, task: Task, train_task: Task, model: nn.Module, step: int,
-                  dist: distributed.DistInfo, precision: Precision) -> dict[str, Any]:
+                  dist: distributed.DistInfo, placement: Placement) -> dict[str, Any]:
     """Scores of ``model`` after ``step`` on the test split; old / new split by ``task``'s step 0."""
     seen = train_task.num_outputs(step)
-    matrix = evaluate(model, eval_loader(cfg, train_task, step, dist), seen, precision).matrix.cpu()
+    matrix = evaluate(model, eval_loader(cfg, train_task, step, dist), seen, placement).matrix.cpu()
     n_old = task.step_sizes[0]
     scores = segmentation_scores(matrix, class_names=train_task.channel_names(step),
                                  old=list(range(min(n_old, seen))), new=list(range(n_old, seen)))
@@ -430,6 +368,7 @@ def record_step(ctx: RunContext, entry: dict[str, Any]) -> None:
 def preview_step(ctx: RunContext, model: nn.Module, step: int) -> None:
     """On the main rank, ``RUN_DIR/preview/step{step}.png`` when ``runtime.preview_images`` is on."""
     if ctx.dist.is_main and ctx.cfg.runtime.preview_images > 0:
-        path = write_preview(ctx.cfg, ctx.train_task, model, step, ctx.run_dir, ctx.precision)
+        path = write_preview(ctx.cfg, ctx.train_task, model, step, ctx.run_dir, ctx.placement,
+                             eval_dataset(ctx.cfg, ctx.train_task, step))
         if path is not None:
             ctx.log.info(f"step {step}: test images, ground truth and predictions drawn in {path}")

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ilseg.engine.rundir import read_run_config, training_task
 from ilseg.errors import IlsegError
-from ilseg.report import read_results
+from ilseg.runs.folder import read_run_config, training_task
+from ilseg.runs.results import read_results
 
 # Settings that do not change what a run learns beyond its seed: runs that differ only in these
 # (and in runtime.seed) are seeds of one experiment.

@@ -5,7 +5,7 @@ checkpoint per step into ``RUN/step{t}.pth`` and ``RUN/config.yaml``: a run fold
 ``ilseg eval``, ``ilseg predict`` and ``ilseg train --resume`` / ``--init-from`` use like one
 ilseg trained (docs/importing.md).  Every check runs on every file before anything is written.
 
-What a file must hold (REFERENCE-METHODS.md §3):
+What a file must hold (docs/protocol.md#checkpoint-formats):
 
 * **wrappers**: the weights sit in ``model_state`` (MiB, PLOP), ``segmentor`` (cssegmentation)
   or ``state_dict``; the other entries (optimiser, scheduler, epoch, scores, amp ...) are not
@@ -47,8 +47,7 @@ import dataclasses
 import hashlib
 import os
 import re
-import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,64 +56,40 @@ import torch
 from torch import nn
 
 from ilseg.config import RunConfig
-from ilseg.engine.checkpoint import save_checkpoint
-from ilseg.engine.rundir import (
-    CONFIG_FILE,
-    LOCK_FILE,
-    RunLock,
-    checkpoint_identity,
-    create_run_dir,
-    model_from_config,
-    step_checkpoint,
-    training_task,
-)
 from ilseg.errors import IlsegError
 from ilseg.fileio import load_failure
-from ilseg.methods import build_method
-from ilseg.metrics import mean_over_steps
+from ilseg.importing.names import (
+    CONTAINERS,
+    TITLES,
+    WRAPPER_PREFIX,
+    ilseg_name,
+    tool_name,
+)
 from ilseg.models import IncrementalSegmenter
-from ilseg.models.pretrained import iabn_bn_weight, iabn_to_torchvision_name, torchvision_to_iabn_name
-from ilseg.report import write_results
-from ilseg.tasks import Task, get_task
+from ilseg.models.pretrained import (
+    iabn_bn_weight,
+)
+from ilseg.runs.folder import (
+    model_from_config,
+    training_task,
+)
+from ilseg.tasks import Task
 
 StateDict = dict[str, torch.Tensor]
 
-FORMATS: tuple[str, ...] = ("mib", "plop", "cssegmentation")
-_TITLES = {"mib": "MiB", "plop": "PLOP", "cssegmentation": "cssegmentation"}
+# -- reading a file --------------------------------------------------------------------------
+# numpy scalars (cssegmentation's best_score, a float64 mean): rebuilt from a dtype and raw bytes, no code run.
+# A pickled scalar names numpy's rebuilding function by the path of the numpy that wrote the file:
+# `numpy.core.multiarray.scalar` (numpy 1.x) or `numpy._core.multiarray.scalar` (numpy 2.x).  torch's
+# weights_only loader matches that text, so both names are allowed, mapped to the function of the
+# numpy installed here (found through a scalar's own pickling, as neither path exists in every
+# numpy); the dtype classes are matched by identity.
+_NUMPY_SCALAR_FUNCTION: Any = np.float64(0.0).__reduce__()[0]
+NUMPY_SCALARS: list[Any] = [
+    *((_NUMPY_SCALAR_FUNCTION, f"{module}.scalar") for module in ("numpy.core.multiarray", "numpy._core.multiarray")),
+    np.dtype, *(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")),
+]
 
-# Where each format keeps the weights inside the saved dict, in the order looked for.
-_CONTAINERS: dict[str, tuple[str, ...]] = {
-    "mib": ("model_state", "state_dict"),
-    "plop": ("model_state", "state_dict"),
-    "cssegmentation": ("segmentor", "state_dict"),
-}
-_WRAPPER_PREFIX = "module."
-
-# cssegmentation -> ilseg, first match wins.  The names of commit c125175 (REFERENCE-METHODS.md
-# §3.2), whose global branch is (conv, BN, identity activation, conv): index 2 holds no tensor.
-_CSS_NAMES: tuple[tuple[str, str], ...] = (
-    ("encoder.", "body."),
-    ("decoder.parallel_convs.", "head.map_convs."),
-    ("decoder.parallel_bn.", "head.map_bn."),
-    ("decoder.global_branch.0.", "head.global_pooling_conv."),
-    ("decoder.global_branch.1.", "head.global_pooling_bn."),
-    ("decoder.global_branch.3.", "head.pool_red_conv."),
-    ("decoder.out_project.0.", "head.red_conv."),
-    ("decoder.out_project.1.", "head.red_bn."),
-    ("convs_cls.", "classifiers."),
-)
-# The same modules under the names of cssegmentation commit 22d3fc7 (BN + activation wrapped in
-# a Sequential, ``bottleneck_*`` for the output projection); looked up before the table above.
-_CSS_OLDER_NAMES: tuple[tuple[str, str], ...] = (
-    ("decoder.parallel_bn.0.", "head.map_bn."),
-    ("decoder.bottleneck_conv.", "head.red_conv."),
-    ("decoder.bottleneck_bn.0.", "head.red_bn."),
-)
-
-# MiB and PLOP save ``{task}-{dataset}_{name}_{step}.pth``, e.g. ``15-5s-voc_MiB_0.pth``.
-_TOOL_FILE_NAME = re.compile(r"^(?P<task>.+?)-(?P<dataset>[A-Za-z][A-Za-z0-9]*)_(?P<name>.*)_(?P<step>\d+)\.pth$")
-# Task names of MiB / PLOP that ilseg spells differently (identity order in both).
-_TOOL_TASK_NAMES: dict[tuple[str, str], str] = {("ade", "50"): "50-50"}
 _CLASSIFIER_WEIGHT = re.compile(r"^classifiers\.(\d+)\.weight$")
 _BODY_BLOCK = re.compile(r"^body\.layer([1-4])\.(\d+)\.")
 _RESNET_LAYOUTS = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34",
@@ -129,16 +104,6 @@ _TOOL_MODEL: tuple[tuple[str, str, str], ...] = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class ToolFileName:
-    """What a MiB / PLOP checkpoint's file name says: ``15-5s-voc_MiB_2.pth``."""
-
-    task: str
-    dataset: str
-    name: str
-    step: int
-
-
 @dataclasses.dataclass
 class ImportedStep:
     """One converted checkpoint: the step it is, where it came from, what was checked."""
@@ -150,64 +115,6 @@ class ImportedStep:
 
 
 # -- names -------------------------------------------------------------------------------
-def ilseg_name(key: str, fmt: str) -> str | None:
-    """The ilseg model key of a tool's key (``module.`` already stripped), or ``None`` if none.
-
-    ``"body.mod3.block2.convs.bn1.weight"`` (MiB, PLOP) -> ``"body.layer2.1.bn1.weight"``;
-    ``"cls.1.bias"`` -> ``"classifiers.1.bias"``; head names are ilseg's already.
-    ``"encoder.layer2.1.bn1.weight"`` (cssegmentation) -> ``"body.layer2.1.bn1.weight"``;
-    ``"decoder.global_branch.3.weight"`` -> ``"head.pool_red_conv.weight"``;
-    ``"convs_cls.1.bias"`` -> ``"classifiers.1.bias"``.  The result may still be a name the
-    model does not have (a deeper body, an extra module): the caller checks.
-    """
-    if fmt in ("mib", "plop"):
-        if key.startswith("body."):
-            body = iabn_to_torchvision_name(key.removeprefix("body."))
-            return None if body is None else f"body.{body}"
-        if key.startswith("head."):
-            return key
-        if key.startswith("cls."):
-            return "classifiers." + key.removeprefix("cls.")
-        return None
-    if fmt == "cssegmentation":
-        for theirs, ours in (*_CSS_OLDER_NAMES, *_CSS_NAMES):
-            if key.startswith(theirs):
-                return ours + key.removeprefix(theirs)
-        return None
-    raise IlsegError(f"unknown checkpoint format {fmt!r}; use one of {', '.join(FORMATS)}")
-
-
-def tool_name(key: str, fmt: str) -> str:
-    """The key a tool would use for ilseg's ``key`` (the inverse of :func:`ilseg_name`), for messages."""
-    if fmt in ("mib", "plop"):
-        if key.startswith("body."):
-            return "body." + torchvision_to_iabn_name(key.removeprefix("body."))
-        if key.startswith("classifiers."):
-            return "cls." + key.removeprefix("classifiers.")
-        return key
-    for theirs, ours in _CSS_NAMES:
-        if key.startswith(ours):
-            return theirs + key.removeprefix(ours)
-    return key
-
-
-def parse_tool_file_name(path: Path) -> ToolFileName | None:
-    """Task, dataset, run name and step of a MiB / PLOP checkpoint file name, or ``None``.
-
-    >>> parse_tool_file_name(Path("15-5s-voc_MiB_2.pth"))
-    ToolFileName(task='15-5s', dataset='voc', name='MiB', step=2)
-    """
-    match = _TOOL_FILE_NAME.match(path.name)
-    if not match:
-        return None
-    return ToolFileName(match["task"], match["dataset"], match["name"], int(match["step"]))
-
-
-# -- reading a file --------------------------------------------------------------------------
-# numpy scalars (cssegmentation's best_score, a float64 mean): rebuilt from a dtype and raw bytes, no code run.
-NUMPY_SCALARS: list[Any] = [np._core.multiarray.scalar, np.dtype,  # type: ignore[attr-defined]
-                             *(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))]
-
 def read_tool_checkpoint(path: Path, fmt: str) -> tuple[StateDict, dict[str, Any]]:
     """The weights of one checkpoint (``module.`` stripped) and what else it records.
 
@@ -216,13 +123,13 @@ def read_tool_checkpoint(path: Path, fmt: str) -> tuple[StateDict, dict[str, Any
     numbers or strings: ``epoch``, ``best_score``, ``task_id`` ...) and ``"ignored"`` (the names
     of the rest: optimiser, scheduler, amp ...).
     """
-    title = _TITLES[fmt]
+    title = TITLES[fmt]
     _check_readable_path(path, fmt)
     try:
         with torch.serialization.safe_globals(NUMPY_SCALARS):
             saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, truncated, not a torch file, or pickled objects
-        entry = _CONTAINERS[fmt][0]
+        entry = CONTAINERS[fmt][0]
         raise IlsegError(
             f"{path} cannot be read as a {title} checkpoint ({load_failure(exc)}); ilseg reads tensors only "
             f"(weights_only=True). If the file is one and holds pickled objects besides the weights, and you trust "
@@ -231,14 +138,14 @@ def read_tool_checkpoint(path: Path, fmt: str) -> tuple[StateDict, dict[str, Any
         ) from None
     if not isinstance(saved, Mapping) or not saved:
         raise IlsegError(f"{path} holds no dict of weights, so it is not a {title} checkpoint")
-    container = next((k for k in _CONTAINERS[fmt] if isinstance(saved.get(k), Mapping)), None)
+    container = next((k for k in CONTAINERS[fmt] if isinstance(saved.get(k), Mapping)), None)
     if container is not None:
         weights: Mapping[Any, Any] = saved[container]
     elif all(isinstance(v, torch.Tensor) for v in saved.values()):
         weights = saved  # a bare state dict
     else:
         raise IlsegError(f"{path} is not a {title} checkpoint: it has no "
-                         f"{' or '.join(repr(k) for k in _CONTAINERS[fmt])} entry{_other_format_hint(saved, fmt)} "
+                         f"{' or '.join(repr(k) for k in CONTAINERS[fmt])} entry{_other_format_hint(saved, fmt)} "
                          f"(its entries: {', '.join(sorted(map(str, saved)))})")
     bad = sorted(str(k) for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor))
     if bad:
@@ -248,7 +155,7 @@ def read_tool_checkpoint(path: Path, fmt: str) -> tuple[StateDict, dict[str, Any
         if container is not None else {}
     entries = {k: v for k, v in others.items() if v is None or isinstance(v, (bool, int, float, str))}
     info = {"container": container, "entries": entries, "ignored": sorted(k for k in others if k not in entries)}
-    return {k.removeprefix(_WRAPPER_PREFIX): v for k, v in weights.items()}, info
+    return {k.removeprefix(WRAPPER_PREFIX): v for k, v in weights.items()}, info
 
 
 def _check_readable_path(path: Path, fmt: str) -> None:
@@ -256,7 +163,7 @@ def _check_readable_path(path: Path, fmt: str) -> None:
 
     cssegmentation links ``task_k/latest.pth`` to the text ``<work_dir>/task_k/epoch_e.pth``,
     relative to the folder it was started from, not to the link's own folder
-    (REFERENCE-METHODS.md §3.2): followed from anywhere else it finds nothing (or another file).
+    (docs/protocol.md#cssegmentation-checkpoints): followed from anywhere else it finds nothing (or another file).
     """
     if fmt == "cssegmentation" and path.is_symlink() and path.name in ("latest.pth", "best.pth"):
         target = os.readlink(path)
@@ -296,10 +203,10 @@ def check_architecture(cfg: RunConfig, fmt: str) -> None:
     for setting, theirs, why in _TOOL_MODEL:
         ours = getattr(model, setting, theirs)
         if ours != theirs:
-            raise IlsegError(f"model.{setting} {ours} is not {_TITLES[fmt]}'s network ({why}): set "
+            raise IlsegError(f"model.{setting} {ours} is not {TITLES[fmt]}'s network ({why}): set "
                              f"model.{setting}={theirs} to import its checkpoints")
     if model.output_stride == 32:
-        raise IlsegError(f"model.output_stride 32 has no {_TITLES[fmt]} counterpart (MiB and PLOP build output "
+        raise IlsegError(f"model.output_stride 32 has no {TITLES[fmt]} counterpart (MiB and PLOP build output "
                          "stride 8 or 16, and ilseg's ASPP dilations at 32 are its own): set model.output_stride to "
                          "the stride the checkpoints were trained with (16 in the published runs)")
     if fmt == "cssegmentation" and model.backbone in ("resnet18", "resnet34"):
@@ -312,12 +219,12 @@ def check_architecture(cfg: RunConfig, fmt: str) -> None:
 def convert_checkpoint(path: Path, fmt: str, cfg: RunConfig, step: int) -> ImportedStep:
     """Read ``path`` and convert it to the state dict of ``cfg``'s model at ``step``; refuse any mismatch."""
     weights, info = read_tool_checkpoint(path, fmt)
-    imported = _convert(weights, info, path, fmt, cfg, step)
+    imported = convert_weights(weights, info, path, fmt, cfg, step)
     imported.record["sha256"] = _sha256(path)
     return imported
 
 
-def _convert(weights: StateDict, info: Mapping[str, Any], path: Path, fmt: str, cfg: RunConfig,
+def convert_weights(weights: StateDict, info: Mapping[str, Any], path: Path, fmt: str, cfg: RunConfig,
              step: int) -> ImportedStep:
     task = training_task(cfg)
     model = model_from_config(cfg, task.classifier_sizes(step), pretrained=False)
@@ -369,7 +276,7 @@ def _convert_strictly(weights: StateDict, model: IncrementalSegmenter, *, fmt: s
     if non_finite:
         parts.append(f"non-finite values in: {_listed(sorted(non_finite))}")
     if parts:
-        raise IlsegError(f"{path} does not fit step {step} of this config's model as a {_TITLES[fmt]} checkpoint: "
+        raise IlsegError(f"{path} does not fit step {step} of this config's model as a {TITLES[fmt]} checkpoint: "
                          + "; ".join(parts))
     state: StateDict = {}
     for key, target in own.items():
@@ -446,180 +353,3 @@ def _sha256(path: Path) -> str:
 
 
 # -- steps and class order ---------------------------------------------------------------------
-def step_hint(path: Path, fmt: str) -> int | None:
-    """The step a MiB / PLOP file name gives (``..._2.pth`` -> 2); ``None`` for cssegmentation or other names.
-
-    cssegmentation records its step as ``task_id`` inside the file, read with the weights.
-    """
-    if fmt not in ("mib", "plop"):
-        return None
-    named = parse_tool_file_name(path)
-    return None if named is None else named.step
-
-
-def check_named_task(path: Path, fmt: str, task: Task) -> str:
-    """Check what a MiB / PLOP file name says about the task against ``task``; say how the order was checked.
-
-    The dataset must be the config's.  A task name of the identity class order that ilseg
-    knows (``15-5s``, ``19-1``, ``100-50``, ``50`` ...) must give the config's order and step
-    sizes; a shuffled one (``15-5s_b``, ``100-50b``) cannot be checked from the file.
-    """
-    named = parse_tool_file_name(path) if fmt in ("mib", "plop") else None
-    if named is None:
-        return "the config's, unchecked (the file does not record it)"
-    if named.dataset != task.dataset:
-        raise IlsegError(f"{path.name} is a checkpoint of dataset {named.dataset!r} (task {named.task}), the config's "
-                         f"dataset is {task.dataset!r}: choose the matching --config")
-    try:
-        theirs = get_task(named.dataset, _TOOL_TASK_NAMES.get((named.dataset, named.task), named.task))
-    except IlsegError:
-        return f"the config's, unchecked (the file name's task {named.task!r} has an order ilseg does not know)"
-    if (theirs.order, theirs.step_sizes) != (task.order, task.step_sizes):
-        raise IlsegError(
-            f"{path.name} is a checkpoint of {named.dataset} task {named.task} (step sizes {list(theirs.step_sizes)}, "
-            f"classes in id order), but the config's task {task.name} has step sizes {list(task.step_sizes)} and "
-            f"order {list(task.order)}: choose the --config of that task")
-    return f"checked against the file name (task {named.task})"
-
-
-def _check_steps(steps: Sequence[int], paths: Sequence[Path]) -> None:
-    """The steps of the files must be 0..k-1, each once (a run is imported from its step 0 on)."""
-    seen: dict[int, Path] = {}
-    for step, path in zip(steps, paths, strict=True):
-        if step in seen:
-            raise IlsegError(f"{seen[step]} and {path} are both step {step}; give one file per step, in step order")
-        seen[step] = path
-    gaps = [s for s in range(max(steps) + 1) if s not in seen]
-    if gaps:
-        raise IlsegError(f"no file for step(s) {', '.join(map(str, gaps))}: a run is imported from its step 0 on, "
-                         "with every step up to the last one given")
-
-
-# -- the whole import ---------------------------------------------------------------------------
-def import_run(cfg: RunConfig, files: Sequence[Path], out: Path, *, fmt: str, evaluate: bool = False,
-               device: str | None = None, log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """Convert ``files`` (one per step) into the run folder ``out``; return a summary.
-
-    Every file is read, converted and checked before ``out`` is created; ``out`` must be a
-    new or empty folder.  With ``evaluate``, each step is then scored with ilseg's protocol
-    (the test split of ``cfg.data``) and ``results.json`` written, as a trained run has it.
-    Returns ``{"steps": [{"step", "source", "class_order"}...], "results": dict or None}``.
-    """
-    if fmt not in FORMATS:
-        raise IlsegError(f"unknown checkpoint format {fmt!r}; use one of {', '.join(FORMATS)}")
-    if not files:
-        raise IlsegError("give the checkpoint file of each step to import")
-    paths = [Path(f) for f in files]
-    _check_out(out)
-    check_architecture(cfg, fmt)
-    task = training_task(cfg)
-    orders = [check_named_task(p, fmt, task) for p in paths]
-    steps = []
-    for position, path in enumerate(paths):  # every file read and checked before anything is written
-        weights, info = read_tool_checkpoint(path, fmt)
-        hint = step_hint(path, fmt) if fmt != "cssegmentation" else _task_id(info)
-        step = position if hint is None else hint
-        if step >= task.num_steps:
-            raise IlsegError(f"{path} is step {step}, but the config's task {task.dataset} {task.name} has steps "
-                             f"0..{task.num_steps - 1}: choose the --config of the file's task")
-        _convert(weights, info, path, fmt, cfg, step)
-        steps.append(step)
-    _check_steps(steps, paths)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        with RunLock(out):
-            try:
-                written = write_imported_steps(cfg, out, fmt, paths, steps, orders, log)
-            except BaseException:  # a full disk, a file changed since it was checked, Ctrl-C: leave no half run
-                for leftover in out.iterdir():
-                    if leftover.name != LOCK_FILE:
-                        leftover.unlink()
-                raise
-            results = evaluate_imported(cfg, out, fmt, written, device=device, log=log) if evaluate else None
-    except BaseException:
-        if created and not any(p.name != LOCK_FILE for p in out.iterdir()):
-            shutil.rmtree(out)
-        raise
-    return {"steps": written, "results": results}
-
-
-def write_imported_steps(cfg: RunConfig, out: Path, fmt: str, paths: Sequence[Path], steps: Sequence[int],
-                         orders: Sequence[Any], log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """``config.yaml`` and each step's ``step{t}.pth`` in the locked, empty ``out``."""
-    create_run_dir(cfg, out, overwrite=False)
-    written = []
-    for path, step, order in sorted(zip(paths, steps, orders, strict=True), key=lambda item: item[1]):
-        imported = convert_checkpoint(path, fmt, cfg, step)
-        imported.record["class_order"] = order
-        save_checkpoint(step_checkpoint(out, step), imported_state(cfg, imported))
-        written.append({"step": step, "source": str(path), "class_order": order})
-        log(f"step {step}: {path} -> {step_checkpoint(out, step)}; class order: {order}")
-    return written
-
-
-def imported_state(cfg: RunConfig, imported: ImportedStep) -> dict[str, Any]:
-    """The ``step{t}.pth`` of an imported step: ilseg's layout, with what is unknown left empty.
-
-    Like :func:`~ilseg.engine.checkpoint.training_state`, whose identity lets ``eval``,
-    ``predict``, ``--resume`` and ``--init-from`` accept it; no optimiser, scheduler or scaler
-    state (a next step starts its own), no epochs or training time, and no scores (they are
-    added by :func:`evaluate_imported`).
-    """
-    step = imported.step
-    return {
-        "model": imported.model, "optimizer": None, "scheduler": None, "scaler": None,
-        "step": step, "epoch": None, "epochs": None, "train_seconds": None,
-        "identity": checkpoint_identity(cfg, step), "config": cfg.to_dict(),
-        "imported": dict(imported.record),
-    }
-
-
-def evaluate_imported(cfg: RunConfig, out: Path, fmt: str, written: Sequence[Mapping[str, Any]], *,
-                      device: str | None, log: Callable[[str], None]) -> dict[str, Any]:
-    """Score every imported step as ``ilseg eval`` does, store the scores in its checkpoint, write the results."""
-    from ilseg.engine.checkpoint import load_checkpoint
-    from ilseg.engine.run import evaluate_checkpoint, new_results
-
-    method = build_method(cfg.method)
-    task = method.training_task(cfg.build_task())
-    rows = []
-    for item in written:
-        step, path = int(item["step"]), step_checkpoint(out, int(item["step"]))
-        try:
-            scores = evaluate_checkpoint(cfg, path, step=step, device=device)
-        except IlsegError as exc:
-            raise IlsegError(f"{exc} (the imported run {out} is complete without scores: evaluate it with "
-                             f"ilseg eval --run {out} once the data are there)") from None
-        row = {
-            "step": step, "classes_seen": task.num_outputs(step),
-            "new_classes": [task.class_names[c] for c in task.new_classes(step)],
-            **{k: v for k, v in scores.items() if k not in ("confusion_matrix", "step", "classes_seen")},
-            "num_train_images": None, "epochs": None, "train_seconds": None, "imported_from": item["source"],
-        }
-        state = load_checkpoint(path)
-        save_checkpoint(path, {k: v for k, v in state.items() if k != "format_version"}
-                        | {"metrics": row, "confusion_matrix": scores["confusion_matrix"]})
-        rows.append(row)
-        log(f"step {step}: mIoU all {100 * row['miou_all']:.1f}" if row.get("miou_all") is not None
-            else f"step {step}: evaluated")
-    results = new_results(cfg, method) | {"steps": rows, "imported": {"format": fmt}}
-    results["mean_miou_over_steps"] = mean_over_steps([r["miou_all"] for r in rows])
-    write_results(out, results)
-    return results
-
-
-def _task_id(info: Mapping[str, Any]) -> int | None:
-    """cssegmentation's ``task_id`` entry (its step), or ``None`` if absent."""
-    task_id = info["entries"].get("task_id")
-    return task_id if isinstance(task_id, int) and not isinstance(task_id, bool) else None
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise IlsegError(f"--out {out} is a file, not a folder; choose a new folder for the imported run")
-    if out.is_dir():
-        if (out / CONFIG_FILE).is_file():
-            raise IlsegError(f"--out {out} already holds a run; choose a new folder for the imported run")
-        if any(not p.name.startswith(".") for p in out.iterdir()):
-            raise IlsegError(f"--out {out} exists and is not empty; choose a new or empty folder")

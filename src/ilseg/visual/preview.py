@@ -4,7 +4,7 @@ After each step's evaluation, the first N images of the test split (in the
 split's order: the same images after every step) are drawn one per row:
 the image, its ground truth as the evaluation after that step labels it
 (classes not seen yet are ignored or background, as ``data.unseen`` says),
-and the model's prediction, in the dataset's palette (:mod:`ilseg.panels`).
+and the model's prediction, in the dataset's palette (:mod:`ilseg.visual.panels`).
 Looking at ``step0.png``, ``step1.png``, ... shows forgetting as it happens.
 
 It costs one forward pass per image.  It changes nothing that training
@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from ilseg.config import RunConfig
+from ilseg.data.datasets import SegmentationDataset
 from ilseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ilseg.engine.data import eval_dataset
-from ilseg.engine.loop import Precision
 from ilseg.fileio import atomic_write_bytes
-from ilseg.panels import Column, figure_png, panel_figure
+from ilseg.placement import Placement
 from ilseg.tasks import IGNORE_INDEX, Task
+from ilseg.visual.panels import Column, figure_png, panel_figure
 
 PREVIEW_DIR = "preview"
 
@@ -40,30 +40,30 @@ def preview_path(run_dir: Path, step: int) -> Path:
 
 
 def write_preview(cfg: RunConfig, task: Task, model: nn.Module, step: int, run_dir: Path,
-                  precision: Precision) -> Path | None:
+                  placement: Placement, dataset: SegmentationDataset) -> Path | None:
     """Draw the first ``cfg.runtime.preview_images`` test images after ``step``; return the file (None if off).
 
     Args:
         cfg: the run's config.
         task: the task the model is trained on (its channels are
             ``task.seen_classes(step)``).
-        model: the model after ``step``, on ``precision.device``.
+        model: the model after ``step``, on ``placement.device``.
         step: the step just evaluated.
         run_dir: the run folder.
-        precision: the device, autocast and memory format of the evaluation.
+        placement: the device, autocast and memory format of the evaluation.
+        dataset: the test split after ``step`` (its first images are drawn).
     """
     count = cfg.runtime.preview_images
     if count <= 0:
         return None
-    dataset = eval_dataset(cfg, task, step)
     to_dataset_ids = channel_to_dataset_ids(task, step)
     title = f"{cfg.method.name} step {step}"
     rows: list[list[Column]] = []
-    with unchanged_rng(precision.device), evaluation_mode(model), torch.inference_mode():
+    with unchanged_rng(placement.device), evaluation_mode(model), torch.inference_mode():
         for index in range(min(count, len(dataset))):
             x, target = dataset[index]
-            with precision.autocast():
-                logits = model(precision.images(x.unsqueeze(0)))["logits"]
+            with placement.autocast():
+                logits = model(placement.images(x.unsqueeze(0)))["logits"]
             prediction = logits.argmax(1)[0].cpu().numpy()
             rows.append([("image", to_uint8_image(x)), (f"ground truth (step {step})", to_dataset_ids[target.numpy()]),
                          (title, to_dataset_ids[prediction])])

@@ -137,7 +137,7 @@ def keep_in_memory(cfg: RunConfig, ds: SegmentationDataset) -> bool:
 
 
 def eval_dataset(cfg: RunConfig, task: Task, step: int) -> SegmentationDataset:
-    """The test split with the labels of REFERENCE.md §3 after ``step``."""
+    """The test split with the labels of docs/protocol.md#labels-at-each-step after ``step``."""
     data = cfg.data
     lut = eval_lut(task, step, unseen=data.unseen,
                    ignore_background=(data.dataset == "ade" and data.ade_zero == "ignore"))

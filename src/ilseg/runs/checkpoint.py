@@ -48,7 +48,7 @@ def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> 
 def check_compatible(state: Mapping[str, Any], expected: Mapping[str, Any], path: Path) -> None:
     """Raise, naming every difference, if the checkpoint's identity is not ``expected``.
 
-    ``expected`` comes from :func:`ilseg.engine.rundir.checkpoint_identity`.
+    ``expected`` comes from :func:`ilseg.runs.folder.checkpoint_identity`.
     """
     found = state.get("identity", {})
     defaults = setting_defaults()

@@ -4,7 +4,7 @@ One run at one step writes ``<stem>_mask.png`` (palette, dataset class ids)
 and ``<stem>_overlay.png`` per image.  Given ground truth, several runs, or
 several steps of a run (``steps="all"``: how forgetting is seen), it also
 writes ``<stem>_panel.png``: the image, the ground truth and each prediction
-side by side in the dataset's palette, with a legend (:mod:`ilseg.panels`).
+side by side in the dataset's palette, with a legend (:mod:`ilseg.visual.panels`).
 """
 
 from __future__ import annotations
@@ -19,15 +19,28 @@ import torch
 from PIL import Image
 
 from ilseg.config import RunConfig
-from ilseg.data.io import PHOTO_FIX, image_size, overlay, read_image, read_mask, write_mask_png
+from ilseg.data.io import (
+    PHOTO_FIX,
+    image_size,
+    overlay,
+    read_image,
+    read_mask,
+    write_mask_png,
+)
 from ilseg.data.transforms import eval_transform
-from ilseg.engine.loop import resolve_device
-from ilseg.engine.preview import channel_to_dataset_ids
-from ilseg.engine.rundir import finished_steps, load_step_model, read_run_config, step_checkpoint, training_task
 from ilseg.errors import IlsegError
 from ilseg.fileio import atomic_write_bytes
 from ilseg.models import IncrementalSegmenter
-from ilseg.panels import render_panels
+from ilseg.placement import resolve_device
+from ilseg.runs.folder import (
+    finished_steps,
+    load_step_model,
+    read_run_config,
+    step_checkpoint,
+    training_task,
+)
+from ilseg.visual.panels import render_panels
+from ilseg.visual.preview import channel_to_dataset_ids
 
 Steps = Literal["all"] | Sequence[int]
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ilseg.config import RunConfig, config_from_dict, dump_config, load_config, parse_overrides
-from ilseg.engine.checkpoint import check_compatible, load_checkpoint
+from ilseg.runs.checkpoint import check_compatible, load_checkpoint
 from ilseg.errors import IlsegError, WriteError
 from ilseg.fileio import atomic_write_text, write_failure
 from ilseg.methods import Method, build_method

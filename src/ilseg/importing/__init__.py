@@ -1,0 +1,1 @@
+"""``ilseg import``: MiB, PLOP and cssegmentation step checkpoints turned into an ilseg run folder (docs/importing.md)."""
