@@ -49,7 +49,7 @@ from ilseg.config import RuntimeConfig
 from ilseg.engine.loop import train_one_epoch
 from ilseg.engine.optim import build_optimizer, poly_schedule
 from ilseg.engine.step import CompiledOrEager
-from ilseg.methods import METHOD_PRESETS, Method
+from ilseg.methods import METHOD_PRESETS, build_method
 from ilseg.models import build_segmenter, copy_for_teacher, fold_batchnorm
 from ilseg.placement import Placement
 
@@ -74,7 +74,7 @@ def make_variant(args: argparse.Namespace, method: str, mode: str) -> Callable[[
     cfg = METHOD_PRESETS[method]
     model = build_segmenter(backbone=args.backbone, output_stride=args.output_stride, head_channels=args.head,
                             backbone_width=args.width, classes_per_step=[OLD_CLASSES])
-    teacher = copy_for_teacher(model) if Method(cfg).needs_teacher else None
+    teacher = copy_for_teacher(model) if build_method(cfg).needs_teacher else None
     model.add_step(NEW_CLASSES)
     g = torch.Generator().manual_seed(1)
     images = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
@@ -100,7 +100,7 @@ def make_variant(args: argparse.Namespace, method: str, mode: str) -> Callable[[
                 m.to(memory_format=torch.channels_last)
     opt = build_optimizer(model.parameters(), kind="sgd", lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
     sched = poly_schedule(opt, 10**9, 0.9)
-    method_obj = Method(cfg)
+    method_obj = build_method(cfg)
     train_model: torch.nn.Module = model
     if mode == "compiled":
         train_model = CompiledOrEager(model, log=lambda line: print(f"{method}:{mode}: {line}", flush=True))

@@ -18,18 +18,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ilseg.methods import MethodConfig
+from ilseg.methods.legacy import to_legacy
 from ilseg.tasks import IGNORE_INDEX
 
 
 def plain_losses(cfg: MethodConfig, student: dict[str, Tensor], teacher: dict[str, Tensor] | None,
                  target: Tensor, step: int) -> dict[str, Tensor]:
-    """The losses of ``cfg`` from their formulas (docs/methods.md), without any numerical shortcut."""
+    """The losses of ``cfg`` from their formulas (docs/methods.md), without any numerical shortcut.
+
+    Written once for every built-in method but PLOP, over the method's settings in the flat form of
+    :func:`ilseg.methods.legacy.to_legacy` (which terms are on, their weights).
+    """
+    flat = to_legacy(cfg)
+    if flat is None or flat["pod_factor"] or flat["pod_logits_factor"] or flat["pseudo_labels"] != "none":
+        raise ValueError(f"no plain twin of method {cfg.name!r}")
+    uses_kd = flat["kd"] != "none" and flat["kd_weight"] > 0
     logits = student["logits"]
     log_p = F.log_softmax(logits, dim=1)
     valid = target != IGNORE_INDEX
     label = target.clamp_max(logits.shape[1] - 1)
-    distils = cfg.uses_kd or cfg.fd_weight > 0 or cfg.unbiased_ce
-    if step > 0 and cfg.unbiased_ce and teacher is not None:
+    distils = uses_kd or flat["fd_weight"] > 0 or flat["unbiased_ce"]
+    if step > 0 and flat["unbiased_ce"] and teacher is not None:
         # MiB: a background pixel may be any old class, so its probability is the old channels' sum.
         old = teacher["logits"].shape[1]
         p = log_p.exp()
@@ -39,34 +48,34 @@ def plain_losses(cfg: MethodConfig, student: dict[str, Tensor], teacher: dict[st
     else:
         per_pixel = F.nll_loss(log_p, label, reduction="none")
     per_pixel = per_pixel * valid
-    count = valid.sum().clamp_min(1) if cfg.ce_reduction == "valid" else target.numel()
+    count = valid.sum().clamp_min(1) if flat["ce_reduction"] == "valid" else target.numel()
     losses = {"ce": per_pixel.sum() / count}
     total = losses["ce"]
     if step > 0 and distils and teacher is not None:
         old = teacher["logits"].shape[1]
-        if cfg.uses_kd and cfg.kd == "unbiased":
+        if uses_kd and flat["kd"] == "unbiased":
             # MiB: the teacher's background is the student's background or any new class.
             p = log_p.exp()
             student_p = torch.cat([p[:, :1] + p[:, old:].sum(dim=1, keepdim=True), p[:, 1:old]], dim=1)
-            teacher_p = F.softmax(cfg.kd_alpha * teacher["logits"], dim=1)
+            teacher_p = F.softmax(flat["kd_alpha"] * teacher["logits"], dim=1)
             losses["kd"] = -(teacher_p * student_p.log()).sum(dim=1).mean() / old
-        elif cfg.uses_kd and cfg.kd == "mib":
-            teacher_p = F.softmax(cfg.kd_alpha * teacher["logits"], dim=1)
+        elif uses_kd and flat["kd"] == "mib":  # ILT as MiB's code computes it (its name in the flat form)
+            teacher_p = F.softmax(flat["kd_alpha"] * teacher["logits"], dim=1)
             student_log_p = F.log_softmax(logits[:, :old], dim=1)
             losses["kd"] = -(teacher_p * student_log_p).sum(dim=1).mean() / old
-        elif cfg.uses_kd:
-            t = cfg.kd_temperature
+        elif uses_kd:
+            t = flat["kd_temperature"]
             teacher_p = F.softmax(teacher["logits"] / t, dim=1)
             student_log_p = F.log_softmax(logits / t, dim=1)[:, :old]
             per_pixel = -(teacher_p * student_log_p).sum(dim=1)
             pixels = {"old_bgr": (target < old) & valid, "old": (target >= 1) & (target < old) & valid,
-                      "all": torch.ones_like(valid)}[cfg.kd_mask]
+                      "all": torch.ones_like(valid)}[flat["kd_mask"]]
             losses["kd"] = (per_pixel * pixels).sum() / pixels.sum().clamp_min(1)
         if "kd" in losses:
-            total = total + cfg.kd_weight * losses["kd"]
-        if cfg.fd_weight > 0:
+            total = total + flat["kd_weight"] * losses["kd"]
+        if flat["fd_weight"] > 0:
             losses["fd"] = F.mse_loss(student["features"], teacher["features"])
-            total = total + cfg.fd_weight * losses["fd"]
+            total = total + flat["fd_weight"] * losses["fd"]
     losses["loss"] = total
     return losses
 

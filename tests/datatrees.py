@@ -1,4 +1,5 @@
-"""Helpers for the data tests: tiny VOC- and ADE20k-layout trees written to a temporary folder."""
+"""Helpers for the data tests: tiny VOC- and ADE20k-layout trees written to a temporary folder, and
+the VOC 2012 and SBD trees as their archives unpack (for ``ilseg data prepare``)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,55 @@ def make_ade_tree(root: Path, train: Mapping[str, np.ndarray], val: Mapping[str,
             write_pair(base / "images" / folder / f"{item}.jpg",
                        base / "annotations" / folder / f"{item}.png", mask, gray=True)
     return base
+
+
+def bordered(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with a one-pixel 255 frame, as VOC's own SegmentationClass masks have around objects."""
+    out = mask.copy()
+    out[0, :] = out[-1, :] = out[:, 0] = out[:, -1] = 255
+    return out
+
+
+def make_voc_download(
+    root: Path, train: Mapping[str, np.ndarray], val: Mapping[str, np.ndarray], extra_images: Sequence[str] = (),
+    *, size: int = 8,
+) -> Path:
+    """A ``VOCdevkit/VOC2012`` tree as VOCtrainval_11-May-2012.tar unpacks (no SegmentationClassAug, no train_aug).
+
+    ``train`` / ``val``: VOC's own masks (``SegmentationClass/``, listed in
+    ``train.txt`` / ``val.txt``); ``extra_images``: ids with a JPEG only (the
+    images SBD annotates and VOC does not).  Returns the ``VOC2012`` folder.
+    """
+    base = root / "VOCdevkit" / "VOC2012"
+    for item, mask in {**train, **val}.items():
+        write_pair(base / "JPEGImages" / f"{item}.jpg", base / "SegmentationClass" / f"{item}.png", mask)
+    for item in extra_images:
+        (base / "JPEGImages").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(label_image(np.zeros((size, size), np.uint8))).save(base / "JPEGImages" / f"{item}.jpg")
+    lists = base / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True, exist_ok=True)
+    (lists / "train.txt").write_text("".join(f"{i}\n" for i in train))
+    (lists / "val.txt").write_text("".join(f"{i}\n" for i in val))
+    return base
+
+
+def write_sbd_mat(path: Path, mask: np.ndarray) -> None:
+    """An SBD class annotation: a struct ``GTcls`` whose ``Segmentation`` field is the ``uint8`` mask."""
+    from scipy.io import savemat
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    present = np.array(sorted(set(np.unique(mask).tolist()) - {0}), dtype=np.uint8)
+    savemat(path, {"GTcls": {"Segmentation": mask.astype(np.uint8), "CategoriesPresent": present}})
+
+
+def make_sbd(root: Path, train: Mapping[str, np.ndarray], val: Mapping[str, np.ndarray]) -> Path:
+    """``benchmark_RELEASE/dataset`` as SBD's benchmark.tgz unpacks: ``cls/<id>.mat``, ``train.txt``, ``val.txt``.
+
+    Returns the ``dataset`` folder.
+    """
+    dataset = root / "benchmark_RELEASE" / "dataset"
+    for item, mask in {**train, **val}.items():
+        write_sbd_mat(dataset / "cls" / f"{item}.mat", mask)
+    (dataset / "train.txt").write_text("".join(f"{i}\n" for i in train))
+    (dataset / "val.txt").write_text("".join(f"{i}\n" for i in val))
+    return dataset

@@ -20,7 +20,7 @@ from ilseg.data.synth import generate_synth
 from ilseg.engine.loop import train_one_epoch
 from ilseg.engine.optim import build_optimizer, poly_schedule
 from ilseg.engine.run import evaluate_checkpoint, run_training
-from ilseg.methods import METHOD_PRESETS, Method
+from ilseg.methods import METHOD_PRESETS, build_method
 from ilseg.models import build_segmenter, copy_for_teacher, fold_batchnorm
 from ilseg.placement import Placement
 
@@ -86,7 +86,7 @@ def test_bf16_training_follows_the_fp32_plain_training(name):
     gradients or a broken layout would move them apart.
     """
     cfg = METHOD_PRESETS[name]
-    needs_teacher = Method(cfg).needs_teacher
+    needs_teacher = build_method(cfg).needs_teacher
     model, teacher = _models()
     plain_model, plain_teacher = copy.deepcopy(model), copy.deepcopy(teacher)
     placement = Placement.for_runtime(RuntimeConfig(), CUDA)
@@ -98,7 +98,7 @@ def test_bf16_training_follows_the_fp32_plain_training(name):
     plain_opt = plain_sgd(list(plain_model.parameters()), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
     fast, plain = [], []
     for _ in range(15):
-        progress = train_one_epoch(model=model, teacher=teacher if needs_teacher else None, method=Method(cfg),
+        progress = train_one_epoch(model=model, teacher=teacher if needs_teacher else None, method=build_method(cfg),
                                    loader=[(images, target)], optimizer=opt, scheduler=sched, scaler=None,
                                    placement=placement, step=1)
         fast.append(progress.sums["loss"])

@@ -8,12 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 from datatrees import block_mask, make_ade_tree, make_voc_tree
+from torch.utils.data import DataLoader
 
 from ilseg.data.datasets import SegmentationDataset, build_dataset
 from ilseg.data.io import read_image, write_mask_png
-from ilseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from ilseg.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    eval_transform,
+    train_transform,
+)
 from ilseg.errors import IlsegError
 from ilseg.tasks import get_task, train_lut
 

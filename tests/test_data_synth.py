@@ -13,7 +13,13 @@ from PIL import Image
 from ilseg.data.datasets import build_dataset
 from ilseg.data.io import read_image, read_mask
 from ilseg.data.splits import split_report
-from ilseg.data.synth import CLASS_HUES, PARTNERS, generate_synth, render_image, synth_matches
+from ilseg.data.synth import (
+    CLASS_HUES,
+    PARTNERS,
+    generate_synth,
+    render_image,
+    synth_matches,
+)
 from ilseg.errors import IlsegError
 from ilseg.tasks import get_task
 

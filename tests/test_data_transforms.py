@@ -9,7 +9,12 @@ import pytest
 import torch
 from datatrees import label_image
 
-from ilseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from ilseg.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    eval_transform,
+    train_transform,
+)
 
 LABELS = (0, 3, 7, 255)
 

@@ -13,7 +13,12 @@ import math
 import pytest
 import torch
 
-from ilseg.methods.losses import cross_entropy, feature_distillation, kd_ilt_output, kd_mib
+from ilseg.methods.losses import (
+    cross_entropy,
+    feature_distillation,
+    kd_ilt_output,
+    kd_mib,
+)
 
 
 def pix(*pixels: list[float]) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -12,8 +13,9 @@ import torch
 from ilseg.config import load_config, preset_dir
 from ilseg.data.synth import generate_synth
 from ilseg.engine.run import run_training
-from ilseg.methods import METHOD_PRESETS, Method, describe_method
-from ilseg.methods.losses import kd_unbiased, unbiased_cross_entropy
+from ilseg.methods import METHOD_PRESETS, MiB, MiBConfig, build_method, describe_method, method_config
+from ilseg.methods.legacy import to_legacy
+from ilseg.methods.losses import cross_entropy, kd_unbiased, unbiased_cross_entropy
 
 
 def _lse(*xs: float) -> float:
@@ -87,14 +89,21 @@ def test_unbiased_kd_gradient_reaches_the_student_only_and_new_channels_count_as
 
 def test_mib_preset_is_mibs_own_setting():
     cfg = METHOD_PRESETS["mib"]
-    assert (cfg.unbiased_ce, cfg.kd, cfg.kd_weight, cfg.kd_alpha) == (True, "unbiased", 10.0, 1.0)
+    assert type(cfg) is MiBConfig and type(build_method(cfg)) is MiB  # unbiased CE and unbiased KD, by its class
+    assert (cfg.kd_weight, cfg.kd_alpha) == (10.0, 1.0)
     assert cfg.classifier_init == "background" and cfg.ce_reduction == "all"
-    assert not cfg.keep_old_labels and cfg.fd_weight == 0
+    assert MiBConfig(name="mib") == cfg  # MiB's defaults are its code's
+    assert not cfg.keep_old_labels and not cfg.freeze_encoder and not cfg.freeze_bn
+    assert {"fd_weight", "kd", "unbiased_ce"}.isdisjoint(f.name for f in dataclasses.fields(cfg))  # no FD, no choice
+    flat = to_legacy(cfg)  # as ilseg 0.1 wrote it
+    assert flat is not None
+    assert (flat["unbiased_ce"], flat["kd"], flat["kd_weight"], flat["kd_alpha"], flat["fd_weight"]) == (
+        True, "unbiased", 10.0, 1.0, 0.0)
     assert describe_method(cfg).startswith("mib: L = UNCE(y, mean over all pixels) + 10*UNKD(alpha=1)")
 
 
 def test_mib_loss_terms_at_step_0_and_later():
-    method = Method(METHOD_PRESETS["mib"])
+    method = build_method(METHOD_PRESETS["mib"])
     z = torch.randn(2, 4, 3, 3)
     y = torch.randint(0, 4, (2, 3, 3))
     step0 = method({"logits": z, "features": torch.zeros(1)}, None, y, step=0)
@@ -106,11 +115,32 @@ def test_mib_loss_terms_at_step_0_and_later():
     assert later["loss"].item() == pytest.approx(later["ce"].item() + 10 * later["kd"].item(), rel=1e-6)
 
 
+def test_mib_settings_change_its_terms():
+    z = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([[[0, 1, 3]] * 3, [[255, 2, 0]] * 3])
+    student = {"logits": z, "features": torch.zeros(1)}
+    teacher = {"logits": torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(1)),
+               "features": torch.zeros(1)}
+    weighted = build_method(method_config("mib", {"kd_weight": 2.5, "kd_alpha": 2.0}))(student, teacher, y, step=1)
+    assert weighted["kd"].item() == pytest.approx(kd_unbiased(z, teacher["logits"], alpha=2.0).item())
+    assert weighted["loss"].item() == pytest.approx(weighted["ce"].item() + 2.5 * weighted["kd"].item(), rel=1e-6)
+    # without the distillation MiB still takes the unbiased CE, so it still needs the teacher
+    method = build_method(method_config("mib", {"kd_weight": 0, "ce_reduction": "valid"}))
+    assert method.needs_teacher
+    ce_only = method(student, teacher, y, step=1)
+    assert set(ce_only) == {"ce", "loss"}
+    assert ce_only["ce"].item() == pytest.approx(unbiased_cross_entropy(z, y, 3, reduction="valid").item())
+    step0 = method(student, None, y, step=0)  # step 0: the plain CE with the configured reduction
+    assert step0["ce"].item() == pytest.approx(cross_entropy(z, y, reduction="valid").item())
+    with pytest.raises(ValueError, match="teacher"):
+        method(student, None, y, step=1)
+
+
 @pytest.mark.parametrize("preset", ["voc-15-1-ov-mib", "voc-15-5-disjoint-mib", "ade-100-50-ov-mib"])
 def test_mib_config_presets_load(preset):
     cfg = load_config(preset_dir() / f"{preset}.yaml")
     assert cfg.method == METHOD_PRESETS["mib"] or cfg.method.name == "mib"
-    assert cfg.method.unbiased_ce and cfg.method.kd == "unbiased"
+    assert type(cfg.method) is MiBConfig  # unbiased CE and unbiased KD
 
 
 def test_a_two_step_mib_run_on_the_engine(tmp_path: Path):

@@ -16,7 +16,8 @@ from ilseg.engine.optim import poly_schedule
 from ilseg.engine.run import run_training
 from ilseg.engine.signals import StopRequests
 from ilseg.errors import IlsegError, Interrupted
-from ilseg.methods import Method
+from ilseg.methods import ILTConfig, JointConfig, Method, build_method
+from ilseg.methods.plop import POD_TAPS
 from ilseg.models import build_segmenter, copy_for_teacher, fold_batchnorm
 from ilseg.models.aspp import V2_RATES, ASPPv2Classifier, NoHead
 
@@ -64,14 +65,15 @@ def test_the_v2_segmenter_grows_one_aspp_v2_per_step_and_equals_one_wide_aspp_v2
 
 def test_teacher_copy_folding_and_pod_maps_work_with_the_v2_head():
     model = _tiny_v2([3], frozen_bn=True)
-    model.pod_outputs = True
+    model.taps = POD_TAPS
     x = torch.randn(2, 3, 32, 32)
     teacher = copy_for_teacher(model)
     before = teacher(x)["logits"]
     assert fold_batchnorm(teacher) > 0
     torch.testing.assert_close(teacher(x)["logits"], before, rtol=1e-4, atol=1e-4)
-    pod = model.train()(x)["pod"]
-    assert [m.shape[1] for m in pod] == [32, 64, 128, 256, 256, 3]  # stages, head (= features), logits
+    pod = model.train()(x)["taps"]
+    assert list(pod) == list(POD_TAPS)
+    assert [m.shape[1] for m in pod.values()] == [32, 64, 128, 256, 256, 3]  # stages, head (= features), logits
 
 
 def test_background_init_of_a_v2_classifier_shifts_the_summed_background_logit():
@@ -145,13 +147,14 @@ def test_paper_presets_hold_the_official_recipe_in_the_run_config(path):
         "sgd", 4, 0.9, False, 1e-4, 0.9)
     assert (o.lr, o.lr_end) == (1e-4, 1e-6)
     task = cfg.data.task
-    if cfg.method.joint:
-        assert o.iterations == 21000
+    if build_method(cfg.method).all_classes_at_once:
+        assert type(cfg.method) is JointConfig and o.iterations == 21000
         return
     assert (o.lr_next, o.lr_end_next) == (5e-5, 1e-6)
     assert (o.iterations, o.iterations_next) == {"19-1": (20000, 1000), "15-5": (16000, 5000),
                                                  "15-1": (16000, 1000)}[task]
-    assert cfg.method.keep_old_labels and cfg.method.kd_mask == "old_bgr"
+    assert cfg.method.keep_old_labels
+    assert not isinstance(cfg.method, ILTConfig) or cfg.method.kd_mask == "old_bgr"  # finetune has no KD
     assert cfg.method.name == path.stem.split("-paper-")[1]
 
 

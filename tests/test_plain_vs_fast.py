@@ -10,14 +10,28 @@ from plain import plain_iteration, plain_losses, plain_sgd
 
 from ilseg.engine.loop import train_one_epoch
 from ilseg.engine.optim import build_optimizer, poly_schedule
-from ilseg.methods import METHOD_PRESETS, Method
+from ilseg.methods import METHOD_PRESETS, PLOPConfig, build_method
+from ilseg.methods.legacy import to_legacy
 from ilseg.models import build_segmenter, copy_for_teacher, fold_batchnorm
 from ilseg.placement import Placement
 
-# PLOP's terms (Local POD, pseudo-labels from calibrated thresholds) have no plain twin: they are checked
-# against hand-computed values in test_plop.py.
-PLAIN = [name for name, cfg in METHOD_PRESETS.items() if not Method(cfg).calibrates(1) and not cfg.uses_pod]
-DISTILLING = [name for name in PLAIN if Method(METHOD_PRESETS[name]).needs_teacher]
+# PLOP's terms (Local POD, pseudo-labels from prepared thresholds) have no plain twin: they are checked
+# against hand-computed values in test_plop.py.  Only the built-in methods have a plain twin (the flat form of
+# ilseg.methods.legacy), not one another test module registers.
+PLAIN = [name for name, cfg in METHOD_PRESETS.items()
+         if to_legacy(cfg) is not None and not build_method(cfg).prepares(1) and not build_method(cfg).taps(1)]
+DISTILLING = [name for name in PLAIN if build_method(METHOD_PRESETS[name]).needs_teacher]
+
+
+def test_every_built_in_method_but_plop_has_a_plain_twin():
+    assert PLAIN == ["finetune", "joint", "ilt", "ilt-kd-out", "ilt-kd-feat", "ilt-ef", "ilt-ef-kd-out",
+                     "ilt-kd-out-feat", "mib"]
+    assert DISTILLING == ["ilt", "ilt-kd-out", "ilt-kd-feat", "ilt-ef-kd-out", "ilt-kd-out-feat", "mib"]
+    with pytest.raises(ValueError, match="no plain twin of method 'plop'"):
+        plain_losses(METHOD_PRESETS["plop"], {}, None, torch.zeros(1, 1, 1, dtype=torch.long), step=1)
+    # PLOP with neither of its terms is the CE over all pixels: plain at last, but not a preset
+    bare = PLOPConfig(name="plop", pod_factor=0.0, pod_logits_factor=0.0, pseudo_labels="none")
+    assert not build_method(bare).prepares(1) and not build_method(bare).taps(1)
 
 
 def _batch(seed: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +59,7 @@ def test_method_losses_equal_their_plain_formulas(name):
     with torch.no_grad():
         t_out = teacher(images)
     student = model(images)
-    fast = Method(cfg)(student, t_out if Method(cfg).needs_teacher else None, target, step=1)
+    fast = build_method(cfg)(student, t_out if build_method(cfg).needs_teacher else None, target, step=1)
     plain = plain_losses(cfg, student, t_out, target, step=1)
     assert fast.keys() == plain.keys()
     for key in fast:
@@ -72,7 +86,7 @@ def assert_fast_update_is_plain(name: str, model: torch.nn.Module, teacher: torc
     the plain way from the same weights: the losses agree to ``loss_rel`` and every tensor's update to
     ``update_rel`` of its size (also used by the CUDA tests)."""
     cfg = METHOD_PRESETS[name]
-    needs_teacher = Method(cfg).needs_teacher
+    needs_teacher = build_method(cfg).needs_teacher
     start = {k: v.clone() for k, v in model.state_dict().items()}
     plain_model, plain_teacher = copy.deepcopy(model), copy.deepcopy(teacher)
     fold_batchnorm(teacher)  # what the engine does to its teacher
@@ -80,7 +94,7 @@ def assert_fast_update_is_plain(name: str, model: torch.nn.Module, teacher: torc
         model.to(memory_format=torch.channels_last)
         teacher.to(memory_format=torch.channels_last)
     opt = build_optimizer(model.parameters(), kind="sgd", lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    progress = train_one_epoch(model=model, teacher=teacher if needs_teacher else None, method=Method(cfg),
+    progress = train_one_epoch(model=model, teacher=teacher if needs_teacher else None, method=build_method(cfg),
                                loader=[batch], optimizer=opt, scheduler=poly_schedule(opt, 10, 0.9), scaler=None,
                                placement=placement, step=1)
     plain_opt = plain_sgd(list(plain_model.parameters()), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)

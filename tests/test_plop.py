@@ -1,4 +1,4 @@
-"""PLOP: the POD maps of the model, Local POD, entropy thresholds and pseudo-labels, by hand."""
+"""PLOP: the POD maps of the model (its taps), Local POD, entropy thresholds and pseudo-labels, by hand."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ilseg.methods.plop import (
+    POD_TAPS,
     EntropyThresholds,
     entropy_scores,
     local_pod_loss,
@@ -21,7 +22,8 @@ from ilseg.methods.plop import (
     pod_embedding,
     pseudo_label,
 )
-from ilseg.models import build_segmenter, copy_for_teacher, fold_batchnorm
+from ilseg.errors import IlsegError
+from ilseg.models import TAPS, build_segmenter, copy_for_teacher, fold_batchnorm
 from ilseg.models.backbone import BasicBlock, Bottleneck
 from ilseg.models.segmenter import IncrementalSegmenter
 
@@ -362,16 +364,22 @@ def _image(batch: int = 2, size: int = 32) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
-def test_pod_outputs_are_off_by_default_and_change_neither_outputs_nor_state_dict():
+def _pod_maps(out: dict) -> list[torch.Tensor]:
+    """The six maps Local POD compares, in its order, from a model's output."""
+    return [out["taps"][name] for name in POD_TAPS]
+
+
+def test_taps_are_off_by_default_and_change_neither_outputs_nor_state_dict():
     model = _model().eval()
     keys = list(model.state_dict())
     x = _image()
+    assert model.taps == ()
     with torch.no_grad():
         plain = model(x)
-        model.pod_outputs = True
+        model.taps = POD_TAPS
         with_pod = model(x)
     assert set(plain) == {"logits", "features"}
-    assert set(with_pod) == {"logits", "features", "pod"}
+    assert set(with_pod) == {"logits", "features", "taps"} and list(with_pod["taps"]) == list(POD_TAPS)
     assert list(model.state_dict()) == keys
     for key in plain:
         torch.testing.assert_close(with_pod[key], plain[key], rtol=0, atol=0)
@@ -379,17 +387,36 @@ def test_pod_outputs_are_off_by_default_and_change_neither_outputs_nor_state_dic
     fresh.load_state_dict(model.state_dict(), strict=True)  # checkpoints load either way
 
 
-def test_pod_outputs_off_never_runs_the_preactivation_path():
+def test_no_stage_tap_never_runs_the_preactivation_path():
     model = _model().eval()
     with mock.patch.object(BasicBlock, "forward_with_preactivation", side_effect=AssertionError), \
             torch.no_grad():
         assert set(model(_image())) == {"logits", "features"}
+        model.taps = ("head", "logits_lowres")  # maps after the body need no stage map either
+        assert set(model(_image())["taps"]) == {"head", "logits_lowres"}
+
+
+def test_taps_give_the_named_maps_only_in_the_asked_order_and_refuse_an_unknown_name():
+    model = _model().eval()
+    x = _image()
+    with torch.no_grad():
+        model.taps = POD_TAPS
+        every = model(x)["taps"]
+        model.taps = ("logits_lowres", "layer2")
+        some = model(x)
+        model.taps = ("layer5",)
+        with pytest.raises(IlsegError, match="no map 'layer5' to tap"):
+            model(x)
+    assert POD_TAPS == TAPS
+    assert list(some["taps"]) == ["logits_lowres", "layer2"]
+    for name in ("logits_lowres", "layer2"):
+        torch.testing.assert_close(some["taps"][name], every[name], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
 def test_pod_maps_are_the_stage_preactivations_the_head_and_the_small_logits(backbone):
     model = _model(backbone).eval()
-    model.pod_outputs = True
+    model.taps = POD_TAPS
     x = _image()
     with torch.no_grad():
         out = model(x)
@@ -407,8 +434,8 @@ def test_pod_maps_are_the_stage_preactivations_the_head_and_the_small_logits(bac
             torch.testing.assert_close(F.leaky_relu(expected[-1], 0.01), h)
         head = model.head(out["features"])
         small = torch.cat([cls(head) for cls in model.classifiers], dim=1)
-    pod = out["pod"]
-    assert len(pod) == 6
+    pod = _pod_maps(out)
+    assert len(pod) == 6 and len(out["taps"]) == 6
     for got, want in zip(pod, [*expected, head, small]):
         torch.testing.assert_close(got, want)
     assert (pod[0] < 0).any()  # pre-activation: the negative side is not scaled by 0.01
@@ -420,14 +447,14 @@ def test_pod_maps_are_the_stage_preactivations_the_head_and_the_small_logits(bac
 
 def test_pod_maps_of_a_teacher_copy_and_its_folded_batchnorm_agree():
     model = _model()
-    model.pod_outputs = True
+    model.taps = POD_TAPS
     teacher = copy_for_teacher(model)
     folded = copy.deepcopy(teacher)
     fold_batchnorm(folded)
-    assert teacher.pod_outputs and folded.pod_outputs
+    assert teacher.taps == folded.taps == POD_TAPS
     x = _image()
     with torch.inference_mode():
-        reference, fast = teacher(x)["pod"], folded(x)["pod"]
+        reference, fast = _pod_maps(teacher(x)), _pod_maps(folded(x))
     for a, b in zip(reference, fast):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -435,14 +462,14 @@ def test_pod_maps_of_a_teacher_copy_and_its_folded_batchnorm_agree():
 def test_local_pod_loss_on_the_model_at_the_start_of_a_step():
     """Student = teacher + a new classifier: only the logits map differs, and every gradient is finite."""
     model = _model()
-    model.pod_outputs = True
+    model.taps = POD_TAPS
     teacher = copy_for_teacher(model)
     model.add_step(1, init="background")
     model.eval()  # the teacher's BN statistics, so the five feature maps are equal
     x = _image(size=64)  # 4x4 maps at output stride 16, enough for the 4x4 POD regions
     with torch.inference_mode():
-        teacher_maps = teacher(x)["pod"]
-    student_maps = model(x)["pod"]
+        teacher_maps = _pod_maps(teacher(x))
+    student_maps = _pod_maps(model(x))
     kwargs = {"num_old_channels": 5, "num_classes_total": 6, "num_new": 1, "logits_factor": 0.0005}
     loss = local_pod_loss(student_maps, teacher_maps, factors=0.01, **kwargs)
     logits_only = local_pod_loss(student_maps, teacher_maps, factors=0.0, **kwargs)

@@ -1,7 +1,9 @@
-"""PLOP as a method: its step boundary, calibration, losses and a run on the engine."""
+"""PLOP as a method: its step boundary (the maps it taps), the thresholds it prepares, losses and a run on the
+engine."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,9 +14,16 @@ from ilseg.config import load_config, preset_dir
 from ilseg.data.synth import generate_synth
 from ilseg.engine.run import run_training
 from ilseg.errors import IlsegError
-from ilseg.methods import METHOD_PRESETS, Method, describe_method, method_config
-from ilseg.methods.plop import EntropyThresholds, local_pod_loss, plop_cross_entropy, pseudo_label
-from ilseg.models import build_segmenter
+from ilseg.methods import METHOD_PRESETS, PLOP, PLOPConfig, build_method, describe_method, method_config
+from ilseg.methods.legacy import to_legacy
+from ilseg.methods.plop import (
+    POD_TAPS,
+    EntropyThresholds,
+    local_pod_loss,
+    plop_cross_entropy,
+    pseudo_label,
+)
+from ilseg.models import build_segmenter, copy_for_teacher, fold_batchnorm
 from ilseg.tasks import get_task
 
 
@@ -28,7 +37,13 @@ def test_plop_preset_is_plops_voc_setting():
     assert (cfg.pod_factor, cfg.pod_logits_factor) == (0.01, 0.0005)
     assert cfg.pseudo_labels == "entropy" and cfg.pseudo_threshold == "median" and cfg.pseudo_floor == 0.001
     assert cfg.ce_reduction == "all" and cfg.classifier_init == "background"
-    assert not cfg.uses_kd and cfg.fd_weight == 0 and not cfg.unbiased_ce and not cfg.keep_old_labels
+    assert type(cfg) is PLOPConfig and type(build_method(cfg)) is PLOP and PLOPConfig(name="plop") == cfg
+    assert cfg.uses_pod and not cfg.keep_old_labels
+    # no output or feature distillation and no unbiased CE: PLOP's config has no such field ...
+    assert {"kd", "kd_weight", "fd_weight", "unbiased_ce"}.isdisjoint(f.name for f in dataclasses.fields(cfg))
+    flat = to_legacy(cfg)  # ... and as ilseg 0.1 wrote it, they were off
+    assert flat is not None and (flat["kd"], flat["kd_weight"], flat["fd_weight"], flat["unbiased_ce"]) == (
+        "none", 0.0, 0.0, False)
     assert "POD(stages+head 0.01, logits 0.0005)" in describe_method(cfg)
 
 
@@ -40,19 +55,45 @@ def test_pseudo_labels_need_plops_reduction():
 
 
 def test_start_step_turns_the_pod_maps_on_for_student_and_teacher_from_step_one():
-    method = Method(METHOD_PRESETS["plop"])
+    method = build_method(METHOD_PRESETS["plop"])
     task = get_task("synth", "6-2-2")
     model = _model()
     setup0 = method.start_step(model, task, 0)
-    assert setup0.teacher is None and not model.pod_outputs
+    assert setup0.teacher is None and model.taps == ()
+    assert set(model.eval()(torch.randn(1, 3, 32, 32))) == {"logits", "features"}
     setup1 = method.start_step(model, task, 1)
-    assert setup1.student.pod_outputs and setup1.teacher is not None and setup1.teacher.pod_outputs
+    assert POD_TAPS == ("layer1", "layer2", "layer3", "layer4", "head", "logits_lowres")
+    assert setup1.student.taps == POD_TAPS and setup1.teacher is not None and setup1.teacher.taps == POD_TAPS
     out = setup1.student.train()(torch.randn(2, 3, 64, 64))
-    assert len(out["pod"]) == 6 and out["pod"][-1].shape[1] == 9  # logits at head resolution, 7 + 2 channels
+    assert list(out["taps"]) == list(POD_TAPS)
+    assert out["taps"]["logits_lowres"].shape[1] == 9  # logits at head resolution, 7 + 2 channels
+    with torch.no_grad():
+        teacher_out = setup1.teacher(torch.randn(2, 3, 64, 64))
+    assert list(teacher_out["taps"]) == list(POD_TAPS) and teacher_out["taps"]["logits_lowres"].shape[1] == 7
+    folded = copy_for_teacher(setup1.teacher)  # what the engine folds keeps them too
+    fold_batchnorm(folded)
+    assert folded.taps == POD_TAPS
 
 
-def test_calibrate_then_losses_are_plops_terms():
-    method = Method(METHOD_PRESETS["plop"])
+def test_the_teacher_copy_inherits_the_taps_and_plop_without_pod_taps_nothing():
+    task = get_task("synth", "6-2-2")
+    method = build_method(method_config("plop", {"pod_factor": 0, "pod_logits_factor": 0}))
+    setup = method.start_step(method.start_step(_model(), task, 0).student, task, 1)
+    assert setup.teacher is not None  # pseudo-labels come from the teacher
+    assert setup.student.taps == setup.teacher.taps == ()
+    z = {"logits": torch.randn(1, 9, 8, 8), "features": torch.zeros(1)}  # no "taps": Local POD is off
+    t = {"logits": torch.randn(1, 7, 8, 8), "features": torch.zeros(1)}
+    method.prepare([(t, torch.zeros(1, 8, 8, dtype=torch.long))], 1)
+    assert set(method(z, t, torch.zeros(1, 8, 8, dtype=torch.long), step=1)) == {"ce", "loss"}
+    # a model that asked for maps at step 1 goes back to none for a method without taps
+    model = setup.student
+    model.taps = POD_TAPS
+    setup2 = method.start_step(model, task, 2)
+    assert setup2.student.taps == () and setup2.teacher is not None and setup2.teacher.taps == ()
+
+
+def test_prepare_then_losses_are_plops_terms():
+    method = build_method(METHOD_PRESETS["plop"])
     task = get_task("synth", "6-2-2")
     setup = method.start_step(_model(), task, 0)
     setup = method.start_step(setup.student, task, 1)
@@ -65,12 +106,17 @@ def test_calibrate_then_losses_are_plops_terms():
     with torch.no_grad():
         teacher_out = [teacher(x) for x, _ in batches]
     reduced = []
-    thresholds = method.calibrate(((t["logits"], y) for t, (_, y) in zip(teacher_out, batches)), 1,
-                                  reduce=lambda t: reduced.append(t.clone()))
+    assert not method.prepares(0) and method.prepares(1) and method.prepares(2)
+    line = method.prepare(((t, y) for t, (_, y) in zip(teacher_out, batches)), 1,
+                          reduce=lambda t: reduced.append(t.clone()))
+    thresholds = method.thresholds
+    assert thresholds is not None
     expected = EntropyThresholds(num_old_channels=7, num_classes_total=9)
     for t, (_, y) in zip(teacher_out, batches):
         expected.update(t["logits"], y)
     assert torch.equal(thresholds, expected.thresholds("median", 0.001))
+    assert line == "pseudo-label thresholds from 4 training images (median): " + " ".join(
+        f"{float(t):.4g}" for t in thresholds)
     assert len(reduced) == 1 and torch.equal(reduced[0], expected.state())  # the counts go to all_reduce
     images, target = batches[0]
     out = student(images)
@@ -78,8 +124,8 @@ def test_calibrate_then_losses_are_plops_terms():
     labels, kept = pseudo_label(target, teacher_out[0]["logits"], thresholds, num_old_channels=7,
                                 num_classes_total=9)
     assert losses["ce"].item() == pytest.approx(plop_cross_entropy(out["logits"], labels, kept).item(), rel=1e-6)
-    pod = local_pod_loss(out["pod"], teacher_out[0]["pod"], num_old_channels=7, num_classes_total=9, num_new=2,
-                         factors=0.01, logits_factor=0.0005)
+    pod = local_pod_loss([out["taps"][n] for n in POD_TAPS], [teacher_out[0]["taps"][n] for n in POD_TAPS],
+                         num_old_channels=7, num_classes_total=9, num_new=2, factors=0.01, logits_factor=0.0005)
     assert losses["pod"].item() == pytest.approx(pod.item(), rel=1e-6)
     assert losses["loss"].item() == pytest.approx(losses["ce"].item() + losses["pod"].item(), rel=1e-6)
     losses["loss"].backward()
@@ -87,22 +133,37 @@ def test_calibrate_then_losses_are_plops_terms():
 
 
 def test_plop_compat_thresholds_are_per_process():
-    method = Method(method_config("plop", {"pseudo_threshold": "plop_compat"}))
+    method = build_method(method_config("plop", {"pseudo_threshold": "plop_compat"}))
     task = get_task("synth", "6-2-2")
     setup = method.start_step(method.start_step(_model(), task, 0).student, task, 1)
     logits = torch.randn(1, 7, 8, 8)
     calls = []
-    method.calibrate([(logits, torch.zeros(1, 8, 8, dtype=torch.long))], 1, reduce=calls.append)
+    method.prepare([({"logits": logits}, torch.zeros(1, 8, 8, dtype=torch.long))], 1, reduce=calls.append)
     assert calls == []  # PLOP's own code does not reduce the histograms over ranks
-    assert setup.teacher is not None
+    assert setup.teacher is not None and method.thresholds is not None and method.thresholds.shape == (7,)
 
 
-def test_losses_without_calibration_are_refused():
-    method = Method(METHOD_PRESETS["plop"])
-    z = {"logits": torch.randn(1, 9, 8, 8), "features": torch.zeros(1), "pod": []}
-    t = {"logits": torch.randn(1, 7, 8, 8), "features": torch.zeros(1), "pod": []}
-    with pytest.raises(ValueError, match="calibrate"):
+def test_losses_without_prepare_are_refused():
+    method = build_method(METHOD_PRESETS["plop"])
+    z = {"logits": torch.randn(1, 9, 8, 8), "features": torch.zeros(1), "taps": {}}
+    t = {"logits": torch.randn(1, 7, 8, 8), "features": torch.zeros(1), "taps": {}}
+    with pytest.raises(ValueError, match=r"thresholds from prepare\(\), which was not called for step 1"):
         method(z, t, torch.zeros(1, 8, 8, dtype=torch.long), step=1)
+    with pytest.raises(ValueError, match="start_step first"):  # prepare needs the step's number of new classes
+        method.prepare([({"logits": t["logits"]}, torch.zeros(1, 8, 8, dtype=torch.long))], 1)
+
+
+def test_prepare_of_an_empty_training_set_is_refused_and_a_new_step_forgets_the_thresholds():
+    method = build_method(METHOD_PRESETS["plop"])
+    task = get_task("synth", "6-2-2")
+    setup = method.start_step(method.start_step(_model(), task, 0).student, task, 1)
+    with pytest.raises(IlsegError, match="step 1 has no training batch"):
+        method.prepare([], 1)
+    method.prepare([({"logits": torch.randn(1, 7, 8, 8)}, torch.zeros(1, 8, 8, dtype=torch.long))], 1)
+    assert method.thresholds is not None
+    method.start_step(setup.student, task, 2)
+    assert method.thresholds is None  # step 2's come from its own prepare()
+    assert not build_method(method_config("plop", {"pseudo_labels": "none"})).prepares(1)
 
 
 def test_plop_runs_and_resumes_on_the_engine(tmp_path: Path):

@@ -8,10 +8,10 @@ import pytest
 from ilseg.errors import IlsegError
 from ilseg.tasks import (
     custom_task,
+    eval_lut,
     get_task,
     keep_image,
     step_indices,
-    eval_lut,
     train_lut,
 )
 

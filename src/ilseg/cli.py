@@ -12,12 +12,20 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 from ilseg import __version__
-from ilseg.errors import IlsegError, Interrupted, ReportedByMainRank, WriteError, one_line
+from ilseg.errors import (
+    IlsegError,
+    Interrupted,
+    ReportedByMainRank,
+    WriteError,
+    one_line,
+)
 
 
 # -- tasks / methods / presets -----------------------------------------------------
@@ -53,13 +61,28 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_presets(args: argparse.Namespace) -> int:
     from ilseg.config import load_config, preset_dir
+    from ilseg.methods import build_method
 
     for path in sorted(preset_dir().glob("*.yaml")):
         cfg = load_config(path)
         d = cfg.data
-        mode = "all classes in one step" if cfg.method.joint else ("overlap" if d.overlap else "disjoint")
+        mode = "all classes in one step" if build_method(cfg.method).all_classes_at_once else ("overlap" if d.overlap else "disjoint")
         print(f"{path.stem:<32} {cfg.method.name:<16} {d.dataset} {d.task} {mode}")
     print(f"(files in {preset_dir()}; use one with: ilseg train --config NAME --out RUN_DIR)")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from ilseg.config import config_changes, dump_config, load_config, resolve_config_path
+
+    cfg = load_config(resolve_config_path(args.config), args.set)
+    if not args.diff:
+        print(dump_config(cfg), end="")
+        return 0
+    changes = config_changes(cfg, load_config(None))
+    print(yaml.safe_dump(changes, sort_keys=False) if changes else "# every value is the default\n", end="")
     return 0
 
 
@@ -70,6 +93,44 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     out = generate_synth(args.out, seed=args.seed, num_images=args.num_images, size=args.size, workers=args.workers)
     print(f"synthetic dataset written to {out} (VOC layout; use data.dataset=synth data.root={out})")
     return 0
+
+
+def cmd_data_prepare_voc(args: argparse.Namespace) -> int:
+    from ilseg.data.prepare import prepare_voc
+
+    rerun = f"`ilseg data prepare voc --voc {shlex.quote(args.voc)} --sbd {shlex.quote(args.sbd)}`"
+    summary = prepare_voc(args.voc, args.sbd, workers=args.workers, overwrite=args.overwrite,
+                          progress=not args.quiet, rerun_hint=rerun)
+    print("\n".join(summary.lines()))
+    print(f"next: ilseg data check --dataset voc --root {shlex.quote(str(summary.voc_dir))}")
+    return 0
+
+
+def cmd_data_prepare_ade(args: argparse.Namespace) -> int:
+    print(f"ADE20k needs no conversion: ilseg reads ADEChallengeData2016 as unpacked; checking the tree instead "
+          f"(the same as `ilseg data check --dataset ade --root {shlex.quote(args.root)}`)")
+    check_args = argparse.Namespace(dataset="ade", root=args.root, task=None, overlap=False, workers=args.workers,
+                                    ignore_counts=args.ignore_counts, json=False, quiet=args.quiet)
+    return cmd_data_check(check_args)
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from ilseg.data.check import check_tree
+    from ilseg.tasks import get_task
+
+    if args.overlap and not args.task:
+        raise IlsegError("--overlap chooses the mode of --task: give --task T too (without --task, every task with "
+                         "published counts is counted in both modes)")
+    task = get_task(args.dataset, args.task) if args.task else None
+    report = check_tree(args.dataset, args.root, task=task, mode="overlap" if args.overlap else "disjoint",
+                        workers=args.workers, ignore_counts=args.ignore_counts, progress=not (args.json or args.quiet))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        print(report.summary_line(), file=sys.stderr)
+    else:
+        print("\n".join(report.lines()))
+        print(report.summary_line())
+    return 1 if report.failed else 0
 
 
 def cmd_splits(args: argparse.Namespace) -> int:
@@ -89,16 +150,26 @@ def cmd_splits(args: argparse.Namespace) -> int:
     ds = build_dataset(dataset, root, "train", list_file=args.list_file)
     report = split_report(ds, task, "overlap" if overlap else "disjoint", workers=args.workers,
                           cache_dir=args.cache_dir, progress=not args.json)
+    report["list_file"] = str(ds.list_file) if ds.list_file is not None else None
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{dataset} {task.name} ({'overlapped' if overlap else 'disjoint'}): {report['total_images']} training images")
+    source = f"from {ds.list_file}" if ds.list_file is not None else f"in {ds.root}"
+    print(f"{dataset} {task.name} ({'overlapped' if overlap else 'disjoint'}): {report['total_images']} training "
+          f"images {source}")
+    if dataset == "voc" and ds.list_file is not None and ds.list_file.name == "train.txt":
+        print(f"  note: {ds.list_file.with_name('train_aug.txt')} is missing, so VOC's own train.txt is used, not "
+              f"the 10,582-image augmented list; make it with `ilseg data prepare voc --voc {ds.root} --sbd SBD_DIR` "
+              "(docs/data.md)")
     for s in report["steps"]:
         check = ""
         if s.get("published") is not None:
             check = f"  published {s['published']}: {'match' if s['match'] else 'DIFFER'}"
         names = ", ".join(s["classes"])
         print(f"  step {s['step']}: {s['count']:>6} images{check}  [{names}]")
+    if dataset == "voc" and all(s.get("published") is None for s in report["steps"]):
+        print(f"  published counts are for the full train_aug list (10,582 images); to compare with them and check "
+              f"the lists, labels and sizes of both splits: ilseg data check --dataset voc --root {ds.root}")
     return 0
 
 
@@ -106,8 +177,8 @@ def cmd_splits(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from ilseg.config import load_config, resolve_config_path
     from ilseg.engine.run import run_training
-    from ilseg.engine.rundir import read_run_config
-    from ilseg.report import summary_table
+    from ilseg.runs.folder import read_run_config
+    from ilseg.runs.results import summary_table
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -132,8 +203,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ilseg.config import load_config, resolve_config_path
     from ilseg.engine.run import evaluate_checkpoint
-    from ilseg.engine.rundir import finished_steps, last_finished_step, read_run_config, step_checkpoint
-    from ilseg.report import pct
+    from ilseg.runs.folder import (
+        finished_steps,
+        last_finished_step,
+        read_run_config,
+        step_checkpoint,
+    )
+    from ilseg.runs.results import pct
 
     if args.run and args.checkpoint:
         raise IlsegError("give --run RUN_DIR [--step N] or --checkpoint FILE --config FILE, not both")
@@ -167,8 +243,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from ilseg.config import load_config, resolve_config_path
-    from ilseg.engine.importing import import_run
-    from ilseg.report import summary_table
+    from ilseg.importing.command import import_run
+    from ilseg.runs.results import summary_table
 
     cfg = load_config(resolve_config_path(args.config), args.set)
     if not Path(cfg.data.root).is_absolute():  # saved absolute, as by train: eval and --resume work from anywhere
@@ -187,7 +263,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ilseg.engine.predict import parse_step_list, predict_images
+    from ilseg.visual.predict import parse_step_list, predict_images
 
     steps = parse_step_list(args.steps) if args.steps is not None else None
     written = predict_images(args.run, args.images, Path(args.out), step=args.step, steps=steps,
@@ -253,6 +329,26 @@ def _add_inspect_commands(sub: argparse._SubParsersAction) -> None:
     pr = sub.add_parser("presets", help="list the bundled config presets")
     pr.set_defaults(func=cmd_presets)
 
+    c = sub.add_parser("config", help="look at a run's settings before training")
+    csub = c.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    cs = csub.add_parser(
+        "show", help="print a preset's or a config file's settings, fully resolved",
+        description="Print the fully resolved config of a preset or a YAML file: its 'base:' files merged\n"
+                    "in, --set applied, every default filled in; the YAML that 'ilseg train' writes to\n"
+                    "RUN_DIR/config.yaml.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  ilseg config show voc-15-1-ov-ilt                    # every setting of a preset\n"
+               "  ilseg config show voc-15-1-paper-ilt-kd-out --diff   # only what differs from the defaults\n"
+               "  ilseg config show my-run.yaml --set optim.lr=0.02    # a file of yours, with an override")
+    cs.add_argument("config", metavar="PRESET_OR_FILE",
+                    help="a bundled preset name (see 'ilseg presets') or a YAML file")
+    _add_set(cs)
+    cs.add_argument("--diff", action="store_true",
+                    help="print only the values that differ from the defaults (ilseg's VOC recipe), as nested YAML "
+                         "in the shape of a config file")
+    cs.set_defaults(func=cmd_config_show)
+
     d = sub.add_parser("data", help="dataset utilities")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     s = dsub.add_parser("synth", help="write the synthetic benchmark in the VOC layout")
@@ -262,8 +358,11 @@ def _add_inspect_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--size", type=int, default=64, help="image side in pixels")
     s.add_argument("--workers", type=int, default=2)
     s.set_defaults(func=cmd_data_synth)
+    _add_data_prepare_and_check(dsub)
 
-    sp = sub.add_parser("splits", help="per-step image counts of a task (compared with published counts on VOC)")
+    sp = sub.add_parser("splits", help="per-step image counts of a task (compared with published counts on VOC)",
+                        epilog="to check a whole tree (lists, train/val overlap, labels and sizes of both splits, "
+                               "counts of every published task): ilseg data check")
     sp.add_argument("--dataset", choices=["voc", "ade", "synth"])
     sp.add_argument("--root")
     sp.add_argument("--task")
@@ -275,6 +374,103 @@ def _add_inspect_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--cache-dir")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_splits)
+
+
+def _wrap(text: str) -> str:
+    """A description laid out for RawDescriptionHelpFormatter (which keeps the epilog's example lines as written)."""
+    return textwrap.fill(text, width=100)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _add_data_prepare_and_check(dsub: argparse._SubParsersAction) -> None:
+    """data prepare voc|ade, data check: from the downloaded archives to a checked tree (docs/data.md)."""
+    from ilseg.data.parallel import default_workers
+
+    workers_help = f"processes reading and writing files (default: min(8, CPUs) = {default_workers()})"
+    pr = dsub.add_parser("prepare", help="build what ilseg reads from the downloaded archives (docs/data.md)")
+    psub = pr.add_subparsers(dest="prepare_dataset", required=True, metavar="DATASET")
+    pv = psub.add_parser(
+        "voc", help="write SegmentationClassAug/*.png and train_aug.txt into VOC2012 from SBD's .mat files",
+        description=_wrap("Convert SBD's dataset/cls/*.mat annotations into VOC2012/SegmentationClassAug/*.png "
+                          "(palette PNGs), copy VOC's own SegmentationClass masks for the training ids SBD lacks "
+                          "and for every validation id, and write ImageSets/Segmentation/train_aug.txt = (SBD "
+                          "train + SBD val + VOC train) - VOC val. Masks already written are skipped, so an "
+                          "interrupted run continues where it stopped. Needs SciPy: pip install 'ilseg[data]'."),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  ilseg data prepare voc --voc data/VOCdevkit/VOC2012 --sbd data/benchmark_RELEASE\n"
+               "  ilseg data prepare voc --voc data/VOCdevkit/VOC2012 --sbd data/benchmark_RELEASE/dataset "
+               "--workers 16\n"
+               "  ilseg data check --dataset voc --root data/VOCdevkit     # then check the tree")
+    pv.add_argument("--voc", required=True, metavar="VOC_DIR",
+                    help="the VOC2012 folder unpacked from VOCtrainval_11-May-2012.tar (VOCdevkit or the folder "
+                         "above it work too); SegmentationClassAug/ and train_aug.txt are written into it")
+    pv.add_argument("--sbd", required=True, metavar="SBD_DIR",
+                    help="SBD's dataset folder (cls/, train.txt, val.txt) unpacked from benchmark.tgz, or the "
+                         "benchmark_RELEASE folder above it, or the folder holding benchmark_RELEASE; the command "
+                         "says which it found")
+    pv.add_argument("--workers", type=_positive_int, default=default_workers(), help=workers_help)
+    pv.add_argument("--overwrite", action="store_true",
+                    help="rewrite every mask, also those already written (default: skip them)")
+    pv.add_argument("--quiet", action="store_true", help="no progress bar")
+    pv.set_defaults(func=cmd_data_prepare_voc)
+
+    pa = psub.add_parser(
+        "ade", help="ADE20k needs no conversion: check the unpacked tree (the same as data check --dataset ade)",
+        description=_wrap("ilseg reads ADEChallengeData2016 exactly as ADEChallengeData2016.zip unpacks, so "
+                          "nothing is converted: this runs `ilseg data check --dataset ade --root ROOT`."),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  ilseg data prepare ade --root data/ADEChallengeData2016\n"
+               "  ilseg data prepare ade --root data --workers 16           # data/ holds ADEChallengeData2016/")
+    pa.add_argument("--root", required=True, metavar="ADE_DIR",
+                    help="the ADEChallengeData2016 folder, or the folder holding it")
+    pa.add_argument("--workers", type=_positive_int, default=default_workers(), help=workers_help)
+    pa.add_argument("--ignore-counts", action="store_true",
+                    help="report image counts that differ from the published ones without failing")
+    pa.add_argument("--quiet", action="store_true", help="no progress bar")
+    pa.set_defaults(func=cmd_data_prepare_ade)
+
+    ck = dsub.add_parser(
+        "check", help="check a VOC / ADE20k tree: lists, train/val overlap, labels, sizes, published counts",
+        description=_wrap("Read every file of both splits as training would and check: which list files and mask "
+                          "folders are used (VOC: a missing train_aug.txt fails instead of falling back to "
+                          "train.txt), ids in both the train and the val list, a missing image or mask, mask "
+                          "values outside the dataset's classes (and 255), a mask whose size is not its image's, "
+                          "and the split sizes and per-step image counts against the published ones, with what a "
+                          "difference usually means. Exit status 1 when a check fails, 2 when the tree cannot be "
+                          "read at all."),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  ilseg data check --dataset voc --root data/VOCdevkit                  # every published task\n"
+               "  ilseg data check --dataset voc --root data/VOCdevkit --task 15-1 --overlap\n"
+               "  ilseg data check --dataset ade --root data/ADEChallengeData2016 --task 100-50 --json")
+    ck.add_argument("--dataset", required=True, choices=["voc", "ade", "synth"],
+                    help="the tree's layout and classes (synth: a tree written by `ilseg data synth`)")
+    ck.add_argument("--root", required=True,
+                    help="what data.root points to: VOCdevkit, VOC2012 or the folder above (voc, synth); "
+                         "ADEChallengeData2016 or the folder holding it (ade)")
+    ck.add_argument("--task", help="count this task's per-step images (default on voc: every task with published "
+                                   "counts, both modes)")
+    ck.add_argument("--overlap", action="store_true", help="count --task in the overlapped mode (default: disjoint)")
+    ck.add_argument("--workers", type=_positive_int, default=default_workers(), help=workers_help)
+    ck.add_argument("--ignore-counts", action="store_true",
+                    help="report counts that differ from the published ones without failing (a deliberate subset "
+                         "or another release)")
+    ck.add_argument("--json", action="store_true",
+                    help="print the whole report as JSON (every problem, not only the first few); the summary line "
+                         "goes to stderr")
+    ck.add_argument("--quiet", action="store_true", help="no progress bar")
+    ck.set_defaults(func=cmd_data_check)
 
 
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:

@@ -6,9 +6,12 @@ runtime).  :func:`load_config` reads a YAML file with ``yaml.safe_load``
 overrides, and validates every value: an unknown key, a wrong type or an
 impossible value raises :class:`~ilseg.errors.IlsegError` naming the key.
 :func:`dump_config` writes the resolved config back (``config.yaml`` in the
-run folder), which :func:`load_config` reads again unchanged.
+run folder), which :func:`load_config` reads again unchanged.  A file may
+build on others with ``base:`` (:func:`read_config_file`); what is dumped is
+always the fully resolved config, without ``base``.
 
-The defaults are the published VOC recipe (REFERENCE.md §5-7), so a file
+The defaults are the published VOC recipe (docs/protocol.md#model,
+docs/protocol.md#training-recipe), so a file
 states only what makes it that run.  Example YAML::
 
     name: voc-10-1-ov-ilt
@@ -34,49 +37,72 @@ from typing import Any, Literal
 import yaml
 
 from ilseg.errors import IlsegError
-from ilseg.methods import METHOD_PRESETS, MethodConfig
+from ilseg.methods import METHOD_PRESETS, ILTConfig, MethodConfig
+from ilseg.methods.legacy import from_legacy, is_legacy
 from ilseg.tasks import Task, custom_task, get_task
+
+
+# -- what each setting shapes ----------------------------------------------------------------------------
+# Every field of the sections below declares its role once, with ``setting(default, ROLE)``.  A checkpoint's
+# identity, what ``--resume --set`` may change, which runs the demo reuses and which runs ``ilseg report``
+# groups as seeds or refuses to compare are all derived from these roles (:func:`settings_of`).
+TASK = "task"  # which classes in which order and steps: recorded through the task itself (dataset, order, sizes)
+MODEL = "model"  # the network: shapes the weights of every step
+TRAINING = "training"  # how every step trains, step 0 included
+LATER_STEPS = "later steps"  # how the steps after the first train
+EVALUATION = "evaluation"  # how a finished model is scored: runs scored differently are never compared
+PLACEMENT = "placement"  # where and how a run executes: nothing it learns changes beyond rounding
+ROLES = (TASK, MODEL, TRAINING, LATER_STEPS, EVALUATION, PLACEMENT)
+
+_T = typing.TypeVar("_T")
+
+
+def setting(default: _T, role: str, *, resume: bool = False) -> _T:
+    """A config field's default and its role; ``resume``: ``--resume --set`` may change it (placement always may)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}")
+    return dataclasses.field(default=default, metadata={"role": role, "resume": resume or role == PLACEMENT})
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Which data, which incremental task, which pixels (REFERENCE.md §1-4)."""
+    """Which data, which incremental task, which pixels (docs/protocol.md#incremental-protocol)."""
 
-    dataset: Literal["voc", "ade", "synth"] = "voc"
-    root: str = "data/VOCdevkit"
-    task: str = "15-1"
-    overlap: bool = False
-    class_order: tuple[int | str, ...] | None = None  # custom order (ids or names), background first
-    step_sizes: tuple[int, ...] | None = None  # explicit sizes per step, background counted in step 0
-    index_file: str | None = None  # per-step image lists instead of the filter; "{step}" is replaced
-    unseen: Literal["ignore", "background"] = "ignore"  # test label of classes not seen yet
-    ade_zero: Literal["ignore", "class"] = "ignore"  # ADE20k label 0: MiB ignores it at test
-    crop_size: int = 512
-    scale: tuple[float, float] = (0.5, 2.0)
-    test_size: int | None = 512  # None: evaluate on full images
-    test_crop: bool = True
-    workers: int = 8  # data loader processes per GPU; also read the masks for the per-step image lists
-    cache_dir: str | None = None
+    dataset: Literal["voc", "ade", "synth"] = setting("voc", TASK)
+    root: str = setting("data/VOCdevkit", PLACEMENT)
+    task: str = setting("15-1", TASK)
+    overlap: bool = setting(False, TRAINING)
+    class_order: tuple[int | str, ...] | None = setting(None, TASK)  # custom order (ids or names), background first
+    step_sizes: tuple[int, ...] | None = setting(None, TASK)  # explicit sizes per step, background counted in step 0
+    index_file: str | None = setting(None, TRAINING)  # per-step image lists instead of the filter; "{step}" is replaced
+    unseen: Literal["ignore", "background"] = setting("ignore", EVALUATION)  # test label of classes not seen yet
+    ade_zero: Literal["ignore", "class"] = setting("ignore", EVALUATION)  # ADE20k label 0: MiB ignores it at test
+    crop_size: int = setting(512, TRAINING)
+    scale: tuple[float, float] = setting((0.5, 2.0), TRAINING)
+    test_size: int | None = setting(512, EVALUATION)  # None: evaluate on full images
+    test_crop: bool = setting(True, EVALUATION)
+    workers: int = setting(8, PLACEMENT)  # data loader processes per GPU; also read the masks for the per-step image lists
+    cache_dir: str | None = setting(None, PLACEMENT)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The DeepLab-v3 segmenter (REFERENCE.md §5), or DeepLab-v2 (``head: aspp_v2``, docs/methods.md)."""
+    """The DeepLab-v3 segmenter (docs/protocol.md#model), or DeepLab-v2 (``head: aspp_v2``, docs/methods.md)."""
 
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet101"
-    output_stride: Literal[8, 16, 32] = 16
-    head_channels: int = 256  # the ASPP's width (head "aspp" only)
-    width: int = 64  # ResNet base width; 64 as published, smaller for thin CPU models (no pretrained weights)
-    pretrained: str | None = "imagenet"  # "imagenet", a local checkpoint path, or null
-    head: Literal["aspp", "aspp_v2"] = "aspp"  # DeepLab-v3's ASPP + 1x1 classifiers, or DeepLab-v2's summed ASPP
-    frozen_bn: bool = False  # every BN in eval mode with frozen affine parameters from step 0 on (DeepLab-v2)
-    stride_on: Literal["3x3", "1x1"] = "3x3"  # the conv that strides: torchvision's 3x3, or Caffe ResNet's 1x1
-    activation: Literal["leaky_relu", "relu"] = "leaky_relu"  # the body's: MiB's LeakyReLU(0.01), or ReLU
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = setting("resnet101", MODEL)
+    output_stride: Literal[8, 16, 32] = setting(16, MODEL)
+    head_channels: int = setting(256, MODEL)  # the ASPP's width (head "aspp" only)
+    width: int = setting(64, MODEL)  # ResNet base width; 64 as published, smaller for thin CPU models (no pretrained weights)
+    pretrained: str | None = setting("imagenet", MODEL)  # "imagenet", a local checkpoint path, or null
+    head: Literal["aspp", "aspp_v2"] = setting("aspp", MODEL)  # DeepLab-v3's ASPP + 1x1 classifiers, or DeepLab-v2's summed ASPP
+    frozen_bn: bool = setting(False, MODEL)  # every BN in eval mode with frozen affine parameters from step 0 on (DeepLab-v2)
+    stride_on: Literal["3x3", "1x1"] = setting("3x3", MODEL)  # the conv that strides: torchvision's 3x3, or Caffe ResNet's 1x1
+    activation: Literal["leaky_relu", "relu"] = setting("leaky_relu", MODEL)  # the body's: MiB's LeakyReLU(0.01), or ReLU
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """The recipe of REFERENCE.md §7; ``*_next`` values apply to steps > 0.
+    """The recipe of docs/protocol.md#training-recipe; ``*_next`` values apply to steps > 0.
 
     ``iterations`` / ``iterations_next``: when positive, the step trains that
     many iterations (whole passes over its training set, then the first
@@ -86,25 +112,25 @@ class OptimConfig:
     ``lr_i = (lr - lr_end) * (1 - i / total) ** poly_power + lr_end``.
     """
 
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.01
-    lr_next: float = 0.001
-    epochs: int = 30
-    epochs_next: int = 30
-    batch_size: int = 24  # the global batch, split over distributed ranks
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
-    iterations: int = 0  # 0: train ``epochs``
-    iterations_next: int = 0  # 0: train ``epochs_next``
-    lr_end: float = 0.0  # the learning rate the poly schedule reaches at the end of step 0
-    lr_end_next: float = 0.0  # ... of the later steps
+    optimizer: Literal["sgd", "adamw"] = setting("sgd", TRAINING, resume=True)
+    lr: float = setting(0.01, TRAINING, resume=True)
+    lr_next: float = setting(0.001, LATER_STEPS, resume=True)
+    epochs: int = setting(30, TRAINING, resume=True)
+    epochs_next: int = setting(30, LATER_STEPS, resume=True)
+    batch_size: int = setting(24, TRAINING, resume=True)  # the global batch, split over distributed ranks
+    momentum: float = setting(0.9, TRAINING, resume=True)
+    nesterov: bool = setting(True, TRAINING, resume=True)
+    weight_decay: float = setting(1e-4, TRAINING, resume=True)
+    poly_power: float = setting(0.9, TRAINING, resume=True)
+    iterations: int = setting(0, TRAINING, resume=True)  # 0: train ``epochs``
+    iterations_next: int = setting(0, LATER_STEPS, resume=True)  # 0: train ``epochs_next``
+    lr_end: float = setting(0.0, TRAINING, resume=True)  # the learning rate the poly schedule reaches at the end of step 0
+    lr_end_next: float = setting(0.0, LATER_STEPS, resume=True)  # ... of the later steps
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    batch_size: int = 8
+    batch_size: int = setting(8, PLACEMENT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,16 +144,16 @@ class RuntimeConfig:
     them for a device with :meth:`amp_for` and :meth:`channels_last_for`.
     """
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
-    channels_last: Literal["auto"] | bool = "auto"
-    seed: int = 42
-    backend: Literal["auto", "nccl", "gloo"] = "auto"  # distributed backend under torchrun
-    sync_bn: bool = True  # SyncBatchNorm in distributed runs
-    collective_timeout_s: int = 600
-    tensorboard: bool = False
-    compile: bool = False  # torch.compile the trained model; falls back to eager (with a log line) if it fails
-    preview_images: int = 0  # after each step: the first N test images, ground truth and prediction in RUN/preview/
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", PLACEMENT)
+    amp: Literal["auto", "none", "bf16", "fp16"] = setting("auto", TRAINING, resume=True)
+    channels_last: Literal["auto"] | bool = setting("auto", PLACEMENT)
+    seed: int = setting(42, TRAINING)
+    backend: Literal["auto", "nccl", "gloo"] = setting("auto", PLACEMENT)  # distributed backend under torchrun
+    sync_bn: bool = setting(True, TRAINING)  # SyncBatchNorm in distributed runs
+    collective_timeout_s: int = setting(600, PLACEMENT)
+    tensorboard: bool = setting(False, PLACEMENT)
+    compile: bool = setting(False, PLACEMENT)  # torch.compile the trained model; falls back to eager (with a log line) if it fails
+    preview_images: int = setting(0, PLACEMENT)  # after each step: the first N test images, ground truth and prediction in RUN/preview/
 
     def amp_for(self, device_type: str) -> str:
         """The autocast mode on a device of type ``device_type`` (``torch.device.type``).
@@ -187,6 +213,33 @@ class RunConfig:
     def hash(self) -> str:
         """A short hash of everything that changes the results."""
         return config_hash(self.to_dict())
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One config setting: its flat key (``optim.lr``), its role and whether a resumed run may change it."""
+
+    key: str
+    role: str
+    resume: bool
+
+
+def settings_of(*roles: str) -> tuple[Setting, ...]:
+    """The settings of the sections ``data``, ``model``, ``optim``, ``eval`` and ``runtime`` with one of ``roles``
+    (all of them without an argument), in the order of the config.  The method's fields are the method's to
+    describe (:meth:`~ilseg.methods.Method.identity`); ``name`` is a label.
+
+    >>> [s.key for s in settings_of(EVALUATION)]
+    ['data.unseen', 'data.ade_zero', 'data.test_size', 'data.test_crop']
+    """
+    hints = typing.get_type_hints(RunConfig)
+    found = []
+    for section in ("data", "model", "optim", "eval", "runtime"):
+        for field in dataclasses.fields(hints[section]):
+            role = field.metadata["role"]
+            if not roles or role in roles:
+                found.append(Setting(f"{section}.{field.name}", role, bool(field.metadata["resume"])))
+    return tuple(found)
 
 
 def config_hash(cfg: Mapping[str, Any]) -> str:
@@ -350,7 +403,11 @@ def _build_method(data: Mapping[str, Any], key: str, base: MethodConfig | None) 
     if not isinstance(name, str) or name not in METHOD_PRESETS:
         raise IlsegError(f"unknown method {name!r}; choose one of: {', '.join(METHOD_PRESETS)} (see 'ilseg methods')")
     start = base if base is not None and base.name == name else METHOD_PRESETS[name]
-    return _build(MethodConfig, dict(data), key, start)
+    if is_legacy(data, type(start)):  # a run folder of ilseg 0.1: the flat method fields
+        return from_legacy(start, data, key)
+    if data.get("kd") == "mib" and isinstance(start, ILTConfig):  # the name before ilseg 0.2
+        data = {**data, "kd": "ilt_mib_code"}
+    return _build(type(start), dict(data), key, start)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -433,9 +490,79 @@ def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
     return _build(RunConfig, data, "")
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The plain data of a config file, its ``base:`` files merged under it.
+
+    ``base:`` names one file or a list of files this one builds on.  Each is
+    looked for as a path, relative paths against the folder of the file that
+    names it, then as a bundled preset name (``base/ilt-paper`` is
+    ``configs/base/ilt-paper.yaml``); ``.yaml`` may be left out.  Depth first:
+    each base is resolved with its own bases, the bases are merged in list
+    order (a later one wins), then the file's own keys over them (mappings
+    key by key, as ``--set`` does).  A file's ``name`` is never inherited:
+    it is the file's own ``name:``, or, when the file has a base, its file
+    stem.  The result holds no ``base`` key.  A cycle or a missing base
+    raises :class:`~ilseg.errors.IlsegError`.
+
+    >>> read_config_file(preset_dir() / "voc-15-1-paper-joint.yaml")["model"]["head"]
+    'aspp_v2'
+    """
+    return _resolve_bases(Path(path), ())
+
+
+def _resolve_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """``path``'s data with its bases merged in; ``chain``: the files that led here, outermost first."""
+    seen = [p.resolve() for p in chain]
+    if path.resolve() in seen:
+        loop = [*chain[seen.index(path.resolve()):], path]
+        shown = " -> ".join(_show_path(p, chain[0].parent) for p in loop)
+        raise IlsegError(f"config files name each other as base in a cycle: {shown}; remove one of these 'base:' keys")
+    data = read_yaml(path)
+    if isinstance(data.get("method"), str):
+        data["method"] = {"name": data["method"]}
+    if "base" not in data:
+        return data
+    names = data.pop("base")
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise IlsegError(f"config file {path}: 'base' must be a preset name or a path, or a list of them "
+                         f"(got {names!r})")
+    merged: dict[str, Any] = {}
+    for name in names:
+        inherited = _resolve_bases(_base_path(name, path), (*chain, path))
+        inherited.pop("name", None)  # a base's name must not become the name of the file built on it
+        merged = _merge(merged, inherited)
+    data.setdefault("name", path.stem)
+    return _merge(merged, data)
+
+
+def _base_path(name: str, referrer: Path) -> Path:
+    """The file ``base: name`` in ``referrer`` means: next to ``referrer`` first, then a bundled preset."""
+    with_suffix = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
+    for candidate in (referrer.parent / name, referrer.parent / with_suffix, preset_dir() / with_suffix):
+        if candidate.is_file():
+            return candidate
+    bundled = [p.relative_to(preset_dir()).with_suffix("").as_posix() for p in preset_dir().rglob("*.yaml")]
+    close = difflib.get_close_matches(name.removesuffix(".yaml"), bundled, n=3)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise IlsegError(f"config file {referrer} names base {name!r}, which is neither a file next to it "
+                     f"({referrer.parent / with_suffix}) nor a bundled preset.{hint}")
+
+
+def _show_path(path: Path, root: Path) -> str:
+    """``path`` short: relative to ``root`` or to the bundled presets when inside them."""
+    for folder in (root, preset_dir()):
+        try:
+            return path.resolve().relative_to(folder.resolve()).as_posix()
+        except ValueError:
+            continue
+    return str(path)
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
-    data = read_yaml(path) if path is not None else {}
+    """Load a YAML config (or the defaults when ``path`` is None), its bases merged in, and apply overrides."""
+    data = read_config_file(path) if path is not None else {}
     data = _merge(data, parse_overrides(overrides))
     if isinstance(data.get("method"), str):
         data["method"] = {"name": data["method"]}
@@ -444,6 +571,28 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def config_changes(cfg: RunConfig, reference: RunConfig) -> dict[str, Any]:
+    """The values of ``cfg`` that differ from ``reference``, nested by section as in a config file.
+
+    >>> config_changes(load_config(None, ["optim.lr=0.02"]), load_config(None))
+    {'optim': {'lr': 0.02}}
+    """
+    return _changed(cfg.to_dict(), reference.to_dict())
+
+
+def _changed(values: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        before = reference.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            inner = _changed(value, before)
+            if inner:
+                out[key] = inner
+        elif key not in reference or value != before:
+            out[key] = value
+    return out
 
 
 def preset_dir() -> Path:

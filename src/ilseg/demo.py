@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
-from ilseg.config import RunConfig, load_config, preset_dir
+from ilseg.config import PLACEMENT, RunConfig, load_config, preset_dir, settings_of
 from ilseg.data.synth import META_FILE, generate_synth, synth_matches
 from ilseg.engine.run import run_training
 from ilseg.errors import IlsegError, Interrupted, one_line
 from ilseg.fileio import atomic_write_text
-from ilseg.methods import METHOD_PRESETS, Method
+from ilseg.methods import METHOD_PRESETS, build_method
 from ilseg.reports import write_report
 from ilseg.runs.folder import config_differences
 from ilseg.runs.results import comparison_table
@@ -127,7 +127,7 @@ def run_demo(out: Path, *, quick: bool = False, quiet: bool = False, methods: Se
 
 def method_config(base: RunConfig, name: str, *, quick: bool) -> RunConfig:
     cfg = dataclasses.replace(base, name=f"demo-{name}", method=METHOD_PRESETS[name])
-    if cfg.method.joint and not quick:
+    if build_method(cfg.method).all_classes_at_once and not quick:
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=JOINT_EPOCHS))
     return cfg
 
@@ -139,9 +139,9 @@ def plan_jobs(base: RunConfig, methods: Sequence[str], runs: Path, *, quick: boo
     own; every other such method starts from that model (``init_from``) once
     it exists, and the first method's later steps are a second job.
     """
-    reference = Method(METHOD_PRESETS[SHARED_STEP0_FROM]).identity(0)
+    reference = build_method(METHOD_PRESETS[SHARED_STEP0_FROM]).identity(0)
     order = sorted(methods, key=lambda m: (m != SHARED_STEP0_FROM, m == "joint"))
-    sharing = [m for m in order if Method(METHOD_PRESETS[m]).identity(0) == reference]
+    sharing = [m for m in order if build_method(METHOD_PRESETS[m]).identity(0) == reference]
     jobs: list[DemoJob] = []
     owner = sharing[0] if len(sharing) > 1 else None
     for name in order:
@@ -156,11 +156,6 @@ def plan_jobs(base: RunConfig, methods: Sequence[str], runs: Path, *, quick: boo
     return jobs
 
 
-# Settings that say where and how a run executes, not what it learns: a demo run that differs only here is reused.
-_PLACEMENT = ("data.root", "data.cache_dir", "data.workers", "eval.batch_size", "runtime.tensorboard",
-              "runtime.preview_images")
-
-
 def refuse_stale_runs(jobs: Sequence[DemoJob], synth_root: Path, seed: int) -> None:
     """Refuse run folders an earlier version of the demo made, before anything is generated or trained.
 
@@ -169,6 +164,7 @@ def refuse_stale_runs(jobs: Sequence[DemoJob], synth_root: Path, seed: int) -> N
     it were this demo's.  Nothing is deleted: the message says what to move.
     """
     stale = []
+    placement = tuple(s.key for s in settings_of(PLACEMENT))  # where and how a run executes: a reused run may differ
     data_changed = (synth_root / META_FILE).is_file() and not synth_matches(
         synth_root, seed=seed, num_images=DEMO_IMAGES, size=DEMO_SIZE)
     for run_dir in dict.fromkeys(job.run_dir for job in jobs):
@@ -177,7 +173,7 @@ def refuse_stale_runs(jobs: Sequence[DemoJob], synth_root: Path, seed: int) -> N
         cfg = next(job.cfg for job in jobs if job.run_dir == run_dir)
         try:
             differences = [d for d in config_differences(load_config(run_dir / "config.yaml"), cfg)
-                           if not d.startswith(_PLACEMENT)]
+                           if not d.startswith(placement)]
         except IlsegError as exc:
             differences = [one_line(exc)]
         if data_changed:

@@ -1,6 +1,6 @@
 """Confusion matrix over pixels, and the scores papers report from it.
 
-REFERENCE.md §8: the confusion matrix counts pixels whose target is not 255;
+docs/protocol.md#evaluation: the confusion matrix counts pixels whose target is not 255;
 ``IoU_c = TP_c / (TP_c + FP_c + FN_c)``; the mIoU averages the classes present
 in the ground truth, background included.  Papers report, after the last
 step, the mIoU over the step-0 classes ("old"), over later classes ("new") and

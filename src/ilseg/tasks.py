@@ -9,9 +9,10 @@ identity, so channel ids equal dataset ids.  A shuffled order (PLOP's
 Everything that decides which pixels a step learns from lives here as pure
 functions of masks and class sets:
 
-* :func:`keep_image` - the disjoint / overlapped image filter (REFERENCE.md §2);
+* :func:`keep_image` - the disjoint / overlapped image filter
+  (docs/protocol.md#which-images-a-step-trains-on);
 * :func:`train_lut` / :func:`eval_lut` - 256-entry lookup tables that remap a
-  dataset mask to a step's training or test target (REFERENCE.md §3).
+  dataset mask to a step's training or test target (docs/protocol.md#labels-at-each-step).
 
 Example::
 
@@ -316,7 +317,7 @@ def custom_task(dataset: str, name: str, order: Iterable[int | str], step_sizes:
     return get_task(dataset, name, order=ids, step_sizes=step_sizes)
 
 
-# -- which images a step uses (REFERENCE.md §2) --------------------------------
+# -- which images a step uses (docs/protocol.md#which-images-a-step-trains-on) --
 def keep_image(classes_in_image: Iterable[int], task: Task, step: int, mode: Mode) -> bool:
     """Whether an image with these mask values belongs to ``step``'s training set.
 
@@ -342,7 +343,7 @@ def step_indices(class_sets: Sequence[Iterable[int]], task: Task, step: int, mod
     return [i for i, cs in enumerate(class_sets) if keep_image(cs, task, step, mode)]
 
 
-# -- label remapping (REFERENCE.md §3) ------------------------------------------
+# -- label remapping (docs/protocol.md#labels-at-each-step) --------------------
 def _identity_ignore_lut() -> np.ndarray:
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     return lut

@@ -5,7 +5,11 @@
 * :mod:`ilseg.data.synth` - ``generate_synth``, ``synth_matches``;
 * :mod:`ilseg.data.transforms` - ``train_transform``, ``eval_transform``;
 * :mod:`ilseg.data.splits` - ``class_presence``, ``step_image_indices``, ``split_report``,
-  ``PUBLISHED_COUNTS``.
+  ``PUBLISHED_COUNTS``;
+* :mod:`ilseg.data.prepare` - ``prepare_voc``: SBD's ``.mat`` masks to ``SegmentationClassAug/`` and
+  ``train_aug.txt`` (``ilseg data prepare voc``, docs/data.md);
+* :mod:`ilseg.data.check` - ``check_tree``: lists, overlap, labels, sizes and published counts of a
+  tree (``ilseg data check``).
 """
 
 from ilseg.data.datasets import SegmentationDataset, build_dataset

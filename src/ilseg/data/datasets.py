@@ -8,7 +8,7 @@ mask values), an optional 256-entry lookup table applied to the raw mask
 (:mod:`ilseg.data.transforms`).  It keeps only paths, so it pickles cheaply
 into DataLoader workers and never holds a file open.
 
-Layouts (REFERENCE.md §4)::
+Layouts (docs/protocol.md#datasets)::
 
     VOC / synth:  <root>[/VOCdevkit/VOC2012 | /VOC2012]/
                     JPEGImages/<id>.jpg
@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,12 +52,13 @@ _ADE_FOLDERS = {"train": "training", "val": "validation"}
 _SYNTH_FIX = "run `ilseg data synth --out DIR` to generate it and pass DIR as the root"
 _VOC_LAYOUT = (
     "expected JPEGImages/, SegmentationClassAug/ (or SegmentationClass/) and ImageSets/Segmentation/ "
-    "in ROOT, ROOT/VOC2012 or ROOT/VOCdevkit/VOC2012 (extract VOCtrainval_11-May-2012.tar and the "
-    "SBD SegmentationClassAug masks there, with the train_aug.txt list)"
+    "in ROOT, ROOT/VOC2012 or ROOT/VOCdevkit/VOC2012 (unpack VOCtrainval_11-May-2012.tar and SBD's "
+    "benchmark.tgz, then run `ilseg data prepare voc --voc VOC2012_DIR --sbd SBD_DIR`; see docs/data.md)"
 )
 _ADE_LAYOUT = (
     "expected images/{training,validation}/*.jpg and annotations/{training,validation}/*.png "
-    "in ROOT or ROOT/ADEChallengeData2016 (download ADEChallengeData2016.zip from the MIT Scene Parsing site)"
+    "in ROOT or ROOT/ADEChallengeData2016 (unpack ADEChallengeData2016.zip from the MIT Scene Parsing "
+    "benchmark; see docs/data.md)"
 )
 
 
@@ -72,6 +74,8 @@ class SegmentationDataset(Dataset):
             before the transform.
         transform: joint transform; by default the full image, normalised.
         root: the folder the dataset was found in (informational).
+        list_file: the list file the items were read from, ``None`` for a
+            folder listing (informational: commands say which list they used).
 
     Mask values are checked when an item is read; file existence is checked
     by the builders.
@@ -88,6 +92,7 @@ class SegmentationDataset(Dataset):
         lut: np.ndarray | None = None,
         transform: Transform | None = None,
         root: str | os.PathLike[str] | None = None,
+        list_file: str | os.PathLike[str] | None = None,
     ) -> None:
         if len(images) != len(masks):
             raise ValueError(f"{len(images)} images but {len(masks)} masks")
@@ -101,6 +106,7 @@ class SegmentationDataset(Dataset):
         self.lut = _check_lut(lut)
         self.transform: Transform = transform if transform is not None else _DEFAULT_TRANSFORM
         self.root = Path(root) if root is not None else None
+        self.list_file = Path(list_file) if list_file is not None else None
         self._decoded: dict[Path, tuple[np.ndarray, np.ndarray]] | None = None
 
     def __len__(self) -> int:
@@ -310,21 +316,37 @@ def find_voc_root(root: str | os.PathLike[str], *, fix: str = _VOC_LAYOUT) -> Pa
     raise IlsegError(f"no JPEGImages/ folder found in {searched}; {fix}")
 
 
-def voc_layout(
-    name: str,
-    root: str | os.PathLike[str],
-    split: str,
-    *,
-    list_file: str | os.PathLike[str] | None = None,
-    transform: Transform | None = None,
-    lut: np.ndarray | None = None,
-) -> SegmentationDataset:
-    """A dataset in the VOC layout (``name`` is ``"voc"`` or ``"synth"``; see the module docstring).
+@dataclasses.dataclass(frozen=True)
+class SplitFiles:
+    """Where a split's items come from, resolved from the tree without opening any file.
 
-    List lines may be ids (``2007_000032``) or MiB-style pairs
-    (``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png``,
-    relative to the VOC2012 folder).  Each mask is taken from
-    ``SegmentationClassAug/`` when there, else from ``SegmentationClass/``.
+    Attributes:
+        base: the folder the paths are relative to (``VOC2012`` or ``ADEChallengeData2016``).
+        list_file: the list file read; ``None`` when ADE20k's images folder was listed.
+        source: ``"list file PATH"`` or ``"folder PATH"``, for messages.
+        images, masks, ids: one entry per item; the files may not exist.
+        mask_dirs: the mask folders searched, in order of preference.
+    """
+
+    base: Path
+    list_file: Path | None
+    source: str
+    images: list[Path]
+    masks: list[Path]
+    ids: list[str]
+    mask_dirs: tuple[Path, ...]
+
+
+def voc_split_files(
+    name: str, root: str | os.PathLike[str], split: str, *, list_file: str | os.PathLike[str] | None = None,
+) -> SplitFiles:
+    """The items of a VOC-layout split: list file (``train_aug.txt``, else ``train.txt``), images, masks.
+
+    Each mask is taken from ``SegmentationClassAug/`` when there, else from
+    ``SegmentationClass/``; a mask in neither is named in the first folder.
+
+    Raises:
+        IlsegError: no ``JPEGImages/``, no list file, no mask folder, a malformed list line.
     """
     _check_split(split)
     fix = _SYNTH_FIX if name == "synth" else _VOC_LAYOUT
@@ -341,7 +363,7 @@ def voc_layout(
             names = " or ".join(str(p) for p in options)
             raise IlsegError(f"no {split} list: {names} does not exist; {fix}")
         list_path = found[0]
-    mask_dirs = [base / d for d in _VOC_MASK_DIRS if (base / d).is_dir()]
+    mask_dirs = tuple(base / d for d in _VOC_MASK_DIRS if (base / d).is_dir())
     if not mask_dirs:
         raise IlsegError(f"no mask folder SegmentationClassAug/ or SegmentationClass/ in {base}; {fix}")
 
@@ -350,15 +372,38 @@ def voc_layout(
             path = d / f"{item}.png"
             if path.is_file():
                 return path
-        return mask_dirs[0] / f"{item}.png"  # missing: reported by _check_exist
+        return mask_dirs[0] / f"{item}.png"  # missing: reported by the caller
 
     rows = _read_list(list_path)
     images, masks, ids = _pairs_from_list(rows, list_path, base, lambda i: base / "JPEGImages" / f"{i}.jpg", mask_for)
-    if not images:
-        raise IlsegError(f"list file {list_path} is empty; {fix}")
-    _check_exist(images, masks, f"list file {list_path}", fix)
-    return SegmentationDataset(name=name, images=images, masks=masks, ids=ids,
-                               num_classes=len(class_names(name)), lut=lut, transform=transform, root=base)
+    return SplitFiles(base=base, list_file=list_path, source=f"list file {list_path}", images=images, masks=masks,
+                      ids=ids, mask_dirs=mask_dirs)
+
+
+def voc_layout(
+    name: str,
+    root: str | os.PathLike[str],
+    split: str,
+    *,
+    list_file: str | os.PathLike[str] | None = None,
+    transform: Transform | None = None,
+    lut: np.ndarray | None = None,
+) -> SegmentationDataset:
+    """A dataset in the VOC layout (``name`` is ``"voc"`` or ``"synth"``; see the module docstring).
+
+    List lines may be ids (``2007_000032``) or MiB-style pairs
+    (``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png``,
+    relative to the VOC2012 folder).  Each mask is taken from
+    ``SegmentationClassAug/`` when there, else from ``SegmentationClass/``.
+    """
+    fix = _SYNTH_FIX if name == "synth" else _VOC_LAYOUT
+    files = voc_split_files(name, root, split, list_file=list_file)
+    if not files.images:
+        raise IlsegError(f"list file {files.list_file} is empty; {fix}")
+    _check_exist(files.images, files.masks, files.source, fix)
+    return SegmentationDataset(name=name, images=files.images, masks=files.masks, ids=files.ids,
+                               num_classes=len(class_names(name)), lut=lut, transform=transform, root=files.base,
+                               list_file=files.list_file)
 
 
 # -- ADE20k ------------------------------------------------------------------------
@@ -372,6 +417,38 @@ def find_ade_root(root: str | os.PathLike[str]) -> Path:
             return cand
     searched = ", ".join(str(c) for c in candidates)
     raise IlsegError(f"no images/ and annotations/ folders found in {searched}; {_ADE_LAYOUT}")
+
+
+def ade_split_files(
+    root: str | os.PathLike[str], split: str, *, list_file: str | os.PathLike[str] | None = None,
+) -> SplitFiles:
+    """The items of an ADE20k split: every ``*.jpg`` of ``images/<folder>/`` (sorted), or a list file's.
+
+    Raises:
+        IlsegError: no ``ADEChallengeData2016`` tree, a missing split folder, a malformed list line.
+    """
+    _check_split(split)
+    base = find_ade_root(root)
+    folder = _ADE_FOLDERS[split]
+    image_dir, mask_dir = base / "images" / folder, base / "annotations" / folder
+    for d in (image_dir, mask_dir):
+        if not d.is_dir():
+            raise IlsegError(f"ADE20k folder {d} does not exist; {_ADE_LAYOUT}")
+    list_path: Path | None = None
+    if list_file is not None:
+        list_path = Path(list_file).expanduser()
+        rows = _read_list(list_path)
+        images, masks, ids = _pairs_from_list(
+            rows, list_path, base, lambda i: image_dir / f"{i}.jpg", lambda i: mask_dir / f"{i}.png"
+        )
+        source = f"list file {list_path}"
+    else:
+        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+        masks = [mask_dir / f"{p.stem}.png" for p in images]
+        ids = [p.stem for p in images]
+        source = f"folder {image_dir}"
+    return SplitFiles(base=base, list_file=list_path, source=source, images=images, masks=masks, ids=ids,
+                      mask_dirs=(mask_dir,))
 
 
 def ade20k(
@@ -389,30 +466,23 @@ def ade20k(
     (``ADE_train_00000001``) or ``image mask`` pairs relative to the
     ``ADEChallengeData2016`` folder.
     """
-    _check_split(split)
-    base = find_ade_root(root)
-    folder = _ADE_FOLDERS[split]
-    image_dir, mask_dir = base / "images" / folder, base / "annotations" / folder
-    for d in (image_dir, mask_dir):
-        if not d.is_dir():
-            raise IlsegError(f"ADE20k folder {d} does not exist; {_ADE_LAYOUT}")
-    if list_file is not None:
-        list_path = Path(list_file).expanduser()
-        rows = _read_list(list_path)
-        images, masks, ids = _pairs_from_list(
-            rows, list_path, base, lambda i: image_dir / f"{i}.jpg", lambda i: mask_dir / f"{i}.png"
-        )
-        source = f"list file {list_path}"
-    else:
-        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
-        masks = [mask_dir / f"{p.stem}.png" for p in images]
-        ids = [p.stem for p in images]
-        source = f"folder {image_dir}"
-    if not images:
-        raise IlsegError(f"{source} lists no images; {_ADE_LAYOUT}")
-    _check_exist(images, masks, source, "re-download ADEChallengeData2016 or fix the list")
-    return SegmentationDataset(name="ade", images=images, masks=masks, ids=ids,
-                               num_classes=len(class_names("ade")), lut=lut, transform=transform, root=base)
+    files = ade_split_files(root, split, list_file=list_file)
+    if not files.images:
+        raise IlsegError(f"{files.source} lists no images; {_ADE_LAYOUT}")
+    _check_exist(files.images, files.masks, files.source, "re-download ADEChallengeData2016 or fix the list")
+    return SegmentationDataset(name="ade", images=files.images, masks=files.masks, ids=files.ids,
+                               num_classes=len(class_names("ade")), lut=lut, transform=transform, root=files.base,
+                               list_file=files.list_file)
+
+
+def split_files(
+    dataset: str, root: str | os.PathLike[str], split: str, *, list_file: str | os.PathLike[str] | None = None,
+) -> SplitFiles:
+    """:func:`voc_split_files` or :func:`ade_split_files` for ``dataset``: what :func:`build_dataset` would read."""
+    class_names(dataset)  # unknown dataset -> IlsegError
+    if dataset == "ade":
+        return ade_split_files(root, split, list_file=list_file)
+    return voc_split_files(dataset, root, split, list_file=list_file)
 
 
 def build_dataset(

@@ -31,7 +31,6 @@ from PIL import Image
 from ilseg.errors import IlsegError
 from ilseg.tasks import IGNORE_INDEX
 
-
 _MASK_MODES = ("P", "L")
 
 

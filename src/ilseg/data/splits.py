@@ -11,7 +11,7 @@ task's class order and step sizes and the mode.
 A user-supplied per-step list can replace the filter (MiB ships ADE20k lists
 as ``.npy`` arrays of indices into the split).
 
-Published counts on VOC train_aug (REFERENCE.md §2) are in
+Published counts on VOC train_aug (docs/protocol.md#which-images-a-step-trains-on) are in
 :data:`PUBLISHED_COUNTS`; :func:`split_report` compares against them.
 
 Example::
@@ -43,7 +43,7 @@ from ilseg.tasks import Mode, Task, get_task, step_indices
 CACHE_VERSION = 1
 VOC_TRAIN_AUG_SIZE = 10582
 
-# Published per-step image counts on VOC train_aug (10,582 images), REFERENCE.md §2,
+# Published per-step image counts on VOC train_aug (10,582 images), docs/protocol.md#which-images-a-step-trains-on,
 # keyed by (task, mode) with the identity class order.
 PUBLISHED_COUNTS: dict[tuple[str, str], tuple[int, ...]] = {
     ("19-1", "disjoint"): (10034, 548),
@@ -272,15 +272,26 @@ def load_index_file(path: str | os.PathLike[str], dataset: SegmentationDataset, 
 
 
 # -- comparing with the published counts -------------------------------------------
-def _published_for(dataset: SegmentationDataset, task: Task, mode: str) -> tuple[int, ...] | None:
-    """Published counts for this task and mode, only on the full VOC train_aug list."""
-    if dataset.name != "voc" or len(dataset) != VOC_TRAIN_AUG_SIZE:
+def published_counts(task: Task, mode: str) -> tuple[int, ...] | None:
+    """The published per-step counts on VOC train_aug of a task with this class order and step sizes, if any.
+
+    Tasks are matched by what decides the counts (class order, step sizes), so
+    the alias ``15-5s`` and a config's custom task with the same steps match.
+    """
+    if task.dataset != "voc":
         return None
     for (name, m), counts in PUBLISHED_COUNTS.items():
         ref = get_task("voc", name)
         if m == mode and ref.order == task.order and ref.step_sizes == task.step_sizes:
             return counts
     return None
+
+
+def _published_for(dataset: SegmentationDataset, task: Task, mode: str) -> tuple[int, ...] | None:
+    """Published counts for this task and mode, only on the full VOC train_aug list."""
+    if dataset.name != "voc" or len(dataset) != VOC_TRAIN_AUG_SIZE:
+        return None
+    return published_counts(task, mode)
 
 
 def split_report(

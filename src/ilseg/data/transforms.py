@@ -9,7 +9,7 @@ as a :class:`torchvision.tv_tensors.Mask` and always resized with
 centre-aligned nearest-neighbour interpolation (``NEAREST_EXACT``, like PIL's
 nearest): labels are never blended and stay aligned with the image.
 
-Recipes (REFERENCE.md §4):
+Recipes (docs/protocol.md#training-recipe, docs/protocol.md#evaluation):
 
 * :func:`train_transform` - ``RandomResizedCrop`` (area scale (0.5, 2.0),
   aspect (3/4, 4/3)), horizontal flip, normalisation.
@@ -132,7 +132,7 @@ def train_transform(
         hflip: probability of a horizontal flip.
 
     The image is resized bilinearly with antialiasing, the mask with nearest
-    neighbour.  No colour jitter (REFERENCE.md §4).
+    neighbour.  No colour jitter (docs/protocol.md#training-recipe).
     """
     geometry: list[v2.Transform] = [
         RandomResizedCrop(_size_pair(crop_size), scale=scale, ratio=ratio, antialias=True),

@@ -49,9 +49,9 @@ def poly_schedule(optimizer: torch.optim.Optimizer, total_iters: int, power: flo
     """lr_i = (lr_0 - lr_end) * (1 - i / total_iters) ** power + lr_end, stepped once per iteration.
 
     From ``total_iters`` on the rate stays at ``lr_end``.  ``lr_end`` 0 is
-    torch's ``PolynomialLR`` (the MiB recipe, unchanged); a positive floor
-    (TensorFlow's ``polynomial_decay`` with an ``end_learning_rate``, as the
-    ILT paper's code uses) is a ``LambdaLR`` of the closed form, relative to
+    torch's ``PolynomialLR`` (the published recipe, docs/protocol.md#training-recipe);
+    a positive floor (TensorFlow's ``polynomial_decay`` with an ``end_learning_rate``,
+    docs/methods.md) is a ``LambdaLR`` of the closed form, relative to
     each group's initial rate.  Both keep their position in ``state_dict()``,
     so a resumed step continues the same sequence.
     """

@@ -24,6 +24,7 @@ import torchvision
 import ilseg
 from ilseg.config import RunConfig, load_config
 from ilseg.engine import distributed
+from ilseg.engine.callbacks import Callbacks
 from ilseg.engine.loaders import check_data
 from ilseg.engine.runlog import RunLogger
 from ilseg.engine.signals import StopRequests, signal_name
@@ -71,6 +72,7 @@ def run_training(
     overwrite: bool = False,
     init_from: str | Path | None = None,
     quiet: bool = False,
+    callbacks: Callbacks | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate the steps of ``cfg``'s task; return the results dict.
 
@@ -83,6 +85,7 @@ def run_training(
         overwrite: start the run in ``run_dir`` over (its checkpoints and results are removed).
         init_from: a run folder (or step-0 checkpoint) whose step 0 this run reuses.
         quiet: no progress bars (logs only).
+        callbacks: hooks at the run's step and epoch boundaries (:class:`~ilseg.engine.callbacks.Callbacks`).
 
     Everything that can be refused is refused before the run folder is
     created or changed: the step range, the batch size, the run folder's
@@ -107,7 +110,8 @@ def run_training(
         restart = distributed.on_main(lambda: open_run_dir(cfg, run_dir, lock, todo, overwrite=overwrite))
         with RunLogger(run_dir, enabled=dist.is_main, quiet=quiet, tensorboard=cfg.runtime.tensorboard) as log, \
                 StopRequests() as stop:
-            ctx = run_context(cfg, run_dir, dist, device, log, stop, progress=not quiet)
+            ctx = run_context(cfg, run_dir, dist, device, log, stop, progress=not quiet,
+                              callbacks=callbacks or Callbacks())
             return run_steps(ctx, todo, resume=resume, restart=restart, init_from=init_from)
     finally:
         lock.release()
@@ -169,13 +173,13 @@ def run_steps(ctx: RunContext, todo: range, *, resume: bool, restart: int | None
 
 
 def run_context(cfg: RunConfig, run_dir: Path, dist: distributed.DistInfo, device: torch.device, log: RunLogger,
-                stop: StopRequests, *, progress: bool = True) -> RunContext:
+                stop: StopRequests, *, progress: bool = True, callbacks: Callbacks | None = None) -> RunContext:
     method = build_method(cfg.method)
     task = cfg.build_task()
     return RunContext(cfg=cfg, method=method, run_dir=run_dir, task=task, train_task=method.training_task(task),
                       dist=dist, placement=Placement.for_runtime(cfg.runtime, device), log=log,
                       results=read_results(run_dir) or new_results(cfg, method) | {"config_hash": cfg.hash()},
-                      stop=stop, progress=progress)
+                      stop=stop, progress=progress, callbacks=callbacks or Callbacks())
 
 
 def check_runtime(cfg: RunConfig, device: torch.device, steps: str | None, *, resume: bool,

@@ -21,6 +21,7 @@ from torch import nn
 
 from ilseg.config import RunConfig
 from ilseg.engine import distributed
+from ilseg.engine.callbacks import Callbacks
 from ilseg.engine.loaders import TrainingData, eval_dataset, eval_loader, training_data
 from ilseg.engine.loop import EpochProgress, NonFiniteLoss, evaluate, train_one_epoch
 from ilseg.engine.optim import Optimisation, StepLength, step_recipe
@@ -65,6 +66,7 @@ class RunContext:
     results: dict[str, Any]
     stop: StopRequests = dataclasses.field(default_factory=StopRequests)
     progress: bool = True
+    callbacks: Callbacks = dataclasses.field(default_factory=Callbacks)
 
 
 def seed_everything(seed: int) -> None:
@@ -77,12 +79,18 @@ def train_step(ctx: RunContext, step: int, resume: dict[str, Any] | None = None)
     """Train, evaluate, save and record ``step``; ``resume`` is a ``last.pth`` state of this step."""
     epochs, lr = step_recipe(ctx.cfg.optim, step)
     seed_everything(ctx.cfg.runtime.seed + 1000 * step + 999)  # the new classifier's init, resume or not
-    setup = ctx.method.start_step(initial_model(ctx, step), ctx.train_task, step)
+    model, previous = initial_model(ctx, step)
+    if previous is not None:  # what the method kept across steps, as the last step left it
+        ctx.method.load_state_dict(previous.get("method_state", {}))
+    if resume is not None:
+        ctx.method.load_state_dict(resume.get("method_state", {}))
+    setup = ctx.method.start_step(model, ctx.train_task, step)
     if resume is not None:  # before DDP wraps it, so every rank starts from the same weights
         load_weights(setup.student, resume, last_checkpoint(ctx.run_dir))
+    ctx.callbacks.on_step_start(step, setup)
     train_model = place_models(ctx, setup)
     data = training_data(ctx.cfg, ctx.train_task, step, setup.target_lut, dist=ctx.dist, progress=ctx.progress)
-    calibrate(ctx, setup, data, step)
+    prepare(ctx, setup, data, step)
     length = StepLength.of(ctx.cfg.optim, step, len(data.loader))
     epochs = length.epochs
     opt = Optimisation.build(ctx.cfg, train_model, lr=lr, total_iters=length.total, placement=ctx.placement,
@@ -91,6 +99,7 @@ def train_step(ctx: RunContext, step: int, resume: dict[str, Any] | None = None)
     log_step_start(ctx, step, data, epochs, at, length)
     for epoch in range(at.epoch, epochs):
         iterations = length.iterations_in(epoch)
+        ctx.callbacks.on_epoch_start(step, epoch)
         progress = train_epoch(ctx, step, epoch, epochs, train_model, setup, data, opt, at, iterations)
         finished = epoch if progress.finished else epoch - 1
         partial = None if progress.finished else {"epoch": epoch, **progress.state()}
@@ -98,37 +107,39 @@ def train_step(ctx: RunContext, step: int, resume: dict[str, Any] | None = None)
                    partial=partial)
         if not progress.finished:
             raise interrupted(ctx, step, epoch, epochs, progress.iterations, iterations)
+        ctx.callbacks.on_epoch_end(step, epoch, progress.means() | {"lr": opt.optimizer.param_groups[0]["lr"]})
+    ctx.method.finish_step(setup.student, setup.teacher, step)
     scores = evaluate_step(ctx.cfg, ctx.task, ctx.train_task, setup.student, step, ctx.dist, ctx.placement)
     entry = step_entry(ctx.train_task, step, scores, len(data.dataset), epochs, at.seconds)
     save_state(ctx, step_checkpoint(ctx.run_dir, step), setup.student, opt, step, epochs - 1, epochs, at.seconds,
                entry=entry, confusion_matrix=scores["confusion_matrix"])
     record_step(ctx, entry)
     preview_step(ctx, setup.student, step)
+    ctx.callbacks.on_step_end(step, entry)
 
 
-def calibrate(ctx: RunContext, setup: StepSetup, data: TrainingData, step: int) -> None:
-    """What a method computes from its teacher over the step's training set before training (PLOP's
-    pseudo-label thresholds): one pass over epoch 0's batches, summed over the processes."""
-    if not ctx.method.calibrates(step):
+def prepare(ctx: RunContext, setup: StepSetup, data: TrainingData, step: int) -> None:
+    """The method's pass of the teacher over the step's training set before training, when it asks for one
+    (:meth:`~ilseg.methods.Method.prepares`): epoch 0's batches of this process, reductions over the
+    processes; the method's line goes to the log."""
+    if not ctx.method.prepares(step):
         return
     teacher = setup.teacher
     if teacher is None:
-        raise ValueError(f"method {ctx.method.cfg.name!r} calibrates from a teacher, but step {step} has none")
+        raise ValueError(f"method {ctx.method.cfg.name!r} prepares step {step} from a teacher, but has none")
     start = time.perf_counter()
     data.set_epoch(0)
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches() -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
         for images, targets in data.loader:
             images = ctx.placement.images(images)
             with torch.inference_mode(), ctx.placement.autocast():
-                logits = teacher(images)["logits"]
-            yield logits.float(), targets.to(ctx.placement.device, non_blocking=True)
+                out = teacher(images)
+            yield {**out, "logits": out["logits"].float()}, targets.to(ctx.placement.device, non_blocking=True)
 
     reduce = (lambda t: torch.distributed.all_reduce(t)) if ctx.dist.enabled else None
-    thresholds = ctx.method.calibrate(batches(), step, reduce=reduce)
-    ctx.log.info(f"step {step}: pseudo-label thresholds from {len(data.dataset)} training images "
-                 f"({ctx.method.cfg.pseudo_threshold}, {time.perf_counter() - start:.1f} s): "
-                 + " ".join(f"{float(t):.4g}" for t in thresholds))
+    line = ctx.method.prepare(batches(), step, reduce=reduce)
+    ctx.log.info(f"step {step}: {line} ({time.perf_counter() - start:.1f} s)")
 
 
 @dataclasses.dataclass
@@ -152,10 +163,13 @@ class Position:
         return cls(epoch=int(resume["epoch"]) + 1, seconds=seconds)
 
 
-def initial_model(ctx: RunContext, step: int) -> IncrementalSegmenter:
-    """Step 0: a new model (ImageNet body if configured).  Later: step ``step - 1``'s final model."""
+def initial_model(ctx: RunContext, step: int) -> tuple[IncrementalSegmenter, dict[str, Any] | None]:
+    """Step 0: a new model (ImageNet body if configured).  Later: step ``step - 1``'s final model.
+
+    Returns the model and, from step 1 on, the checkpoint it came from (the method's state is in it).
+    """
     if step == 0:
-        return model_from_config(ctx.cfg, ctx.train_task.classifier_sizes(0), pretrained=True)
+        return model_from_config(ctx.cfg, ctx.train_task.classifier_sizes(0), pretrained=True), None
     prev = step_checkpoint(ctx.run_dir, step - 1)
     if not prev.is_file():
         raise IlsegError(
@@ -167,7 +181,7 @@ def initial_model(ctx: RunContext, step: int) -> IncrementalSegmenter:
     check_compatible(state, checkpoint_identity(trained_with, step - 1), prev)
     model = model_from_config(ctx.cfg, ctx.train_task.classifier_sizes(step - 1), pretrained=False)
     load_weights(model, state, prev)
-    return model
+    return model, state
 
 
 def place_models(ctx: RunContext, setup: StepSetup) -> nn.Module:
@@ -326,7 +340,8 @@ def save_state(ctx: RunContext, path: Path, model: nn.Module, opt: Optimisation,
             model=model, optimizer=opt.optimizer, scheduler=opt.scheduler, scaler=opt.scaler, step=step,
             epoch=epoch, epochs=epochs, train_seconds=round(seconds, 2),
             identity=checkpoint_identity(ctx.cfg, step, ctx.method), config=ctx.cfg.to_dict(),
-            metrics=entry, confusion_matrix=confusion_matrix, partial=partial))
+            metrics=entry, confusion_matrix=confusion_matrix, partial=partial,
+            method_state=ctx.method.state_dict()))
 
     distributed.on_main(write)
 

@@ -1,6 +1,6 @@
 """The loss terms of ILT and its baselines, as pure functions of tensors.
 
-Notation (REFERENCE.md §6): ``z`` are the student's logits, ``z°`` the
+Notation (docs/protocol.md#ilt-losses): ``z`` are the student's logits, ``z°`` the
 teacher's (the previous step's model, ``C_old`` channels), ``y`` the training
 target (channel ids, 255 = ignore), ``f`` / ``f°`` the encoder features.
 Logits arrive already upsampled to the target's resolution.
@@ -21,7 +21,7 @@ Sources:
 * ``feature_distillation`` - MiB's ``L_FD`` and the ILT paper's ``L''_D``.
 * ``unbiased_cross_entropy`` and ``kd_unbiased`` - MiB's own method
   (``UnbiasedCrossEntropy``, ``UnbiasedKnowledgeDistillationLoss``;
-  REFERENCE-METHODS.md §1.1-1.2).
+  docs/protocol.md#mib-unbiased-cross-entropy).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ilseg.tasks import IGNORE_INDEX
-
 
 CEReduction = Literal["valid", "all"]
 KDMask = Literal["old_bgr", "all", "old"]

@@ -6,16 +6,17 @@ Semantic Segmentation", CVPR 2021) trains step ``t > 0`` with
 * **Local POD** (:func:`local_pod_loss`): a distance between multi-scale
   row/column means of six maps of the student and of the previous model (the
   teacher): the pre-activation output of the four ResNet stages, the head
-  output and the logits at head resolution.  The model returns them when
-  ``model.pod_outputs = True`` (:class:`~ilseg.models.IncrementalSegmenter`).
+  output and the logits at head resolution.  The method asks the model for
+  them as taps (:data:`POD_TAPS`, :class:`~ilseg.models.IncrementalSegmenter`).
 * **Entropy pseudo-labels** (:func:`pseudo_label`): background pixels take the
   teacher's prediction where the teacher is confident enough (its normalised
   entropy below a per-class threshold, :class:`EntropyThresholds`) and are
   ignored elsewhere; each image's cross-entropy is scaled by the fraction of
   its background pixels that were kept (:func:`plop_cross_entropy`).
 
-The total loss is ``plop_cross_entropy(...) + local_pod_loss(...)``.  Formulas
-and the reference's quirks: REFERENCE-METHODS.md §2; source: PLOP's
+The total loss is ``plop_cross_entropy(...) + local_pod_loss(...)``
+(:class:`PLOP`, the method, at the end of this file).  Formulas and the
+reference's quirks: docs/methods.md "PLOP"; source: PLOP's
 ``train.py`` (``features_distillation``, ``_local_pod``, ``entropy``,
 ``Trainer.find_median``, ``Trainer.train``), repository
 arthurdouillard/CVPR2021_PLOP.
@@ -32,15 +33,32 @@ gradient reaches the previous model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ilseg.tasks import IGNORE_INDEX
+from ilseg.errors import IlsegError
+from ilseg.methods.base import (
+    NON_NEGATIVE,
+    ClassifierInit,
+    Method,
+    MethodConfig,
+    Reduce,
+    StepSetup,
+    TeacherBatch,
+    boundary_text,
+    ce_text,
+    weight_text,
+    weighted_total,
+)
+from ilseg.methods.losses import CEReduction
+from ilseg.models import IncrementalSegmenter
+from ilseg.tasks import IGNORE_INDEX, Task
 
 POD_SCALES: tuple[int, ...] = (1, 2, 4)
 PLOP_THRESHOLD_FLOOR = 0.001  # PLOP's --threshold: in entropy mode a floor on each class's threshold
@@ -130,7 +148,7 @@ def local_pod_loss(
     logits_factor: float,
     scales: Sequence[int] = POD_SCALES,
 ) -> Tensor:
-    """PLOP's Local POD distillation (REFERENCE-METHODS.md §2.3)::
+    """PLOP's Local POD distillation (PLOP's ``train.py`` ``features_distillation``; docs/methods.md)::
 
         L_pod = 1/M * sum_l  lambda_l * sqrt(N_all / N) * mean_b || Phi(a_l^2) - Phi(b_l^2) ||_2
 
@@ -144,7 +162,7 @@ def local_pod_loss(
 
     Args:
         student_maps: the student's maps, ``B x C_l x h_l x w_l`` each (the
-            model's ``out["pod"]``), square.
+            model's ``out["taps"]`` for :data:`POD_TAPS`), square.
         teacher_maps: the teacher's, same shapes except the last map's
             ``C_old`` channels; detached here.
         num_old_channels: ``C_old``.
@@ -441,7 +459,7 @@ def pseudo_label(
     num_old_channels: int,
     num_classes_total: int,
 ) -> tuple[Tensor, Tensor]:
-    """PLOP's entropy pseudo-labels and per-image adaptive factor (REFERENCE-METHODS.md §2.4).
+    """PLOP's entropy pseudo-labels and per-image adaptive factor (PLOP's ``train.py`` ``Trainer.train``; docs/methods.md).
 
     With ``bg = label < C_old`` (255 is not background), ``y^`` the
     teacher's argmax (possibly 0) and ``valid = v < thresholds[y^]``
@@ -496,3 +514,150 @@ def plop_cross_entropy(logits: Tensor, label: Tensor, factor: Tensor) -> Tensor:
         raise ValueError(f"need one factor per image ({logits.shape[0]}), got shape {tuple(factor.shape)}")
     per_pixel = F.cross_entropy(logits.float(), label.long(), ignore_index=IGNORE_INDEX, reduction="none")
     return (per_pixel * factor.float()[:, None, None]).mean()
+
+
+# ---------------------------------------------------------------- the method
+
+# The maps Local POD compares, in the order of :func:`local_pod_loss`.
+POD_TAPS: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4", "head", "logits_lowres")
+
+
+@dataclasses.dataclass(frozen=True)
+class PLOPConfig(MethodConfig):
+    """PLOP's settings (and the common fields of :class:`~ilseg.methods.base.MethodConfig`, with PLOP's defaults).
+
+    Attributes:
+        pod_factor: Local POD's weight of the four ResNet stages and the head
+            output (:func:`local_pod_loss`); 0 with ``pod_logits_factor`` 0 = off.
+        pod_logits_factor: its weight of the logits map.
+        pseudo_labels: ``"entropy"``: PLOP's pseudo-labels on background
+            pixels, the CE scaled per image by the fraction kept and averaged
+            over all pixels (:func:`pseudo_label`); ``"none"``: the plain CE.
+        pseudo_threshold: per-class entropy thresholds: ``"median"`` (the true
+            median over the step's training set, all ranks together) or
+            ``"plop_compat"`` (PLOP's own histogram walk, per rank).
+        pseudo_floor: the smallest threshold (PLOP's ``--threshold``).
+    """
+
+    ce_reduction: CEReduction = "all"
+    classifier_init: ClassifierInit = "background"
+    pod_factor: float = dataclasses.field(default=0.01, metadata=NON_NEGATIVE)
+    pod_logits_factor: float = dataclasses.field(default=0.0005, metadata=NON_NEGATIVE)
+    pseudo_labels: Literal["none", "entropy"] = "entropy"
+    pseudo_threshold: ThresholdMode = "median"
+    pseudo_floor: float = dataclasses.field(default=PLOP_THRESHOLD_FLOOR, metadata=NON_NEGATIVE)
+
+    def check(self) -> None:
+        if self.pseudo_labels != "none" and self.ce_reduction != "all":
+            self.fail(f"pseudo_labels = {self.pseudo_labels!r} scales each image's cross-entropy and averages it "
+                      "over all pixels (PLOP): set ce_reduction to 'all'")
+
+    @property
+    def uses_pod(self) -> bool:
+        """Whether Local POD is on (either factor positive)."""
+        return self.pod_factor > 0 or self.pod_logits_factor > 0
+
+
+class PLOP(Method):
+    """``L = CE(pseudo-labels) + POD`` from step 1 on; ``CE(y)`` at step 0.
+
+    Before each step > 0 it computes the per-class entropy thresholds from
+    one pass of the teacher over the step's training set (:meth:`prepare`).
+    """
+
+    config_class = PLOPConfig
+    cfg: PLOPConfig
+
+    def __init__(self, cfg: MethodConfig) -> None:
+        super().__init__(cfg)
+        self.thresholds: Tensor | None = None  # the current step's, from prepare()
+        self._new_channels = 0  # classes added by the step start_step prepared
+
+    @property
+    def needs_teacher(self) -> bool:
+        return True
+
+    def taps(self, step: int) -> tuple[str, ...]:
+        return POD_TAPS if step > 0 and self.cfg.uses_pod else ()
+
+    def start_step(self, model: IncrementalSegmenter, task: Task, step: int) -> StepSetup:
+        self.thresholds = None
+        self._new_channels = task.step_sizes[step]
+        return super().start_step(model, task, step)
+
+    def prepares(self, step: int) -> bool:
+        return step > 0 and self.cfg.pseudo_labels != "none"
+
+    def prepare(self, batches: Iterable[TeacherBatch], step: int, *, reduce: Reduce | None = None) -> str:
+        """The per-class entropy thresholds of step ``step`` (kept for its losses).
+
+        With ``reduce`` every rank gets the thresholds of the whole training
+        set; ``"plop_compat"`` leaves it unused, as PLOP's thresholds come from
+        each rank's own shard.
+        """
+        if self._new_channels < 1:
+            raise ValueError("prepare needs the step's start_step first (it sets the number of new classes)")
+        acc: EntropyThresholds | None = None
+        images = 0
+        for teacher_out, target in batches:
+            teacher_logits = teacher_out["logits"]
+            if acc is None:
+                acc = EntropyThresholds(num_old_channels=teacher_logits.shape[1],
+                                        num_classes_total=teacher_logits.shape[1] + self._new_channels,
+                                        device=teacher_logits.device)
+            acc.update(teacher_logits, target)
+            images += target.shape[0]
+        if acc is None:
+            raise IlsegError(f"step {step} has no training batch to compute the pseudo-label thresholds from")
+        if reduce is not None and self.cfg.pseudo_threshold == "median":
+            reduce(acc.state())
+        self.thresholds = acc.thresholds(mode=self.cfg.pseudo_threshold, floor=self.cfg.pseudo_floor)
+        return (f"pseudo-label thresholds from {images} training images ({self.cfg.pseudo_threshold}): "
+                + " ".join(f"{float(t):.4g}" for t in self.thresholds))
+
+    def loss(self, student: Mapping[str, Any], teacher: Mapping[str, Any] | None, target: Tensor,
+             step: int) -> dict[str, Tensor]:
+        cfg = self.cfg
+        logits = student["logits"]
+        if teacher is None:
+            ce = self.cross_entropy(logits, target)
+            return {"ce": ce, "loss": ce}
+        old_logits = teacher["logits"]
+        losses = {"ce": self._classification(logits, old_logits, target, step)}
+        if cfg.uses_pod:
+            old = old_logits.shape[1]
+            losses["pod"] = local_pod_loss([student["taps"][n] for n in POD_TAPS],
+                                           [teacher["taps"][n] for n in POD_TAPS], num_old_channels=old,
+                                           num_classes_total=logits.shape[1], num_new=logits.shape[1] - old,
+                                           factors=cfg.pod_factor, logits_factor=cfg.pod_logits_factor)
+        return weighted_total(losses, {})  # POD's factors are inside the term
+
+    def _classification(self, logits: Tensor, teacher_logits: Tensor, target: Tensor, step: int) -> Tensor:
+        if self.cfg.pseudo_labels == "none":
+            return self.cross_entropy(logits, target)
+        if self.thresholds is None:
+            raise ValueError(f"method {self.cfg.name!r} pseudo-labels with thresholds from prepare(), which was "
+                             f"not called for step {step}")
+        with torch.no_grad():
+            labels, kept = pseudo_label(target, teacher_logits, self.thresholds.to(logits.device),
+                                        num_old_channels=teacher_logits.shape[1], num_classes_total=logits.shape[1])
+        return plop_cross_entropy(logits, labels, kept)
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        if cfg.pseudo_labels == "entropy":
+            terms = [f"CE(pseudo-labels: entropy < {cfg.pseudo_threshold} threshold, x kept fraction, "
+                     "mean over all pixels)"]
+        else:
+            terms = [ce_text(cfg)]
+        if cfg.uses_pod:
+            terms.append(f"POD(stages+head {weight_text(cfg.pod_factor)}, logits {weight_text(cfg.pod_logits_factor)})")
+        return f"{cfg.name}: L = {' + '.join(terms)} {boundary_text(self, distils=True)}"
+
+
+PRESETS: dict[str, MethodConfig] = {
+    # PLOP as its code's `--method PLOP` sets it for VOC: Local POD (0.01 on the stages and head, 0.0005 on
+    # the logits), entropy pseudo-labels (true-median thresholds, floor 0.001), new classifiers from the
+    # background, CE over all pixels.  ADE20k presets lower the POD factors.
+    "plop": PLOPConfig(name="plop"),
+}

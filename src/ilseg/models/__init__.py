@@ -17,6 +17,7 @@ from ilseg.models.pretrained import (
 )
 from ilseg.models.segmenter import (
     BACKBONES,
+    TAPS,
     IncrementalSegmenter,
     build_segmenter,
     copy_for_teacher,
@@ -31,6 +32,7 @@ __all__ = [
     "BACKBONES",
     "CPUSyncBatchNorm",
     "DEFAULT_DILATIONS",
+    "TAPS",
     "IncrementalSegmenter",
     "ResNet",
     "build_segmenter",

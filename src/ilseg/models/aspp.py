@@ -1,4 +1,4 @@
-"""MiB's DeepLab-v3 ASPP head (REFERENCE.md §5).
+"""MiB's DeepLab-v3 ASPP head (docs/protocol.md#aspp-head).
 
 Two branches are added, then normalised::
 

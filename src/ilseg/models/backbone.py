@@ -4,7 +4,7 @@
 dict (minus ``fc.*``) loads into it with ``strict=True``: the same module names
 (``conv1``, ``bn1``, ``layer1`` .. ``layer4``, blocks with ``conv1/bn1/conv2/bn2
 [/conv3/bn3]`` and ``downsample.0/.1``).  It differs from torchvision where MiB
-and cssegmentation differ (REFERENCE.md §5):
+and cssegmentation differ (docs/protocol.md#deeplab-v3-on-resnet-101):
 
 * every activation is LeakyReLU(0.01) instead of ReLU (MiB runs InPlace-ABN with
   a leaky ReLU; a plain BN followed by the activation computes the same

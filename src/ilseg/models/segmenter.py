@@ -34,15 +34,27 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ilseg.errors import IlsegError
-from ilseg.models.aspp import ASPP, DEFAULT_DILATIONS, V2_RATES, ASPPv2Classifier, NoHead
-from ilseg.models.backbone import LEAKY_SLOPE, SUPPORTED_DEPTHS, SUPPORTED_OUTPUT_STRIDES, ResNet, StrideOn
+from ilseg.models.aspp import (
+    ASPP,
+    DEFAULT_DILATIONS,
+    V2_RATES,
+    ASPPv2Classifier,
+    NoHead,
+)
+from ilseg.models.backbone import (
+    LEAKY_SLOPE,
+    SUPPORTED_DEPTHS,
+    SUPPORTED_OUTPUT_STRIDES,
+    ResNet,
+    StrideOn,
+)
 from ilseg.models.pretrained import load_pretrained
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -53,6 +65,8 @@ HeadKind = Literal["aspp", "aspp_v2"]
 Activation = Literal["leaky_relu", "relu"]
 HEADS: tuple[HeadKind, ...] = ("aspp", "aspp_v2")
 ACTIVATIONS: dict[Activation, float] = {"leaky_relu": LEAKY_SLOPE, "relu": 0.0}  # the body's negative slope
+# The intermediate maps a method can ask the model for (IncrementalSegmenter.taps), in forward order.
+TAPS: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4", "head", "logits_lowres")
 
 Classifier = nn.Conv2d | ASPPv2Classifier
 
@@ -77,24 +91,25 @@ class IncrementalSegmenter(nn.Module):
       resolution with ``upsample=False``;
     * ``"features"``: ``Bx{body.out_channels}xhxw``, the body's output after its
       last activation (what ILT's feature distillation compares);
-    * ``"pod"``, only while ``model.pod_outputs`` is True: the six maps PLOP
-      distils (REFERENCE-METHODS.md §2.2), in this order: the pre-activation
-      output of layer1, layer2, layer3 and layer4 (the residual sum of each
-      stage's last block, before its LeakyReLU), the head output (after the
-      head's last BN + LeakyReLU), and the concatenated classifier logits at
+    * ``"taps"``, only while ``model.taps`` names maps (a method asks for them:
+      :meth:`ilseg.methods.Method.taps`): ``{name: map}`` for each name of
+      :data:`TAPS` it lists.  ``"layer1"`` .. ``"layer4"``: each ResNet stage's
+      pre-activation output (the residual sum of its last block, before its
+      activation); ``"head"``: the head output (after its last BN and
+      activation); ``"logits_lowres"``: the concatenated classifier logits at
       head resolution (before upsampling).  For a 512x512 crop, ResNet-101 and
       output stride 16: ``256x128x128``, ``512x64x64``, ``1024x32x32``,
-      ``2048x32x32``, ``256x32x32``, ``Cx32x32`` per image.  Needs a
-      :class:`~ilseg.models.backbone.ResNet` body.
+      ``2048x32x32``, ``256x32x32``, ``Cx32x32`` per image.  The stage maps
+      need a :class:`~ilseg.models.backbone.ResNet` body.
 
-    ``pod_outputs`` is a plain attribute (not a parameter or buffer, so not in
-    the state dict), False by default: with it off the forward pass computes
-    and keeps exactly what it did before it existed.  Set it once, before
-    wrapping the model in DDP or ``torch.compile`` and before
-    :func:`copy_for_teacher` (the copy inherits it), rather than per call::
+    ``taps`` is a plain attribute (not a parameter or buffer, so not in the
+    state dict), empty by default: then the forward pass computes and keeps
+    exactly what it did before taps existed.  Set it once, before wrapping the
+    model in DDP or ``torch.compile`` and before :func:`copy_for_teacher` (the
+    copy inherits it), rather than per call::
 
-        >>> model.pod_outputs = True
-        >>> [m.shape[1] for m in model(x)["pod"]]  # resnet18, 16 head channels, 5 classes
+        >>> model.taps = TAPS
+        >>> [m.shape[1] for m in model(x)["taps"].values()]  # resnet18, 16 head channels, 5 classes
         [64, 128, 256, 512, 16, 5]
     """
 
@@ -110,7 +125,7 @@ class IncrementalSegmenter(nn.Module):
         self.bn_frozen = False
         self.encoder_frozen = False
         self.is_teacher = False
-        self.pod_outputs = False
+        self.taps: tuple[str, ...] = ()
 
     @property
     def classes_per_step(self) -> tuple[int, ...]:
@@ -122,9 +137,9 @@ class IncrementalSegmenter(nn.Module):
         """Total output channels (classes seen so far, background included)."""
         return sum(self.classes_per_step)
 
-    def forward(self, x: torch.Tensor, upsample: bool = True) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        if self.pod_outputs:
-            return self._forward_with_pod(x, upsample)
+    def forward(self, x: torch.Tensor, upsample: bool = True) -> dict[str, Any]:
+        if self.taps:
+            return self._forward_with_taps(x, upsample)
         features = self.body(x)
         head_out = self.head(features)
         logits = torch.cat([cls(head_out) for cls in self.classifiers], dim=1)
@@ -132,17 +147,27 @@ class IncrementalSegmenter(nn.Module):
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return {"logits": logits, "features": features}
 
-    def _forward_with_pod(self, x: torch.Tensor, upsample: bool) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        """``forward`` plus ``"pod"``: the same outputs, and the six maps PLOP distils."""
-        if not isinstance(self.body, ResNet):
-            raise IlsegError(f"PLOP's feature maps need a ResNet body, got {type(self.body).__name__}")
-        features, stage_maps = self.body.forward_with_stages(x)
+    def _forward_with_taps(self, x: torch.Tensor, upsample: bool) -> dict[str, Any]:
+        """``forward`` plus ``"taps"``: the same outputs, and the maps ``self.taps`` names."""
+        unknown = [name for name in self.taps if name not in TAPS]
+        if unknown:
+            raise IlsegError(f"the model has no map {unknown[0]!r} to tap; it has: {', '.join(TAPS)}")
+        maps: dict[str, torch.Tensor] = {}
+        if any(name.startswith("layer") for name in self.taps):
+            if not isinstance(self.body, ResNet):
+                raise IlsegError(f"the stage maps {', '.join(TAPS[:4])} need a ResNet body, "
+                                 f"got {type(self.body).__name__}")
+            features, stage_maps = self.body.forward_with_stages(x)
+            maps |= dict(zip(TAPS[:4], stage_maps))
+        else:
+            features = self.body(x)
         head_out = self.head(features)
         small_logits = torch.cat([cls(head_out) for cls in self.classifiers], dim=1)
+        maps |= {"head": head_out, "logits_lowres": small_logits}
         logits = small_logits
         if upsample:
             logits = F.interpolate(small_logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return {"logits": logits, "features": features, "pod": [*stage_maps, head_out, small_logits]}
+        return {"logits": logits, "features": features, "taps": {name: maps[name] for name in self.taps}}
 
     def add_step(self, num_classes: int, *, init: Literal["default", "background"] = "default") -> None:
         """Append a classifier for ``num_classes`` new classes, on the model's device and dtype.

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from ilseg.errors import IlsegError
-from ilseg.runs.folder import read_run_config, training_task
+from ilseg.config import PLACEMENT, settings_of
+from ilseg.runs.folder import eval_protocol_differences, read_run_config, training_task
 from ilseg.runs.results import read_results
 
-# Settings that do not change what a run learns beyond its seed: runs that differ only in these
-# (and in runtime.seed) are seeds of one experiment.
-NOT_IDENTITY = {("name",), ("runtime",), ("data", "root"), ("data", "cache_dir"), ("data", "workers"),
-                ("eval", "batch_size")}
+# Settings that do not change what a run learns beyond its seed: runs that differ only in these (the
+# placement settings, the run's name and its seed) are seeds of one experiment.
+NOT_IDENTITY = {("name",), ("runtime", "seed")} | {tuple(s.key.split(".")) for s in settings_of(PLACEMENT)}
 # What every run of one report must share, with the words used to name a difference.
 SAME_TASK = (("dataset", "dataset"), ("task", "task"), ("overlap", "overlapped/disjoint setting"),
              ("order", "class order"))
@@ -232,13 +232,19 @@ def load_run(path: Path) -> Run:
 
 
 def check_comparable(runs: Sequence[Run]) -> None:
-    """Refuse runs of different datasets, tasks, settings or class orders, naming the difference."""
+    """Refuse runs of different datasets, tasks, settings, class orders or evaluation protocols, naming the
+    difference (the evaluation settings are those of role :data:`~ilseg.config.EVALUATION`)."""
     first = runs[0]
     for run in runs[1:]:
         for key, words in SAME_TASK:
             if run.results.get(key) != first.results.get(key):
                 raise IlsegError(f"runs of different {words} cannot be compared in one report: {first.path} has "
                                  f"{first.results.get(key)!r}, {run.path} has {run.results.get(key)!r}")
+        scored = eval_protocol_differences(first.config, run.config)
+        if scored:
+            raise IlsegError(f"runs scored under different evaluation protocols cannot be compared in one report: "
+                             f"{first.path} vs {run.path}: {'; '.join(scored)}; re-score one of them with "
+                             f"`ilseg eval --checkpoint` and the other's settings, or report them apart")
 
 
 def group_runs(runs: Sequence[Run]) -> list[Group]:

@@ -50,8 +50,8 @@ def check_compatible(state: Mapping[str, Any], expected: Mapping[str, Any], path
 
     ``expected`` comes from :func:`ilseg.runs.folder.checkpoint_identity`.
     """
-    found = state.get("identity", {})
-    defaults = setting_defaults()
+    found = upgraded_identity(state)
+    defaults = setting_defaults(expected)
     # A setting added after the checkpoint was written is absent from it; the checkpoint then trained with
     # what the setting's default does (every setting is added with a default that keeps the old behaviour).
     diffs = [
@@ -69,17 +69,52 @@ def check_compatible(state: Mapping[str, Any], expected: Mapping[str, Any], path
         )
 
 
-def setting_defaults() -> dict[str, Any]:
-    """Every config setting's default as a flat ``section.key`` entry (``method.*``: the fields of
-    :class:`~ilseg.methods.MethodConfig`, whose defaults switch every term off)."""
+def setting_defaults(expected: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every config setting's default as a flat ``section.key`` entry.
+
+    ``method.*``: the defaults of the fields of the method ``expected`` (an
+    identity) records with ``method.kind``, when it names a registered method.
+    """
     from ilseg.config import RunConfig
-    from ilseg.methods import MethodConfig
+    from ilseg.methods import METHODS
 
     plain = RunConfig().to_dict()
     flat = {f"{section}.{k}": v for section, values in plain.items() if isinstance(values, dict)
             for k, v in values.items() if section != "method"}
-    flat |= {f"method.{f.name}": f.default for f in dataclasses.fields(MethodConfig) if f.name != "name"}
+    method = METHODS.get(str((expected or {}).get("method.kind")))
+    if method is not None:
+        flat |= {f"method.{f.name}": f.default for f in dataclasses.fields(method.config_class)
+                 if f.name != "name" and f.default is not dataclasses.MISSING}
     return flat
+
+
+def upgraded_identity(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's identity, its method part in today's layout.
+
+    A checkpoint of a step > 0 written by ilseg 0.1 records the 18 fields of
+    the flat method config (:mod:`ilseg.methods.legacy`); they are read into
+    the method's own config (the preset named in the checkpoint's config) and
+    recorded as that method records them now.  Anything that cannot be read
+    so is left as it is, and shows as a difference.
+    """
+    from ilseg.errors import IlsegError
+    from ilseg.methods import METHOD_PRESETS, build_method
+    from ilseg.methods.legacy import LEGACY_FIELDS, from_legacy
+
+    found = dict(state.get("identity", {}))
+    if "method.kind" in found or "method.unbiased_ce" not in found:
+        return found
+    flat = {k[len("method."):]: v for k, v in found.items() if k.startswith("method.")}
+    name = ((state.get("config") or {}).get("method") or {}).get("name")
+    if name not in METHOD_PRESETS or not set(flat) <= set(LEGACY_FIELDS):
+        return found
+    try:
+        cfg = from_legacy(METHOD_PRESETS[name], flat | {"name": name}, "method")
+    except IlsegError:
+        return found
+    step = int(found.get("step", 1))
+    method_part = {f"method.{k}": v for k, v in build_method(cfg).identity(step).items()}
+    return {k: v for k, v in found.items() if not k.startswith("method.")} | method_part
 
 
 def training_state(
@@ -97,13 +132,16 @@ def training_state(
     metrics: Mapping[str, Any] | None = None,
     confusion_matrix: list[list[int]] | None = None,
     partial: Mapping[str, Any] | None = None,
+    method_state: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The one checkpoint layout, for ``last.pth`` (no metrics) and ``step{t}.pth`` (with them).
 
     ``epoch`` is the last finished epoch (0-based) of ``epochs``; the state
     after the last epoch is all that evaluation and the next step need.
     ``partial`` (``last.pth`` of a run stopped mid-epoch) records the epoch
-    under way, the iterations done in it and their loss sums.
+    under way, the iterations done in it and their loss sums.  ``method_state``
+    is what the method keeps across steps (:meth:`~ilseg.methods.Method.state_dict`);
+    it is left out when empty, as in checkpoints written before methods kept state.
     """
     state: dict[str, Any] = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -113,6 +151,8 @@ def training_state(
     }
     if partial is not None:
         state["partial"] = dict(partial)
+    if method_state:
+        state["method_state"] = dict(method_state)
     if metrics is not None:
         state["metrics"] = dict(metrics)
         state["confusion_matrix"] = confusion_matrix

@@ -29,7 +29,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ilseg.config import RunConfig, config_from_dict, dump_config, load_config, parse_overrides
+from ilseg.config import (
+    EVALUATION,
+    LATER_STEPS,
+    MODEL,
+    TRAINING,
+    RunConfig,
+    config_from_dict,
+    dump_config,
+    load_config,
+    parse_overrides,
+    settings_of,
+)
 from ilseg.runs.checkpoint import check_compatible, load_checkpoint
 from ilseg.errors import IlsegError, WriteError
 from ilseg.fileio import atomic_write_text, write_failure
@@ -41,15 +52,6 @@ CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "config-history.json"
 LAST_CHECKPOINT = "last.pth"
 LOCK_FILE = ".lock"
-
-# Settings that change which images a step trains on or how (data.root, workers and caches do not).
-_DATA_TRAINING = ("overlap", "index_file", "crop_size", "scale")
-# Settings that change only how a finished model is scored.
-EVAL_PROTOCOL = ("unseen", "ade_zero", "test_size", "test_crop")
-_OPTIM_STEP0 = ("optimizer", "lr", "epochs", "batch_size", "momentum", "nesterov", "weight_decay", "poly_power",
-                "iterations", "lr_end")
-_RUNTIME_TRAINING = ("seed", "amp")
-
 
 def step_checkpoint(run_dir: Path, step: int) -> Path:
     """``RUN_DIR/step{step}.pth``: the final model of ``step``."""
@@ -87,22 +89,17 @@ def read_run_config(run_dir: Path, overrides: Sequence[str] = (), *, step: int |
     return load_config(path, overrides)
 
 
-# Settings ``--resume --set`` may change: the optimisation (it applies from the step being resumed, which
-# restarts) and what only says where and how the run executes.
-RESUME_SETTABLE = ("optim.", "runtime.amp", "runtime.channels_last", "runtime.device", "runtime.backend",
-                   "runtime.collective_timeout_s", "runtime.tensorboard", "runtime.compile", "runtime.preview_images",
-                   "data.root", "data.workers", "data.cache_dir", "eval.batch_size")
-
-
 def resume_changes(old: RunConfig, new: RunConfig) -> list[str]:
     """The keys ``new`` changes in ``old``; refuses those a resumed run cannot change."""
     before, after = _flatten(old.to_dict()), _flatten(new.to_dict())
     changed = [k for k in after if before.get(k) != after[k]]
-    refused = [k for k in changed if not k.startswith(RESUME_SETTABLE)]
+    settable = {s.key for s in settings_of() if s.resume}
+    refused = [k for k in changed if k not in settable]
     if refused:
+        others = sorted(k for k in settable if not k.startswith("optim."))
         raise IlsegError(
             f"--resume cannot change {', '.join(refused)}: it changes what the finished steps were trained on; "
-            f"start a new run (--out) instead. A resumed run may change: optim.*, {', '.join(RESUME_SETTABLE[1:])}"
+            f"start a new run (--out) instead. A resumed run may change: optim.*, {', '.join(others)}"
         )
     return changed
 
@@ -354,31 +351,37 @@ def _same_scores(row: Mapping[str, Any], metrics: Mapping[str, Any]) -> bool:
 def checkpoint_identity(cfg: RunConfig, step: int, method: Method | None = None) -> dict[str, Any]:
     """Every setting that shaped the weights of a step-``step`` model, as flat ``section.key`` entries.
 
-    Step 0 depends on the dataset, the task's order and step sizes, the
-    training data settings, the model, the step-0 optimiser settings, the
-    seed, the precision and the method's step-0 fields (for the methods here,
-    the CE reduction and joint training).  Later steps depend on all method
-    and optimiser settings too.  Where the data comes from (``data.root``),
-    loader workers, caches and evaluation settings are left out.
+    Step 0 depends on the dataset, the task's order and step sizes, every
+    setting of role :data:`~ilseg.config.MODEL` or :data:`~ilseg.config.TRAINING`
+    (the config declares each setting's role) and the method's step-0 fields
+    (for the built-in methods, the CE reduction and joint training).  Later
+    steps depend on the :data:`~ilseg.config.LATER_STEPS` settings and all of
+    the method's fields too.  Evaluation and placement settings (where the
+    data comes from, loader workers, caches) are left out.
     """
     method = method or build_method(cfg.method)
     task = method.training_task(cfg.build_task())
     identity: dict[str, Any] = {
         "dataset": task.dataset, "order": list(task.order), "step_sizes": list(task.step_sizes), "step": step,
     }
-    plain = cfg.to_dict()
-    identity |= {f"data.{k}": plain["data"][k] for k in _DATA_TRAINING}
-    identity |= {f"model.{k}": v for k, v in plain["model"].items()}
-    optim_keys = _OPTIM_STEP0 if step == 0 else tuple(plain["optim"])
-    identity |= {f"optim.{k}": plain["optim"][k] for k in optim_keys}
+    flat = _flatten(cfg.to_dict())
+    roles = (MODEL, TRAINING) if step == 0 else (MODEL, TRAINING, LATER_STEPS)
+    identity |= {s.key: flat[s.key] for s in settings_of(*roles)}
     identity |= {f"method.{k}": v for k, v in _plain(method.identity(step)).items()}
-    identity |= {f"runtime.{k}": plain["runtime"][k] for k in _RUNTIME_TRAINING}
     return identity
 
 
 def same_eval_protocol(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     """Whether two config dicts score a model the same way (``data.unseen``, ...)."""
-    return all(a.get("data", {}).get(k) == b.get("data", {}).get(k) for k in EVAL_PROTOCOL)
+    return not eval_protocol_differences(a, b)
+
+
+def eval_protocol_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """The evaluation settings (role :data:`~ilseg.config.EVALUATION`) in which two config dicts differ,
+    as ``key: a-value vs b-value``."""
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    return [f"{s.key}: {flat_a.get(s.key)!r} vs {flat_b.get(s.key)!r}" for s in settings_of(EVALUATION)
+            if flat_a.get(s.key) != flat_b.get(s.key)]
 
 
 def model_from_config(cfg: RunConfig, classes_per_step: Sequence[int], *, pretrained: bool) -> IncrementalSegmenter:
