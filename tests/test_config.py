@@ -16,6 +16,7 @@ from ilseg.config import (
     resolve_config_path,
 )
 from ilseg.errors import IlsegError
+from ilseg.methods import build_method
 from ilseg.methods import METHOD_PRESETS
 
 PRESETS = sorted(preset_dir().glob("*.yaml"))
@@ -88,7 +89,7 @@ def test_a_preset_states_only_what_differs_from_the_defaults(path):
 @pytest.mark.parametrize("name, task, old_classes", [("voc-joint", "15-1", 16), ("ade-joint", "100-50", 101)])
 def test_joint_presets_have_a_task_with_steps_to_split_old_and_new(name, task, old_classes):
     cfg = load_config(resolve_config_path(name))
-    assert cfg.method.joint and cfg.data.task == task
+    assert build_method(cfg.method).all_classes_at_once and cfg.data.task == task
     steps = cfg.build_task()
     assert steps.num_steps > 1 and steps.step_sizes[0] == old_classes
     # another split of the same classes is one override away

@@ -13,7 +13,14 @@ import torch
 from ilseg.config import load_config, preset_dir
 from ilseg.data.synth import generate_synth
 from ilseg.engine.run import run_training
-from ilseg.methods import METHOD_PRESETS, MiB, MiBConfig, build_method, describe_method, method_config
+from ilseg.methods import (
+    METHOD_PRESETS,
+    MiB,
+    MiBConfig,
+    build_method,
+    describe_method,
+    method_config,
+)
 from ilseg.methods.legacy import to_legacy
 from ilseg.methods.losses import cross_entropy, kd_unbiased, unbiased_cross_entropy
 

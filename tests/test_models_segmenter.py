@@ -387,3 +387,26 @@ def test_folding_the_teachers_batchnorm_keeps_its_outputs():
     torch.testing.assert_close(b["logits"], a["logits"], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="eval-mode"):
         fold_batchnorm(model.train())
+
+
+def test_taps_of_a_body_without_stages_give_the_head_maps_and_refuse_the_stage_maps():
+    from ilseg.models import TAPS
+    from ilseg.models.aspp import NoHead
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU())
+    model = IncrementalSegmenter(body, NoHead(8), [3, 2]).eval()
+    assert TAPS == ("layer1", "layer2", "layer3", "layer4", "head", "logits_lowres") and model.taps == ()
+    x = _image(h=32, w=32)
+    with torch.no_grad():
+        plain = model(x)
+        model.taps = ("head", "logits_lowres")
+        out = model(x)
+        assert set(out) == {"logits", "features", "taps"}
+        torch.testing.assert_close(out["logits"], plain["logits"], rtol=0, atol=0)
+        torch.testing.assert_close(out["taps"]["head"], plain["features"], rtol=0, atol=0)  # NoHead: the features
+        assert out["taps"]["logits_lowres"].shape == (1, 5, 8, 8)
+        model.taps = ("layer4",)
+        with pytest.raises(IlsegError, match="need a ResNet body, got Sequential"):
+            model(x)
+    assert copy_for_teacher(model).taps == ("layer4",)  # the teacher copy asks for the same maps

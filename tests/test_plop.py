@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ilseg.errors import IlsegError
 from ilseg.methods.plop import (
     POD_TAPS,
     EntropyThresholds,
@@ -22,7 +23,6 @@ from ilseg.methods.plop import (
     pod_embedding,
     pseudo_label,
 )
-from ilseg.errors import IlsegError
 from ilseg.models import TAPS, build_segmenter, copy_for_teacher, fold_batchnorm
 from ilseg.models.backbone import BasicBlock, Bottleneck
 from ilseg.models.segmenter import IncrementalSegmenter

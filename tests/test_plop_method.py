@@ -14,7 +14,14 @@ from ilseg.config import load_config, preset_dir
 from ilseg.data.synth import generate_synth
 from ilseg.engine.run import run_training
 from ilseg.errors import IlsegError
-from ilseg.methods import METHOD_PRESETS, PLOP, PLOPConfig, build_method, describe_method, method_config
+from ilseg.methods import (
+    METHOD_PRESETS,
+    PLOP,
+    PLOPConfig,
+    build_method,
+    describe_method,
+    method_config,
+)
 from ilseg.methods.legacy import to_legacy
 from ilseg.methods.plop import (
     POD_TAPS,

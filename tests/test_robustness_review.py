@@ -175,7 +175,7 @@ def test_new_settings_from_a_later_step_still_load_the_steps_before(synth_root, 
 
 
 def test_a_checkpoint_from_before_a_new_setting_stays_usable_when_the_setting_is_at_its_default(tmp_path):
-    """Settings added later (e.g. PLOP's POD factors) are absent from older checkpoints; those trained as
+    """Settings added later (e.g. a method's new field) are absent from older checkpoints; those trained as
     the default does, so a run at the default accepts them, and a run that sets the new value does not."""
     from ilseg.config import load_config, preset_dir
     from ilseg.errors import IlsegError
@@ -184,9 +184,9 @@ def test_a_checkpoint_from_before_a_new_setting_stays_usable_when_the_setting_is
 
     cfg = load_config(preset_dir() / "synth-demo.yaml", ["method.name=ilt"])
     identity = checkpoint_identity(cfg, 1)
-    older = {k: v for k, v in identity.items() if k not in ("method.pod_factor", "method.pseudo_labels")}
+    older = {k: v for k, v in identity.items() if k not in ("method.kd_temperature", "runtime.sync_bn")}
     check_compatible({"identity": older, "format_version": 2}, identity, tmp_path / "step1.pth")
     changed = checkpoint_identity(load_config(preset_dir() / "synth-demo.yaml",
-                                              ["method.name=ilt", "method.pod_factor=0.01"]), 1)
-    with pytest.raises(IlsegError, match=r"method.pod_factor: checkpoint has '\(not recorded\)', this run has 0.01"):
+                                              ["method.name=ilt", "method.kd_temperature=2"]), 1)
+    with pytest.raises(IlsegError, match=r"method.kd_temperature: checkpoint has '\(not recorded\)', this run has 2.0"):
         check_compatible({"identity": older, "format_version": 2}, changed, tmp_path / "step1.pth")

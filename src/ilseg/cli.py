@@ -17,6 +17,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from ilseg import __version__
 from ilseg.errors import (
@@ -297,15 +298,76 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- parser ----------------------------------------------------------------------------
+# The top-level help lists the commands in these groups (argparse has no grouping of sub-commands of its own);
+# tests/test_cli.py checks that every command is in exactly one group.
+COMMAND_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("run", ("train", "eval", "predict", "demo")),
+    ("inspect", ("presets", "methods", "tasks", "splits", "config")),
+    ("compare", ("report", "import")),
+    ("data", ("data",)),
+)
+TOP_EXAMPLES = (
+    "examples:\n"
+    "  ilseg demo                                             # joint vs fine-tuning vs ILT on the CPU, minutes\n"
+    "  ilseg train --config voc-15-1-ov-ilt --out runs/ilt     # a preset (list them: ilseg presets)\n"
+    "  ilseg report runs/ft runs/ilt --out report/            # compare finished runs\n"
+    "\n"
+    "`ilseg COMMAND --help` shows a command's options and examples; `ilseg` alone prints this help and exits "
+    "with status 2 (no command given)."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, with a hint when a positional argument was swallowed by a list option before it.
+
+    ``ilseg predict --run R --gt M.png IMG.jpg`` reads ``IMG.jpg`` as a second
+    ground-truth mask (``--gt`` takes every word up to the next option), so
+    argparse only says "the following arguments are required: images"; this
+    says where to put them.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        missing = message.removeprefix("the following arguments are required: ")
+        lists = [a.option_strings[-1] for a in self._actions if a.option_strings and a.nargs in ("+", "*")]
+        positionals = {a.dest: a.metavar or a.dest for a in self._actions if not a.option_strings}
+        names = [part.strip() for part in missing.split(",")]
+        if missing != message and lists and any(n in positionals or n in positionals.values() for n in names):
+            where = " or ".join(lists)
+            message += (f"; if you gave them after {where}, that option took them as its own values (it reads every "
+                        f"word up to the next option): put {', '.join(names)} before {where}, or after --, e.g. "
+                        f"{self.prog} ... {names[0]} {lists[0]} ...")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ilseg", description="Class-incremental semantic segmentation (ILT).")
+    p = _Parser(prog="ilseg", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TOP_EXAMPLES)
     p.add_argument("--version", action="version", version=f"ilseg {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS)  # listed in groups instead
 
     _add_inspect_commands(sub)
     _add_run_commands(sub)
     _add_output_commands(sub)
+    p.description = command_overview(sub)
     return p
+
+
+def command_overview(sub: argparse._SubParsersAction) -> str:
+    """The top-level description: every command with its one-line help, in the groups of :data:`COMMAND_GROUPS`."""
+    helps = {action.dest: action.help or "" for action in sub._choices_actions}
+    lines = ["Class-incremental semantic segmentation: train and evaluate incremental steps (ILT, MiB, PLOP, "
+             "fine-tuning, joint), compare runs, look at tasks and data."]
+    for group, names in COMMAND_GROUPS:
+        lines.append(f"\n{group}:")
+        lines += [f"  {name:<9} {helps[name]}" for name in names]
+    return "\n".join(lines)
+
+
+def _command(sub: argparse._SubParsersAction, name: str, summary: str, examples: Sequence[str],
+             description: str | None = None) -> argparse.ArgumentParser:
+    """A sub-command whose help ends with ``examples`` (lines of ``command  # comment``), laid out as written."""
+    return sub.add_parser(name, help=summary, description=_wrap(description or summary[:1].upper() + summary[1:]),
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="examples:\n" + "\n".join(f"  {line}" for line in examples))
 
 
 def _add_set(sp: argparse.ArgumentParser) -> None:
@@ -315,21 +377,44 @@ def _add_set(sp: argparse.ArgumentParser) -> None:
                          "repeatable")
 
 
+def _add_device(sp: argparse.ArgumentParser, what: str) -> None:
+    sp.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                    help=f"where to {what} (default: the run's runtime.device; auto: CUDA when there is one)")
+
+
+def _default_root(dataset: str) -> str:
+    """The ``data.root`` of the bundled presets of ``dataset``: where ``ilseg train`` looks by default."""
+    from ilseg.config import load_config, preset_dir
+
+    source = {"voc": None, "ade": preset_dir() / "base" / "ade.yaml", "synth": preset_dir() / "synth-demo.yaml"}
+    return load_config(source[dataset]).data.root
+
+
 def _add_inspect_commands(sub: argparse._SubParsersAction) -> None:
-    """tasks, methods, presets, data synth, splits: looking at the protocol and the data."""
-    t = sub.add_parser("tasks", help="list incremental tasks, or show one task's steps")
+    """tasks, methods, presets, config, data, splits: looking at the protocol and the data."""
+    t = _command(sub, "tasks", "list incremental tasks, or show one task's steps", [
+        "ilseg tasks                                   # every task of every dataset",
+        "ilseg tasks voc 15-1                          # the classes of each step",
+        "ilseg tasks --config my-run.yaml              # a custom class order or step sizes"])
     t.add_argument("dataset", nargs="?", help="voc, ade or synth")
     t.add_argument("task", nargs="?", help="e.g. 15-1")
     t.add_argument("--config", help="show the (custom) task of a config file")
     _add_set(t)
     t.set_defaults(func=cmd_tasks)
 
-    m = sub.add_parser("methods", help="list the methods and their losses")
+    m = _command(sub, "methods", "list the methods and their losses", [
+        "ilseg methods                                 # every method preset with its loss weights",
+        "ilseg config show voc-15-1-ov-mib --diff      # then a preset's settings"])
     m.set_defaults(func=cmd_methods)
-    pr = sub.add_parser("presets", help="list the bundled config presets")
+    pr = _command(sub, "presets", "list the bundled config presets", [
+        "ilseg presets                                 # name, method, dataset, task, mode",
+        "ilseg presets | grep 15-1                     # the VOC 15-1 settings",
+        "ilseg train --config voc-15-1-ov-ilt --out runs/ilt   # train one"])
     pr.set_defaults(func=cmd_presets)
 
-    c = sub.add_parser("config", help="look at a run's settings before training")
+    c = _command(sub, "config", "look at a run's settings before training", [
+        "ilseg config show voc-15-1-ov-ilt",
+        "ilseg config show voc-15-1-paper-ilt-kd-out --diff"])
     csub = c.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     cs = csub.add_parser(
         "show", help="print a preset's or a config file's settings, fully resolved",
@@ -349,31 +434,53 @@ def _add_inspect_commands(sub: argparse._SubParsersAction) -> None:
                          "in the shape of a config file")
     cs.set_defaults(func=cmd_config_show)
 
-    d = sub.add_parser("data", help="dataset utilities")
+    d = _command(sub, "data", "dataset utilities: make the synthetic set, prepare and check VOC / ADE20k", [
+        "ilseg data synth --out data/synth",
+        "ilseg data prepare voc --voc data/VOCdevkit/VOC2012 --sbd data/benchmark_RELEASE",
+        "ilseg data check --dataset voc --root data/VOCdevkit"])
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    s = dsub.add_parser("synth", help="write the synthetic benchmark in the VOC layout")
-    s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--num-images", type=int, default=1500)
-    s.add_argument("--size", type=int, default=64, help="image side in pixels")
-    s.add_argument("--workers", type=int, default=2)
+    s = dsub.add_parser("synth", help="write the synthetic benchmark in the VOC layout",
+                        description="Write the synthetic benchmark (coloured shapes on textured backgrounds, 10 "
+                                    "classes) in the VOC layout: JPEGImages, SegmentationClassAug, ImageSets.",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="examples:\n"
+                               "  ilseg data synth --out data/synth\n"
+                               "  ilseg data synth --out data/synth-small --num-images 300 --size 32 --seed 1\n"
+                               "  ilseg train --config synth-demo --set data.root=data/synth --out runs/synth-ilt")
+    s.add_argument("--out", required=True, metavar="DIR", help="the folder to write (created; use it as data.root)")
+    s.add_argument("--seed", type=int, default=0, help="draws every image; the same seed writes the same set "
+                                                       "(default: 0)")
+    s.add_argument("--num-images", type=_positive_int, default=1500,
+                   help="images in all, train and val together (default: 1500)")
+    s.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default: 64)")
+    s.add_argument("--workers", type=_positive_int, default=2, help="processes drawing images (default: 2)")
     s.set_defaults(func=cmd_data_synth)
     _add_data_prepare_and_check(dsub)
 
-    sp = sub.add_parser("splits", help="per-step image counts of a task (compared with published counts on VOC)",
-                        epilog="to check a whole tree (lists, train/val overlap, labels and sizes of both splits, "
-                               "counts of every published task): ilseg data check")
-    sp.add_argument("--dataset", choices=["voc", "ade", "synth"])
-    sp.add_argument("--root")
-    sp.add_argument("--task")
-    sp.add_argument("--overlap", action="store_true")
+    sp = _command(sub, "splits", "per-step image counts of a task (compared with published counts on VOC)", [
+        "ilseg splits --task 15-1                                    # VOC in data/VOCdevkit, as train reads it",
+        "ilseg splits --dataset synth --root data/synth --task 6-2-2 --overlap",
+        "ilseg splits --config voc-15-1-ov-ilt --json",
+        "# to check a whole tree (lists, train/val overlap, labels and sizes of both splits, counts of every",
+        "# published task): ilseg data check"])
+    sp.add_argument("--dataset", choices=["voc", "ade", "synth"], default="voc",
+                    help="the dataset (default: voc; ignored with --config)")
+    sp.add_argument("--root", help=f"the dataset folder (default: where `ilseg train` looks, the presets' data.root: "
+                                   f"{_default_root('voc')} for voc, {_default_root('ade')} for ade, "
+                                   f"{_default_root('synth')} for synth)")
+    sp.add_argument("--task", help="the incremental task, e.g. 15-1 (see `ilseg tasks`); needed without --config")
+    sp.add_argument("--overlap", action="store_true",
+                    help="count the overlapped setting (default: disjoint)")
     sp.add_argument("--config", help="take dataset, root, task, order and mode from a config")
     _add_set(sp)
     sp.add_argument("--list-file", help="training list file (default: the dataset's train list)")
-    sp.add_argument("--workers", type=int, default=2, help="processes reading masks")
-    sp.add_argument("--cache-dir")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--workers", type=_positive_int, default=2, help="processes reading masks (default: 2)")
+    sp.add_argument("--cache-dir", metavar="DIR",
+                    help="where the per-step image lists are cached (default: $ILSEG_CACHE, else ~/.cache/ilseg, as in "
+                         "training)")
+    sp.add_argument("--json", action="store_true", help="print the counts as JSON")
     sp.set_defaults(func=cmd_splits)
+
 
 
 def _wrap(text: str) -> str:
@@ -475,31 +582,42 @@ def _add_data_prepare_and_check(dsub: argparse._SubParsersAction) -> None:
 
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     """train, eval, import: making and scoring runs."""
-    tr = sub.add_parser("train", help="train and evaluate every step of an incremental task")
+    tr = _command(sub, "train", "train and evaluate every step of an incremental task", [
+        "ilseg train --config voc-15-1-ov-ilt --out runs/voc-15-1-ilt",
+        "ilseg train --config voc-15-1-ov-ilt --out runs/ilt-lr --set optim.lr=0.005 data.root=/data/VOCdevkit",
+        "ilseg train --resume runs/voc-15-1-ilt                       # after a stop, a crash or Ctrl-C"])
     tr.add_argument("--config", help="a YAML file or a bundled preset name (see 'ilseg presets')")
     _add_set(tr)
-    tr.add_argument("--out", help="the run folder")
+    tr.add_argument("--out", metavar="RUN_DIR", help="the run folder (checkpoints, results, logs)")
     tr.add_argument("--steps", help="START:STOP or one step (default: all)")
     tr.add_argument("--resume", metavar="RUN_DIR",
                     help="continue an interrupted run (with --set optim.*=...: from the step being resumed, which "
                          "starts again)")
     tr.add_argument("--overwrite", action="store_true",
-                    help="start the run in --out over: its checkpoints, results and logs are removed first")
+                    help="start the run in --out over: its checkpoints, results and logs are removed first (not "
+                         "needed for a folder in which nothing was trained yet)")
     tr.add_argument("--init-from", metavar="RUN_DIR", help="take step 0 from another run (same task and model)")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate a saved step")
-    ev.add_argument("--run", help="a run folder")
+    ev = _command(sub, "eval", "evaluate a saved step", [
+        "ilseg eval --run runs/voc-15-1-ilt                           # the last finished step",
+        "ilseg eval --run runs/voc-15-1-ilt --step 2 --json",
+        "ilseg eval --checkpoint runs/voc-15-1-ilt/step3.pth --config runs/voc-15-1-ilt/config.yaml"])
+    ev.add_argument("--run", metavar="RUN_DIR", help="a run folder")
     ev.add_argument("--step", type=int, help="the step to evaluate (default: the last finished)")
-    ev.add_argument("--checkpoint", help="a single step checkpoint (with --config)")
-    ev.add_argument("--config")
+    ev.add_argument("--checkpoint", metavar="FILE", help="a single step checkpoint (with --config)")
+    ev.add_argument("--config", help="with --checkpoint: the run's config.yaml or a preset name")
     _add_set(ev)
-    ev.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    ev.add_argument("--json", action="store_true")
+    _add_device(ev, "evaluate")
+    ev.add_argument("--json", action="store_true", help="print the scores as JSON (fractions, per class too)")
     ev.set_defaults(func=cmd_eval)
 
-    im = sub.add_parser("import", help="turn MiB / PLOP / cssegmentation step checkpoints into an ilseg run folder")
+    im = _command(sub, "import", "turn MiB / PLOP / cssegmentation step checkpoints into an ilseg run folder", [
+        "ilseg import --format mib ckpts/15-5s-voc_MiB_{0,1,2,3,4,5}.pth --config voc-15-1-disjoint-mib "
+        "--out runs/mib-published",
+        "ilseg import --format plop ckpts/step{0,1}.pth --config voc-15-5-ov-plop --out runs/plop --evaluate",
+        "ilseg report runs/mib-published runs/voc-15-1-disjoint-mib --out report/   # then compare"])
     im.add_argument("--format", required=True, choices=["mib", "plop", "cssegmentation"],
                     help="the tool that saved the checkpoints")
     im.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
@@ -507,24 +625,28 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
                          "give the step themselves)")
     im.add_argument("--config", required=True, help="the preset or YAML of the run the checkpoints come from")
     _add_set(im)
-    im.add_argument("--out", required=True, help="a new run folder")
+    im.add_argument("--out", required=True, metavar="RUN_DIR", help="a new run folder")
     im.add_argument("--evaluate", action="store_true",
                     help="score every imported step with ilseg's protocol and write results.json (needs the data)")
-    im.add_argument("--device", choices=["auto", "cpu", "cuda"], help="for --evaluate")
+    _add_device(im, "evaluate (with --evaluate)")
     im.set_defaults(func=cmd_import)
 
 
 def _add_output_commands(sub: argparse._SubParsersAction) -> None:
     """predict, report, demo: what people look at."""
-    pd = sub.add_parser("predict", help="write colour masks and overlays for images, or side-by-side panels "
-                                         "comparing runs, steps and ground truth")
+    pd = _command(sub, "predict", "write colour masks and overlays for images, or side-by-side panels comparing "
+                                  "runs, steps and ground truth", [
+        "ilseg predict --run runs/ilt a.jpg b.jpg --out preds/                       # masks and overlays",
+        "ilseg predict --run runs/ft --run runs/ilt a.jpg --gt-dir masks/ --out cmp/  # panels with ground truth",
+        "ilseg predict --run runs/ilt --steps all a.jpg --gt masks/a.png --out steps/ # images before --gt"])
     pd.add_argument("--run", required=True, action="append", metavar="RUN_DIR",
                     help="a run folder; repeat it to compare runs (of one dataset) side by side")
     pd.add_argument("--step", type=int, help="the step of every run (default: each run's last finished step)")
     pd.add_argument("--steps", metavar="LIST",
                     help="several steps of each run side by side (how forgetting is seen): 'all' finished steps "
                          "or a comma-separated list")
-    pd.add_argument("images", nargs="+")
+    pd.add_argument("images", nargs="+", metavar="IMAGE",
+                    help="the photos to segment (JPEG or PNG); put them before --gt")
     pd.add_argument("--gt", nargs="+", default=[], metavar="MASK",
                     help="ground-truth masks (index PNGs of dataset class ids), matched to the images by file "
                          "name; put the images before --gt")
@@ -533,27 +655,35 @@ def _add_output_commands(sub: argparse._SubParsersAction) -> None:
     pd.add_argument("--panel", action="store_true",
                     help="also write <name>_panel.png for one run without ground truth (written anyway when "
                          "comparing runs, steps or ground truth)")
-    pd.add_argument("--out", required=True)
-    pd.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    pd.add_argument("--out", required=True, metavar="DIR", help="the folder for the masks, overlays and panels")
+    _add_device(pd, "predict")
     pd.set_defaults(func=cmd_predict)
 
-    rp = sub.add_parser("report", help="compare finished runs: tables, seed mean ± std, forgetting, plots, HTML")
+    rp = _command(sub, "report", "compare finished runs: tables, seed mean ± std, forgetting, plots, HTML", [
+        "ilseg report runs/voc-15-1-ov-finetune runs/voc-15-1-ov-ilt runs/voc-joint --out report/",
+        "ilseg report seed-*/runs --out report/        # a folder without results.json stands for its runs",
+        "ilseg report ilseg-demo/runs --out demo-report/"])
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR",
                     help="run folders of one dataset and task (a folder of run folders stands for all of them); "
                          "runs that differ only by seed are grouped")
     rp.add_argument("--out", required=True, help="the report folder (report.md, report.html, report.json, PNGs)")
     rp.set_defaults(func=cmd_report)
 
-    dm = sub.add_parser("demo", help="joint vs fine-tuning vs ILT on the synthetic benchmark (CPU, minutes)")
-    dm.add_argument("--out", default="ilseg-demo")
+    dm = _command(sub, "demo", "joint vs fine-tuning vs ILT on the synthetic benchmark (CPU, minutes)", [
+        "ilseg demo                                    # into ./ilseg-demo; run again to continue",
+        "ilseg demo --quick --out /tmp/demo            # a smoke test (numbers not meaningful)",
+        "ilseg demo --methods joint finetune ilt mib plop --seed 1"])
+    dm.add_argument("--out", default="ilseg-demo", metavar="DIR",
+                    help="the folder for the data, the runs and the report (default: ilseg-demo)")
     dm.add_argument("--quick", action="store_true", help="a much shorter run (smoke test, numbers not meaningful)")
-    dm.add_argument("--methods", nargs="+", help="subset of the demo's methods")
+    dm.add_argument("--methods", nargs="+", metavar="METHOD",
+                    help="a subset of the demo's methods or other method presets (see `ilseg methods`)")
     dm.add_argument("--seed", type=int, default=0,
                     help="draws the synthetic data and the training; the README's table is seed 0")
     dm.add_argument("--processes", type=int,
                     help="methods trained at once, each in its own process with one thread (default: all of them "
                          "on a CPU with 2 or more cores); 1: one after another in this process, with progress bars")
-    dm.add_argument("--quiet", action="store_true")
+    dm.add_argument("--quiet", action="store_true", help="no progress bars (with --processes 1)")
     dm.set_defaults(func=cmd_demo)
 
 
@@ -582,6 +712,9 @@ def _is_collective_failure(exc: RuntimeError) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # bare `ilseg`: the grouped command list, and status 2 (no command was given)
+        parser.print_help()
+        return 2
     rank, world = _rank_and_world()
     where = f" (rank {rank} of {world})" if rank > 0 else ""
     try:

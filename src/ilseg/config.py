@@ -122,6 +122,7 @@ class OptimConfig:
     nesterov: bool = setting(True, TRAINING, resume=True)
     weight_decay: float = setting(1e-4, TRAINING, resume=True)
     poly_power: float = setting(0.9, TRAINING, resume=True)
+    schedule: Literal["poly", "constant"] = setting("poly", TRAINING, resume=True)  # constant: cssegmentation as it ran
     iterations: int = setting(0, TRAINING, resume=True)  # 0: train ``epochs``
     iterations_next: int = setting(0, LATER_STEPS, resume=True)  # 0: train ``epochs_next``
     lr_end: float = setting(0.0, TRAINING, resume=True)  # the learning rate the poly schedule reaches at the end of step 0
@@ -130,7 +131,26 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
+    """How a finished step is scored.
+
+    ``test_images``: which validation images score step ``t``: ``"all"`` of
+    them (ilseg's default: every step on the same images), ``"seen"`` those
+    with at least one foreground class seen so far (MiB's and PLOP's test set:
+    their image filter in overlapped mode), or ``"seen_only"`` those that, in
+    addition, hold no class of a later step (cssegmentation's test set in its
+    disjoint configs).  After the last step every class is seen, so the
+    three agree there; the per-step curves differ (docs/fidelity.md).
+
+    ``every``: also score the model after every ``every``-th epoch of a step
+    (cssegmentation evaluates every 10 epochs and publishes the best of those
+    scores, a selection on the test set).  The scores are kept in the step's
+    results row under ``"evaluations"``; the step's own scores stay those of
+    its final model, which is what the next step starts from.
+    """
+
     batch_size: int = setting(8, PLACEMENT)
+    test_images: Literal["all", "seen", "seen_only"] = setting("all", EVALUATION)
+    every: int = setting(0, PLACEMENT)  # also score every N epochs of a step (0: only after it); results keep them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +283,9 @@ def _validate(cfg: RunConfig) -> None:
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (0 <= cfg.optim.momentum < 1, "optim.momentum must be in [0, 1)"),
         (cfg.optim.poly_power >= 0, "optim.poly_power must be >= 0"),
+        (cfg.optim.schedule == "poly" or (cfg.optim.lr_end == 0 and cfg.optim.lr_end_next == 0),
+         "optim.lr_end and optim.lr_end_next are where the poly schedule ends; with optim.schedule=constant "
+         "leave them at 0"),
         (cfg.optim.iterations >= 0 and cfg.optim.iterations_next >= 0,
          "optim.iterations and optim.iterations_next must be >= 0 (0: train epochs)"),
         (0 <= cfg.optim.lr_end < cfg.optim.lr and 0 <= cfg.optim.lr_end_next < cfg.optim.lr_next,
@@ -276,6 +299,7 @@ def _validate(cfg: RunConfig) -> None:
          "model.stride_on 1x1 (Caffe's ResNet) does not suit torchvision's ImageNet weights, which stride on the "
          "3x3 conv; give weights of that layout as model.pretrained=PATH, or null"),
         (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
+        (cfg.eval.every >= 0, "eval.every must be >= 0 (0: score each step's final model only)"),
         (cfg.runtime.collective_timeout_s > 0, "runtime.collective_timeout_s must be positive"),
         (cfg.runtime.preview_images >= 0, "runtime.preview_images must be >= 0 (0: no previews)"),
         (not (cfg.optim.nesterov and cfg.optim.optimizer == "sgd" and cfg.optim.momentum == 0),
@@ -468,18 +492,44 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
     return text
 
 
+class ConfigFileError(IlsegError):
+    """A config file that cannot be read as one: missing, a folder, empty, not text, not YAML, not a mapping.
+
+    ``path`` is the file, ``reason`` what is wrong with it (the message adds what to do).
+    """
+
+    def __init__(self, path: Path, reason: str, fix: str) -> None:
+        super().__init__(f"config file {path} {reason}; {fix}")
+        self.path, self.reason = path, reason
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping a config file holds; :class:`ConfigFileError` if it holds none.
+
+    An empty file (or one of comments only) is refused rather than read as
+    "every default": the defaults are the VOC recipe, never what a file that
+    lost its content meant.
+    """
     path = Path(path)
+    fix = "give a YAML file of settings (data, model, method, ...), or a preset name (see 'ilseg presets')"
+    if path.is_dir():
+        raise ConfigFileError(path, "is a folder, not a file", fix)
     if not path.is_file():
-        raise IlsegError(f"config file {path} does not exist; pass a YAML file (see the presets in configs/)")
+        raise ConfigFileError(path, "does not exist", fix)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(path, f"is not a text file (byte {exc.start} is not UTF-8)", fix) from None
+    except OSError as exc:
+        raise ConfigFileError(path, f"cannot be read ({exc.strerror or exc})", "fix its permissions") from None
     except yaml.YAMLError as exc:
-        raise IlsegError(f"config file {path} is not valid YAML: {yaml_problem(exc)}; fix it there") from None
+        raise ConfigFileError(path, f"is not valid YAML: {yaml_problem(exc)}", "fix it there") from None
+    except RecursionError:
+        raise ConfigFileError(path, "is nested too deeply to be a config", fix) from None
     if data is None:
-        data = {}
+        raise ConfigFileError(path, "is empty (no settings)", fix)
     if not isinstance(data, dict):
-        raise IlsegError(f"config file {path} must hold a mapping of sections (data, model, method, ...)")
+        raise ConfigFileError(path, f"holds a {type(data).__name__}, not a mapping of sections", fix)
     return data
 
 
@@ -605,6 +655,9 @@ def resolve_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise IlsegError(f"--config {name_or_path} is a folder; give a YAML config file (a run's config is "
+                         "RUN_DIR/config.yaml) or a preset name (see 'ilseg presets')")
     candidate = preset_dir() / (name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
     if candidate.is_file():
         return candidate

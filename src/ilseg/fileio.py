@@ -4,12 +4,17 @@ The new file gets the permissions an ordinary ``open(path, "w")`` would give
 it (``0o666`` less the umask, e.g. ``0o644``), or those of the file it
 replaces, so results, logs and checkpoints stay readable by whoever could read
 them before.
+
+The temporary file is named ``.ilseg-tmp-NAME.XXXXXXXX.tmp`` (:func:`is_ilseg_temporary`): a prefix
+no file of a user's has, so clearing what a killed process left never
+touches a user's own ``*.tmp`` file.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import stat
 from collections.abc import Callable
@@ -17,6 +22,33 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ilseg.errors import WriteError
+
+TEMP_PREFIX = ".ilseg-tmp-"
+_TEMPORARY = re.compile(r"^\.ilseg-tmp-(?P<target>.+)\.[0-9a-f]+\.tmp$")
+# The name ilseg gave its temporaries before it used TEMP_PREFIX: ``.NAME.XXXXXXXX.tmp``.
+_OLD_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[0-9a-f]+\.tmp$")
+
+
+def temporary_path(path: Path) -> Path:
+    """A fresh temporary name beside ``path``: ``.ilseg-tmp-NAME.XXXXXXXX.tmp`` (8 random hex digits)."""
+    return path.with_name(f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def is_ilseg_temporary(name: str, ilseg_writes: Callable[[str], bool] = lambda target: False) -> bool:
+    """Whether the file called ``name`` is the temporary file of one of ilseg's atomic writes.
+
+    Every ``.ilseg-tmp-NAME.XXXX.tmp`` is; the older ``.NAME.XXXX.tmp`` only
+    when ``ilseg_writes(NAME)`` says ilseg writes a file called ``NAME`` in
+    that folder (``last.pth`` in a run folder), so a user's
+    ``.hidden-notes.tmp`` is never taken for one.
+
+    >>> is_ilseg_temporary(".ilseg-tmp-last.pth.1a2b3c4d.tmp"), is_ilseg_temporary(".hidden-notes.tmp")
+    (True, False)
+    """
+    if _TEMPORARY.match(name):
+        return True
+    old = _OLD_TEMPORARY.match(name)
+    return old is not None and ilseg_writes(old.group("target"))
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
@@ -106,7 +138,7 @@ def _create_beside(path: Path) -> tuple[int, Path]:
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp = temporary_path(path)
         try:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:

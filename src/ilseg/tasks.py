@@ -338,6 +338,29 @@ def keep_image(classes_in_image: Iterable[int], task: Task, step: int, mode: Mod
     return present <= allowed
 
 
+TestImages = Literal["all", "seen", "seen_only"]
+
+
+def keep_test_image(classes_in_image: Iterable[int], task: Task, step: int, rule: TestImages) -> bool:
+    """Whether a validation image with these mask values scores the model after ``step``.
+
+    ``"all"``: every image.  ``"seen"``: at least one foreground class seen so
+    far appears (MiB's and PLOP's test set).  ``"seen_only"``: that, and no
+    class of a later step appears (cssegmentation's disjoint test set).
+    """
+    if rule == "all":
+        return True
+    present = set(int(c) for c in classes_in_image)
+    seen = set(task.seen_classes(step))
+    if not present & (seen - {0}):
+        return False
+    if rule == "seen":
+        return True
+    if rule != "seen_only":
+        raise IlsegError(f"unknown test-image rule {rule!r}; use 'all', 'seen' or 'seen_only'")
+    return present <= seen | {0, IGNORE_INDEX}
+
+
 def step_indices(class_sets: Sequence[Iterable[int]], task: Task, step: int, mode: Mode) -> list[int]:
     """Indices of the images (given by their mask values) that ``step`` trains on."""
     return [i for i, cs in enumerate(class_sets) if keep_image(cs, task, step, mode)]

@@ -89,9 +89,8 @@ class RandomResizedCrop(v2.RandomResizedCrop):
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if isinstance(inpt, tv_tensors.Mask):
-            # (F.resized_crop drops the interpolation for masks: crop, then resize.)
             cropped = F.crop(inpt, params["top"], params["left"], params["height"], params["width"])
-            return F.resize(cropped, list(self.size), interpolation=InterpolationMode.NEAREST_EXACT)
+            return _resize_mask_exact(cropped, list(self.size))
         return super().transform(inpt, params)
 
 
@@ -100,8 +99,23 @@ class Resize(v2.Resize):
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if isinstance(inpt, tv_tensors.Mask):
-            return F.resize(inpt, self.size, interpolation=InterpolationMode.NEAREST_EXACT, max_size=self.max_size)
+            return _resize_mask_exact(inpt, self.size, max_size=self.max_size)
         return super().transform(inpt, params)
+
+
+def _resize_mask_exact(mask: tv_tensors.Mask, size: list[int], max_size: int | None = None) -> tv_tensors.Mask:
+    """``mask`` resized with ``NEAREST_EXACT``, through torchvision's kernel for images.
+
+    torchvision's kernel for masks resizes with ``NEAREST`` whatever interpolation it is given
+    (``F.resize``, ``F.resized_crop``) before torchvision 0.28, which honours ``NEAREST_EXACT``;
+    the image kernel honours it in every version ilseg supports, so labels land on the same
+    pixels whichever torchvision is installed (tests/test_data_transforms.py).
+    """
+    plain = mask.as_subclass(torch.Tensor)
+    flat = plain.ndim < 3
+    resized = F.resize_image(plain.unsqueeze(0) if flat else plain, size,
+                             interpolation=InterpolationMode.NEAREST_EXACT, max_size=max_size, antialias=False)
+    return tv_tensors.wrap(resized.squeeze(0) if flat else resized, like=mask)
 
 
 def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from ilseg.data.splits import class_presence, step_image_indices
 from ilseg.data.transforms import eval_transform, train_transform
 from ilseg.engine import distributed
 from ilseg.errors import IlsegError
-from ilseg.tasks import Mode, Task, eval_lut
+from ilseg.tasks import Mode, Task, eval_lut, keep_test_image
 
 
 @dataclass
@@ -137,12 +137,18 @@ def keep_in_memory(cfg: RunConfig, ds: SegmentationDataset) -> bool:
 
 
 def eval_dataset(cfg: RunConfig, task: Task, step: int) -> SegmentationDataset:
-    """The test split with the labels of docs/protocol.md#labels-at-each-step after ``step``."""
+    """The test split with the labels of docs/protocol.md#labels-at-each-step after ``step``: all of its
+    images, or those ``eval.test_images`` keeps (:func:`~ilseg.tasks.keep_test_image`)."""
     data = cfg.data
     lut = eval_lut(task, step, unseen=data.unseen,
                    ignore_background=(data.dataset == "ade" and data.ade_zero == "ignore"))
-    return build_dataset(data.dataset, data.root, "val", transform=eval_transform(data.test_size, crop=data.test_crop),
-                         lut=lut)
+    ds = build_dataset(data.dataset, data.root, "val", transform=eval_transform(data.test_size, crop=data.test_crop),
+                       lut=lut)
+    rule = cfg.eval.test_images
+    if rule == "all":
+        return ds
+    presence = class_presence(ds, workers=data.workers, cache_dir=data.cache_dir, progress=False)
+    return ds.subset([i for i, present in enumerate(presence) if keep_test_image(present, task, step, rule)])
 
 
 def eval_loader(cfg: RunConfig, task: Task, step: int, dist: distributed.DistInfo) -> DataLoader:

@@ -80,7 +80,11 @@ class Optimisation:
         o = cfg.optim
         optimizer = build_optimizer(model.parameters(), kind=o.optimizer, lr=lr, momentum=o.momentum,
                                     nesterov=o.nesterov, weight_decay=o.weight_decay)
-        scheduler = poly_schedule(optimizer, total_iters, o.poly_power, lr_end=lr_end)
+        if o.schedule == "constant":  # cssegmentation as it ran: its poly scheduler is never applied
+            scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.ConstantLR(
+                optimizer, factor=1.0, total_iters=0)
+        else:
+            scheduler = poly_schedule(optimizer, total_iters, o.poly_power, lr_end=lr_end)
         use_scaler = placement.amp == "fp16" and placement.device.type == "cuda"
         return cls(optimizer, scheduler, torch.amp.GradScaler(placement.device.type) if use_scaler else None)
 

@@ -103,14 +103,18 @@ def train_step(ctx: RunContext, step: int, resume: dict[str, Any] | None = None)
         progress = train_epoch(ctx, step, epoch, epochs, train_model, setup, data, opt, at, iterations)
         finished = epoch if progress.finished else epoch - 1
         partial = None if progress.finished else {"epoch": epoch, **progress.state()}
+        if progress.finished:
+            evaluate_during_step(ctx, setup.student, step, epoch, epochs, at)
         save_state(ctx, last_checkpoint(ctx.run_dir), setup.student, opt, step, finished, epochs, at.seconds,
-                   partial=partial)
+                   partial=partial, evaluations=at.evaluations)
         if not progress.finished:
             raise interrupted(ctx, step, epoch, epochs, progress.iterations, iterations)
         ctx.callbacks.on_epoch_end(step, epoch, progress.means() | {"lr": opt.optimizer.param_groups[0]["lr"]})
     ctx.method.finish_step(setup.student, setup.teacher, step)
     scores = evaluate_step(ctx.cfg, ctx.task, ctx.train_task, setup.student, step, ctx.dist, ctx.placement)
     entry = step_entry(ctx.train_task, step, scores, len(data.dataset), epochs, at.seconds)
+    if ctx.cfg.eval.every > 0:
+        entry["evaluations"] = [*at.evaluations, evaluation_row(scores, epochs)]
     save_state(ctx, step_checkpoint(ctx.run_dir, step), setup.student, opt, step, epochs - 1, epochs, at.seconds,
                entry=entry, confusion_matrix=scores["confusion_matrix"])
     record_step(ctx, entry)
@@ -149,6 +153,7 @@ class Position:
     epoch: int = 0
     partial: EpochProgress | None = None
     seconds: float = 0.0
+    evaluations: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # eval.every's, so far
 
     @classmethod
     def of(cls, resume: dict[str, Any] | None, opt: Optimisation) -> Position:
@@ -158,9 +163,11 @@ class Position:
         opt.restore(resume)
         partial = resume.get("partial")
         seconds = float(resume.get("train_seconds", 0.0))
+        evaluations = list(resume.get("evaluations", []))
         if partial:
-            return cls(epoch=int(partial["epoch"]), partial=EpochProgress.from_state(partial), seconds=seconds)
-        return cls(epoch=int(resume["epoch"]) + 1, seconds=seconds)
+            return cls(epoch=int(partial["epoch"]), partial=EpochProgress.from_state(partial), seconds=seconds,
+                       evaluations=evaluations)
+        return cls(epoch=int(resume["epoch"]) + 1, seconds=seconds, evaluations=evaluations)
 
 
 def initial_model(ctx: RunContext, step: int) -> tuple[IncrementalSegmenter, dict[str, Any] | None]:
@@ -333,7 +340,8 @@ def interrupted(ctx: RunContext, step: int, epoch: int, epochs: int, done: int, 
 
 def save_state(ctx: RunContext, path: Path, model: nn.Module, opt: Optimisation, step: int, epoch: int,
                epochs: int, seconds: float, *, entry: dict[str, Any] | None = None,
-               confusion_matrix: list[list[int]] | None = None, partial: dict[str, Any] | None = None) -> None:
+               confusion_matrix: list[list[int]] | None = None, partial: dict[str, Any] | None = None,
+               evaluations: list[dict[str, Any]] | None = None) -> None:
     """Write ``last.pth`` or ``step{t}.pth`` on rank 0; every rank waits for it (and gets its error)."""
     def write() -> None:
         save_checkpoint(path, training_state(
@@ -341,7 +349,7 @@ def save_state(ctx: RunContext, path: Path, model: nn.Module, opt: Optimisation,
             epoch=epoch, epochs=epochs, train_seconds=round(seconds, 2),
             identity=checkpoint_identity(ctx.cfg, step, ctx.method), config=ctx.cfg.to_dict(),
             metrics=entry, confusion_matrix=confusion_matrix, partial=partial,
-            method_state=ctx.method.state_dict()))
+            method_state=ctx.method.state_dict(), evaluations=evaluations))
 
     distributed.on_main(write)
 
@@ -356,6 +364,27 @@ def evaluate_step(cfg: RunConfig, task: Task, train_task: Task, model: nn.Module
                                  old=list(range(min(n_old, seen))), new=list(range(n_old, seen)))
     scores["confusion_matrix"] = matrix.tolist()
     return scores
+
+
+def evaluate_during_step(ctx: RunContext, model: nn.Module, step: int, epoch: int, epochs: int,
+                         at: Position) -> None:
+    """``eval.every``: score the model after epoch ``epoch`` (0-based) when it is an ``every``-th epoch before
+    the last (the last is scored anyway), and keep the scores in ``at`` (saved in ``last.pth``).
+
+    Evaluation changes nothing that training uses: the next epoch sets train mode and re-seeds.
+    """
+    every = ctx.cfg.eval.every
+    if every <= 0 or (epoch + 1) % every or epoch + 1 >= epochs:
+        return
+    scores = evaluate_step(ctx.cfg, ctx.task, ctx.train_task, model, step, ctx.dist, ctx.placement)
+    at.evaluations.append(evaluation_row(scores, epoch + 1))
+    ctx.log.info(f"step {step} after epoch {epoch + 1}/{epochs} (eval.every {every}): "
+                 f"mIoU all {100 * scores['miou_all']:.1f}")
+
+
+def evaluation_row(scores: dict[str, Any], epoch: int) -> dict[str, Any]:
+    """The scores of one evaluation during a step, with the epoch after which it was made."""
+    return {"epoch": epoch, **{k: v for k, v in scores.items() if k != "confusion_matrix"}}
 
 
 def step_entry(task: Task, step: int, scores: dict[str, Any], num_images: int, epochs: int,

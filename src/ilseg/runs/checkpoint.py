@@ -9,7 +9,7 @@ target: a crash leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +133,7 @@ def training_state(
     confusion_matrix: list[list[int]] | None = None,
     partial: Mapping[str, Any] | None = None,
     method_state: Mapping[str, Any] | None = None,
+    evaluations: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The one checkpoint layout, for ``last.pth`` (no metrics) and ``step{t}.pth`` (with them).
 
@@ -153,6 +154,8 @@ def training_state(
         state["partial"] = dict(partial)
     if method_state:
         state["method_state"] = dict(method_state)
+    if evaluations:  # eval.every's scores so far in this step (last.pth)
+        state["evaluations"] = [dict(e) for e in evaluations]
     if metrics is not None:
         state["metrics"] = dict(metrics)
         state["confusion_matrix"] = confusion_matrix

@@ -1,0 +1,123 @@
+"""The switches that reproduce each reference code exactly (docs/fidelity.md): each changes what it should
+and nothing else."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ilseg.config import load_config, preset_dir
+from ilseg.data.splits import class_presence
+from ilseg.engine.loaders import eval_dataset
+from ilseg.engine.optim import Optimisation
+from ilseg.engine.run import run_training
+from ilseg.errors import IlsegError
+from ilseg.placement import Placement
+from ilseg.runs.checkpoint import load_checkpoint
+from ilseg.tasks import get_task, keep_test_image
+
+TINY = ["model.width=8", "model.head_channels=8", "model.output_stride=16", "optim.batch_size=4",
+        "optim.epochs=2", "optim.epochs_next=1", "data.crop_size=32", "data.workers=0", "eval.batch_size=16"]
+
+
+def tiny(root, tmp_path, *extra):
+    return load_config(preset_dir() / "synth-demo.yaml",
+                       [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", *TINY, *extra])
+
+
+# -- optim.schedule: constant (cssegmentation as it ran) ---------------------------------------------
+def test_the_constant_schedule_keeps_the_learning_rate_and_resumes_it(tmp_path, synth_root):
+    cfg = tiny(synth_root, tmp_path, "optim.schedule=constant", "optim.optimizer=sgd", "optim.lr=0.02")
+    model = torch.nn.Linear(2, 2)
+    opt = Optimisation.build(cfg, model, lr=0.02, total_iters=5, placement=Placement(torch.device("cpu")))
+    rates = []
+    for _ in range(8):  # past total_iters too
+        opt.optimizer.step()
+        opt.scheduler.step()
+        rates.append(opt.optimizer.param_groups[0]["lr"])
+    assert rates == [0.02] * 8
+    again = Optimisation.build(cfg, torch.nn.Linear(2, 2), lr=0.02, total_iters=5,
+                               placement=Placement(torch.device("cpu")))
+    again.restore({"optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict()})
+    again.scheduler.step()
+    assert again.optimizer.param_groups[0]["lr"] == 0.02
+    poly = tiny(synth_root, tmp_path, "optim.optimizer=sgd", "optim.lr=0.02")
+    decaying = Optimisation.build(poly, torch.nn.Linear(2, 2), lr=0.02, total_iters=5,
+                                  placement=Placement(torch.device("cpu")))
+    decaying.optimizer.step()
+    decaying.scheduler.step()
+    assert decaying.optimizer.param_groups[0]["lr"] < 0.02  # the default still decays
+
+
+def test_a_run_with_the_constant_schedule_logs_the_same_rate_every_epoch(tmp_path, synth_root):
+    cfg = tiny(synth_root, tmp_path, "optim.schedule=constant", "method.name=finetune", "optim.lr=0.003")
+    run_training(cfg, tmp_path / "run", quiet=True, steps="0")
+    rates = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"lr"' in line]
+    assert rates and all(r == pytest.approx(0.003) for r in rates)
+    assert load_checkpoint(tmp_path / "run" / "step0.pth")["identity"]["optim.schedule"] == "constant"
+
+
+def test_the_constant_schedule_has_no_end_rate():
+    with pytest.raises(IlsegError, match="optim.schedule=constant"):
+        load_config(preset_dir() / "synth-demo.yaml", ["optim.schedule=constant", "optim.lr_end=1e-5"])
+
+
+# -- eval.test_images: which validation images score a step ---------------------------------------
+def test_the_test_image_rules_on_hand_made_class_sets():
+    task = get_task("synth", "6-2-2")  # step 0: 1..6, step 1: 7, 8, step 2: 9, 10
+    only_bg, old, new_1, future, old_future = {0}, {0, 3}, {0, 7, 255}, {0, 9}, {0, 2, 10}
+    assert [keep_test_image(c, task, 1, "all") for c in (only_bg, old, new_1, future, old_future)] == [True] * 5
+    assert [keep_test_image(c, task, 1, "seen") for c in (only_bg, old, new_1, future, old_future)] == [
+        False, True, True, False, True]
+    assert [keep_test_image(c, task, 1, "seen_only") for c in (only_bg, old, new_1, future, old_future)] == [
+        False, True, True, False, False]
+    assert keep_test_image(old_future, task, 2, "seen_only")  # every class is seen after the last step
+
+
+@pytest.mark.parametrize("rule", ["seen", "seen_only"])
+def test_a_step_is_scored_on_exactly_the_images_the_rule_keeps(tmp_path, synth_root, rule):
+    cfg = tiny(synth_root, tmp_path, f"eval.test_images={rule}")
+    task = cfg.build_task()
+    everything = eval_dataset(tiny(synth_root, tmp_path), task, 0)
+    presence = class_presence(everything, cache_dir=tmp_path / "cache", progress=False)
+    for step in range(task.num_steps):
+        kept = eval_dataset(cfg, task, step)
+        expected = [everything.images[i] for i, p in enumerate(presence) if keep_test_image(p, task, step, rule)]
+        assert kept.images == expected
+        assert 0 < len(kept) <= len(everything)
+    assert len(eval_dataset(cfg, task, task.num_steps - 1)) == len([p for p in presence if p - {0, 255}])
+
+
+# -- eval.every: scores during a step (cssegmentation's every 10 epochs) ---------------------------
+def test_evaluations_during_a_step_are_kept_and_change_nothing_trained(tmp_path, synth_root, monkeypatch):
+    plain = tiny(synth_root, tmp_path, "method.name=finetune", "optim.epochs=3")
+    every = tiny(synth_root, tmp_path, "method.name=finetune", "optim.epochs=3", "eval.every=1")
+    run_training(plain, tmp_path / "plain", quiet=True, steps="0")
+    results = run_training(every, tmp_path / "every", quiet=True, steps="0")
+    a, b = load_checkpoint(tmp_path / "plain" / "step0.pth"), load_checkpoint(tmp_path / "every" / "step0.pth")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    row = results["steps"][0]
+    assert [e["epoch"] for e in row["evaluations"]] == [1, 2, 3]
+    assert row["evaluations"][-1]["miou_all"] == row["miou_all"]  # the last is the step's own score
+    assert "evaluations" not in json.loads((tmp_path / "plain" / "results.json").read_text())["steps"][0]
+
+    # interrupted before epoch 3, then resumed: the evaluations of epochs 1 and 2 are still there
+    from ilseg.engine import step as step_mod
+    real, calls = step_mod.train_one_epoch, {"n": 0}
+
+    def stop_third(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(**kwargs)
+
+    monkeypatch.setattr(step_mod, "train_one_epoch", stop_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(every, tmp_path / "broken", quiet=True, steps="0")
+    assert [e["epoch"] for e in load_checkpoint(tmp_path / "broken" / "last.pth")["evaluations"]] == [1, 2]
+    monkeypatch.setattr(step_mod, "train_one_epoch", real)
+    resumed = run_training(every, tmp_path / "broken", quiet=True, steps="0", resume=True)
+    assert resumed["steps"][0]["evaluations"] == row["evaluations"]
