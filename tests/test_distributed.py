@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
+from tiny import tiny_sets
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -38,19 +39,14 @@ from ilseg.models import CPUSyncBatchNorm, convert_sync_batchnorm
 from ilseg.runs.folder import model_from_config
 from ilseg.tasks import get_task
 
-# The tiny run of test_engine.py, with a global batch of 8 (4 per process): BN
+# The tiny run (tests/tiny.py), with a global batch of 8 (4 per process): BN
 # statistics of 4 images per process are well enough conditioned for float32
 # round-off to stay at round-off over a few iterations; SGD, whose update is
 # proportional to the gradient (Adam's first steps are not).
-TINY = [
-    "model.width=8", "model.head_channels=8", "model.output_stride=16",
-    "optim.batch_size=8", "optim.epochs=2", "optim.epochs_next=1",
-    "optim.optimizer=sgd", "optim.lr=0.01",
-    "data.crop_size=32", "eval.batch_size=16",
-    # The default CE reduction ("valid": the mean over non-ignored pixels, whose
-    # number differs between processes) is exact under DDP: the losses divide by
-    # the global count (methods.losses.per_process_share).
-]
+# The default CE reduction ("valid": the mean over non-ignored pixels, whose
+# number differs between processes) is exact under DDP: the losses divide by
+# the global count (methods.losses.per_process_share).
+BATCH_8_SGD = ["optim.batch_size=8", "optim.optimizer=sgd", "optim.lr=0.01"]
 TIMEOUT_S = 120  # a hung job fails the test instead of the test suite
 
 
@@ -62,7 +58,7 @@ def synth_root(tmp_path_factory) -> Path:
 
 
 def _sets(root: Path, cache: Path, *extra: str) -> list[str]:
-    return [f"data.root={root}", f"data.cache_dir={cache}", "data.workers=0", *TINY, *extra]
+    return tiny_sets(root, *BATCH_8_SGD, *extra, cache_dir=cache)
 
 
 def torchrun(args: list[str], *, nproc: int = 2,

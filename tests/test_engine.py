@@ -2,34 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import InterruptAt, Record, tiny_config
+from torch import Tensor
 
 from ilseg.cli import main
-from ilseg.config import load_config, preset_dir
+from ilseg.config import load_config
 from ilseg.engine import step as step_mod
 from ilseg.engine.optim import poly_schedule
 from ilseg.engine.run import evaluate_checkpoint, run_training
 from ilseg.errors import IlsegError, WriteError
-from ilseg.methods import Method
+from ilseg.methods import Method, MethodConfig, register_method
 from ilseg.runs.checkpoint import load_checkpoint, save_checkpoint
 from ilseg.runs.folder import model_from_config
 from ilseg.tasks import get_task
-
-TINY = [
-    "model.width=8", "model.head_channels=8", "model.output_stride=16",
-    "optim.batch_size=4", "optim.epochs=2", "optim.epochs_next=1",
-    "data.crop_size=32", "data.workers=0", "eval.batch_size=16",
-]
-
-
-def tiny_config(root: Path, *extra: str):
-    return load_config(preset_dir() / "synth-demo.yaml", [f"data.root={root}", *TINY, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -114,38 +109,17 @@ def test_results_agree_with_an_independent_recomputation(finished_run, synth_roo
         assert state["confusion_matrix"] == conf.tolist()
 
 
-def test_resume_after_interruption_is_identical(synth_root, tmp_path, finished_run, monkeypatch):
+def test_resume_after_interruption_is_identical(synth_root, tmp_path, finished_run):
     reference, cfg, ref_results = finished_run
     out = tmp_path / "interrupted"
-    real = step_mod.train_one_epoch
-    calls = {"n": 0}
-
-    def interrupt_third_epoch(**kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # step 1's first epoch (step 0 has two)
-            raise KeyboardInterrupt
-        return real(**kwargs)
-
-    monkeypatch.setattr(step_mod, "train_one_epoch", interrupt_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg, out, quiet=True)
+    with pytest.raises(KeyboardInterrupt):  # before step 1's first epoch
+        run_training(cfg, out, quiet=True, callbacks=InterruptAt(step=1, epoch=0))
     assert (out / "step0.pth").is_file() and not (out / "step1.pth").exists()
-    monkeypatch.setattr(step_mod, "train_one_epoch", real)
     # also interrupt inside step 0 of a second run, between its two epochs
     out2 = tmp_path / "interrupted-epoch"
-    calls["n"] = 0
-
-    def interrupt_second_epoch(**kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(**kwargs)
-
-    monkeypatch.setattr(step_mod, "train_one_epoch", interrupt_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        run_training(cfg, out2, quiet=True)
+        run_training(cfg, out2, quiet=True, callbacks=InterruptAt(step=0, epoch=1))
     assert load_checkpoint(out2 / "last.pth")["epoch"] == 0
-    monkeypatch.setattr(step_mod, "train_one_epoch", real)
 
     for folder in (out, out2):
         resumed = run_training(cfg, folder, resume=True, quiet=True)
@@ -180,16 +154,28 @@ def test_joint_trains_one_step_of_all_classes(synth_root, tmp_path):
     assert res["steps"][0]["miou_new"] is not None  # old/new still split by the task's step 0
 
 
-def test_non_finite_loss_stops_with_a_clear_error(synth_root, tmp_path, monkeypatch):
-    cfg = tiny_config(synth_root, "method.name=finetune", "optim.epochs=1")
+# -- a method whose loss is NaN from the first batch, registered for the test that needs it only --
+@dataclasses.dataclass(frozen=True)
+class NanLossConfig(MethodConfig):
+    pass
 
-    from ilseg.methods import Method
 
-    def nan_loss(self, student, teacher, target, step):
+class NanLoss(Method):
+    config_class = NanLossConfig
+
+    def loss(self, student: Mapping[str, Any], teacher: Mapping[str, Any] | None, target: Tensor,
+             step: int) -> dict[str, Tensor]:
         loss = student["logits"].sum() * float("nan")
         return {"ce": loss, "loss": loss}
 
-    monkeypatch.setattr(Method, "__call__", nan_loss)
+
+@pytest.fixture
+def nan_loss(method_registry) -> None:
+    register_method("nan-loss", NanLoss, {"nan-loss": NanLossConfig(name="nan-loss")})
+
+
+def test_non_finite_loss_stops_with_a_clear_error(synth_root, tmp_path, nan_loss):
+    cfg = tiny_config(synth_root, "method.name=nan-loss", "optim.epochs=1")
     with pytest.raises(IlsegError, match="non-finite"):
         run_training(cfg, tmp_path / "nan", quiet=True)
     assert not (tmp_path / "nan" / "step0.pth").exists()
@@ -307,16 +293,9 @@ def test_resume_after_a_crash_during_evaluation_does_not_retrain(finished_run, t
     assert (last["step"], last["epoch"] + 1) == (1, last["epochs"]) and not (out / "step1.pth").exists()
     monkeypatch.setattr(step_mod, "evaluate_step", real_evaluate)
 
-    trained: list[int] = []
-    real_epoch = step_mod.train_one_epoch
-
-    def record(**kwargs):
-        trained.append(kwargs["step"])
-        return real_epoch(**kwargs)
-
-    monkeypatch.setattr(step_mod, "train_one_epoch", record)
-    resumed = run_training(cfg, out, resume=True, quiet=True)
-    assert trained == [2]  # step 1 was only evaluated; step 2 trained as usual
+    record = Record()
+    resumed = run_training(cfg, out, resume=True, quiet=True, callbacks=record)
+    assert record.trained_steps == [2]  # step 1 was only evaluated; step 2 trained as usual
     for step in (1, 2):
         a, b = _models(reference / f"step{step}.pth"), _models(out / f"step{step}.pth")
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -352,19 +331,12 @@ def test_adopted_step0_is_rescored_under_another_test_protocol(finished_run, syn
         evaluate_checkpoint(other, tmp_path / "bg" / "step0.pth")["miou_all"], abs=1e-12)
 
 
-def test_teacher_is_the_previous_step_and_stays_unchanged(synth_root, tmp_path, monkeypatch):
+def test_teacher_is_the_previous_step_and_stays_unchanged(synth_root, tmp_path):
     cfg = tiny_config(synth_root, "method.name=ilt", "optim.epochs=1")
-    teachers: dict[int, torch.nn.Module] = {}
-    real_start = Method.start_step
-
-    def keep_teacher(self, model, task, step):
-        setup = real_start(self, model, task, step)
-        teachers[step] = setup.teacher
-        return setup
-
-    monkeypatch.setattr(Method, "start_step", keep_teacher)
+    record = Record()
     out = tmp_path / "run"
-    run_training(cfg, out, quiet=True)
+    run_training(cfg, out, quiet=True, callbacks=record)
+    teachers = {step: setup.teacher for step, setup in record.setups.items()}
     assert teachers[0] is None
     task = get_task("synth", "6-2-2")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -393,42 +365,26 @@ def test_frozen_encoder_keeps_body_weights_and_bn_statistics(synth_root, tmp_pat
 
 
 @pytest.mark.parametrize("method, old_labels_kept", [("ilt-kd-out", True), ("finetune", False)])
-def test_training_targets_follow_the_methods_label_protocol(synth_root, tmp_path, monkeypatch, method,
-                                                            old_labels_kept):
+def test_training_targets_follow_the_methods_label_protocol(synth_root, tmp_path, method, old_labels_kept):
     cfg = tiny_config(synth_root, f"method.name={method}", "optim.epochs=1")
-    seen: dict[int, set[int]] = {}
-    real_call = Method.__call__
-
-    def record(self, student, teacher, target, step):
-        seen.setdefault(step, set()).update(int(v) for v in target.unique())
-        return real_call(self, student, teacher, target, step)
-
-    monkeypatch.setattr(Method, "__call__", record)
-    run_training(cfg, tmp_path / method, quiet=True, steps="0:2")
-    assert seen[1] <= {0, 7, 8, 255} | (set(range(1, 7)) if old_labels_kept else set())
-    assert bool(seen[1] & set(range(1, 7))) == old_labels_kept  # old classes' channels appear only when kept
-    assert seen[1] & {7, 8}
+    record = Record()
+    run_training(cfg, tmp_path / method, quiet=True, steps="0:2", callbacks=record)
+    # the step's training labels, as its loader maps the dataset's mask values (the 11 classes and 255)
+    lut = record.setups[1].target_lut
+    targets = {int(lut[value]) for value in [*range(11), 255]}
+    assert targets <= {0, 7, 8, 255} | (set(range(1, 7)) if old_labels_kept else set())
+    assert bool(targets & set(range(1, 7))) == old_labels_kept  # old classes' channels appear only when kept
+    assert {7, 8} <= targets and int(lut[9]) == int(lut[10]) == 0  # the new classes; future ones are background
 
 
-def test_background_init_resumes_bit_identically(synth_root, tmp_path, monkeypatch):
+def test_background_init_resumes_bit_identically(synth_root, tmp_path):
     cfg = tiny_config(synth_root, "method.name=ilt", "method.classifier_init=background", "optim.epochs=1",
                       "optim.epochs_next=2")
     reference = tmp_path / "ref"
     run_training(cfg, reference, quiet=True, steps="0:2")
     out = tmp_path / "interrupted"
-    real = step_mod.train_one_epoch
-    calls = {"n": 0}
-
-    def interrupt_second_epoch_of_step1(**kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # step 0: 1 epoch; step 1: 2 epochs, killed before its second
-            raise KeyboardInterrupt
-        return real(**kwargs)
-
-    monkeypatch.setattr(step_mod, "train_one_epoch", interrupt_second_epoch_of_step1)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg, out, quiet=True, steps="0:2")
-    monkeypatch.setattr(step_mod, "train_one_epoch", real)
+    with pytest.raises(KeyboardInterrupt):  # step 0: 1 epoch; step 1: 2 epochs, killed before its second
+        run_training(cfg, out, quiet=True, steps="0:2", callbacks=InterruptAt(step=1, epoch=1))
     run_training(cfg, out, resume=True, quiet=True, steps="0:2")
     a, b = _models(reference / "step1.pth"), _models(out / "step1.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)

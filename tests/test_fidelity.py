@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from tiny import InterruptAt, tiny_config
 
 from ilseg.config import load_config, preset_dir
 from ilseg.data.splits import class_presence
@@ -18,13 +19,8 @@ from ilseg.placement import Placement
 from ilseg.runs.checkpoint import load_checkpoint
 from ilseg.tasks import get_task, keep_test_image
 
-TINY = ["model.width=8", "model.head_channels=8", "model.output_stride=16", "optim.batch_size=4",
-        "optim.epochs=2", "optim.epochs_next=1", "data.crop_size=32", "data.workers=0", "eval.batch_size=16"]
-
-
 def tiny(root, tmp_path, *extra):
-    return load_config(preset_dir() / "synth-demo.yaml",
-                       [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", *TINY, *extra])
+    return tiny_config(root, *extra, cache_dir=tmp_path / "cache")
 
 
 # -- optim.schedule: constant (cssegmentation as it ran) ---------------------------------------------
@@ -92,7 +88,7 @@ def test_a_step_is_scored_on_exactly_the_images_the_rule_keeps(tmp_path, synth_r
 
 
 # -- eval.every: scores during a step (cssegmentation's every 10 epochs) ---------------------------
-def test_evaluations_during_a_step_are_kept_and_change_nothing_trained(tmp_path, synth_root, monkeypatch):
+def test_evaluations_during_a_step_are_kept_and_change_nothing_trained(tmp_path, synth_root):
     plain = tiny(synth_root, tmp_path, "method.name=finetune", "optim.epochs=3")
     every = tiny(synth_root, tmp_path, "method.name=finetune", "optim.epochs=3", "eval.every=1")
     run_training(plain, tmp_path / "plain", quiet=True, steps="0")
@@ -105,19 +101,45 @@ def test_evaluations_during_a_step_are_kept_and_change_nothing_trained(tmp_path,
     assert "evaluations" not in json.loads((tmp_path / "plain" / "results.json").read_text())["steps"][0]
 
     # interrupted before epoch 3, then resumed: the evaluations of epochs 1 and 2 are still there
-    from ilseg.engine import step as step_mod
-    real, calls = step_mod.train_one_epoch, {"n": 0}
-
-    def stop_third(**kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(**kwargs)
-
-    monkeypatch.setattr(step_mod, "train_one_epoch", stop_third)
     with pytest.raises(KeyboardInterrupt):
-        run_training(every, tmp_path / "broken", quiet=True, steps="0")
+        run_training(every, tmp_path / "broken", quiet=True, steps="0", callbacks=InterruptAt(step=0, epoch=2))
     assert [e["epoch"] for e in load_checkpoint(tmp_path / "broken" / "last.pth")["evaluations"]] == [1, 2]
-    monkeypatch.setattr(step_mod, "train_one_epoch", real)
     resumed = run_training(every, tmp_path / "broken", quiet=True, steps="0", resume=True)
     assert resumed["steps"][0]["evaluations"] == row["evaluations"]
+
+
+# -- data.normalize: caffe (the ILT paper's code) ------------------------------------------------------
+def test_caffe_normalisation_subtracts_the_ilt_codes_means_from_0_255_rgb():
+    import numpy as np
+
+    from ilseg.data.transforms import CAFFE_MEAN_AS_ILT, denormalize, eval_transform
+
+    rgb = np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    x, _ = eval_transform(None, normalize="caffe")(rgb, np.zeros((4, 5), dtype=np.uint8))
+    want = torch.from_numpy(rgb).permute(2, 0, 1).float() - torch.tensor(CAFFE_MEAN_AS_ILT).view(3, 1, 1)
+    torch.testing.assert_close(x, want, rtol=0, atol=1e-4)
+    assert CAFFE_MEAN_AS_ILT[0] < CAFFE_MEAN_AS_ILT[2]  # B's mean subtracted from R, as that code does
+    torch.testing.assert_close(denormalize(x, "caffe") * 255, torch.from_numpy(rgb).permute(2, 0, 1).float(),
+                               rtol=0, atol=1e-3)
+    imagenet, _ = eval_transform(None)(rgb, np.zeros((4, 5), dtype=np.uint8))
+    assert float(imagenet.abs().max()) < 3 < float(x.abs().max())  # the default is unchanged
+
+
+# -- model.frozen_bn_affine: false (the ILT paper's code trains BN's scale and offset) ------------------
+@pytest.mark.parametrize("affine_frozen", [True, False])
+def test_frozen_bn_keeps_its_statistics_and_trains_scale_and_offset_only_when_asked(affine_frozen):
+    from ilseg.models import build_segmenter
+
+    model = build_segmenter(backbone="resnet50", head="aspp_v2", output_stride=16, classes_per_step=[3],
+                            backbone_width=8, frozen_bn=True, frozen_bn_affine=affine_frozen)
+    bn = model.body.bn1
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    model(torch.randn(2, 3, 32, 32))["logits"].square().mean().backward()
+    opt.step()
+    after = bn.state_dict()
+    assert torch.equal(before["running_mean"], after["running_mean"])
+    assert torch.equal(before["running_var"], after["running_var"])
+    assert torch.equal(before["weight"], after["weight"]) == affine_frozen
+    assert torch.equal(before["bias"], after["bias"]) == affine_frozen

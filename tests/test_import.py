@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_config, tiny_sets
 
 from ilseg.cli import main
-from ilseg.config import load_config, preset_dir
 from ilseg.errors import IlsegError
 from ilseg.importing.command import import_run
 from ilseg.importing.convert import NUMPY_SCALARS
@@ -33,8 +33,7 @@ BLOCKS = (3, 4, 6, 3)  # ResNet-50
 SIZES = (7, 2, 2)  # synth 6-2-2: classifier sizes, background in step 0
 EPS = 1e-5  # InPlace-ABN's and BatchNorm's eps
 MODEL = ["model.backbone=resnet50", f"model.width={WIDTH}", f"model.head_channels={HEAD}", "model.output_stride=16"]
-TINY = [*MODEL, "optim.batch_size=4", "optim.epochs=1", "optim.epochs_next=1", "data.crop_size=32",
-        "data.workers=0", "eval.batch_size=16"]
+RESNET50_ONE_EPOCH = [*MODEL, "optim.epochs=1", "optim.epochs_next=1"]
 
 
 # -- the tools' checkpoints, written out -------------------------------------------------------
@@ -193,18 +192,20 @@ def reference_forward(w: dict[str, torch.Tensor], x: torch.Tensor, steps: int) -
 
 
 # -- fixtures ----------------------------------------------------------------------------------
-def tiny_config(root: Path, *extra: str):
-    return load_config(preset_dir() / "synth-demo.yaml", [f"data.root={root}", *TINY, *extra])
+def resnet50_config(root: Path, *extra: str):
+    """The tiny run (tests/tiny.py) with the thin ResNet-50 the tools' checkpoints have, one epoch per step."""
+    return tiny_config(root, *RESNET50_ONE_EPOCH, *extra)
 
 
 def cli_config_args(root: Path, *extra: str) -> list[str]:
-    return ["--config", "synth-demo", "--set", f"data.root={root}", *TINY, *extra]
+    """:func:`resnet50_config` as ``ilseg import`` options."""
+    return ["--config", "synth-demo", "--set", *tiny_sets(root, *RESNET50_ONE_EPOCH, *extra)]
 
 
 # -- every tensor lands where it should; the forward is InPlace-ABN's --------------------------
 @pytest.mark.parametrize("fmt", ["mib", "plop", "cssegmentation"])
 def test_every_tensor_lands_where_it_should(fmt: str, synth_root: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(synth_root)
+    cfg = resnet50_config(synth_root)
     files = [tool_file(tmp_path / "tool", fmt, t) for t in range(3)]
     weights = [save_tool_checkpoint(f, fmt, t, seed=10 + t) for t, f in enumerate(files)]
     out = tmp_path / "run"
@@ -236,7 +237,7 @@ def test_every_tensor_lands_where_it_should(fmt: str, synth_root: Path, tmp_path
 
 @pytest.mark.parametrize("fmt", ["mib", "cssegmentation"])
 def test_converted_forward_equals_the_inplace_abn_network(fmt: str, synth_root: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(synth_root)
+    cfg = resnet50_config(synth_root)
     files = [tool_file(tmp_path / "tool", fmt, t) for t in range(3)]
     weights = [save_tool_checkpoint(f, fmt, t, seed=20 + t) for t, f in enumerate(files)]
     assert any(bool((v < 0).any()) for k, v in weights[2].items() if is_bn_weight(k, tuple(v.shape)))
@@ -272,7 +273,7 @@ def test_a_missing_and_an_extra_tensor_are_both_named(fmt: str, synth_root: Path
     state = load_tool_file(saved)
     state["segmentor" if css else "model_state"][f"module.{extra}"] = torch.zeros(HEAD, HEAD, 1, 1)
     torch.save(state, saved)
-    message = _refusal(tiny_config(synth_root), [saved], tmp_path / "run", fmt)
+    message = _refusal(resnet50_config(synth_root), [saved], tmp_path / "run", fmt)
     assert str(saved) in message and missing in message and extra in message
     assert "missing tensors" in message and "no counterpart" in message
 
@@ -282,7 +283,7 @@ def test_a_classifier_that_does_not_fit_the_task_is_refused(synth_root: Path, tm
     weights["cls.0.weight"], weights["cls.0.bias"] = torch.zeros(8, HEAD, 1, 1), torch.zeros(8)
     saved = tool_file(tmp_path, "mib", 0)
     save_tool_checkpoint(saved, "mib", 0, seed=2, weights=weights)
-    message = _refusal(tiny_config(synth_root), [saved], tmp_path / "run", "mib")
+    message = _refusal(resnet50_config(synth_root), [saved], tmp_path / "run", "mib")
     assert "[8] outputs" in message and "has [7]" in message and "step 0 counts background" in message
 
 
@@ -291,14 +292,14 @@ def test_plop_cosine_classifier_is_refused(synth_root: Path, tmp_path: Path) -> 
     weights["scalar"] = torch.tensor(1.0)
     saved = tool_file(tmp_path, "plop", 0)
     save_tool_checkpoint(saved, "plop", 0, seed=3, weights=weights)
-    message = _refusal(tiny_config(synth_root), [saved], tmp_path / "run", "plop")
+    message = _refusal(resnet50_config(synth_root), [saved], tmp_path / "run", "plop")
     assert "cosine classifier" in message and "cls.0.bias" in message
 
 
 def test_a_body_of_another_depth_names_both(synth_root: Path, tmp_path: Path) -> None:
     saved = tool_file(tmp_path, "mib", 0)
     save_tool_checkpoint(saved, "mib", 0, seed=4)
-    message = _refusal(tiny_config(synth_root, "model.backbone=resnet101"), [saved], tmp_path / "run", "mib")
+    message = _refusal(resnet50_config(synth_root, "model.backbone=resnet101"), [saved], tmp_path / "run", "mib")
     assert "resnet50 (blocks 3/4/6/3, bottleneck, width 4)" in message
     assert "resnet101 (blocks 3/4/23/3" in message and "body.mod4.block7.convs.conv1.weight" in message
 
@@ -308,7 +309,7 @@ def test_cssegmentation_latest_link_says_which_file_to_pass(synth_root: Path, tm
     save_tool_checkpoint(real, "cssegmentation", 0, seed=5)
     latest = real.parent / "latest.pth"  # what cssegmentation writes: the path from its launch folder
     latest.symlink_to(Path("synth-6-2-2") / "task_0" / "epoch_30.pth")
-    message = _refusal(tiny_config(synth_root), [latest], tmp_path / "run", "cssegmentation")
+    message = _refusal(resnet50_config(synth_root), [latest], tmp_path / "run", "cssegmentation")
     assert "relative to the folder cssegmentation was started from" in message and str(real) in message
 
 
@@ -348,7 +349,7 @@ def test_files_and_configs_that_cannot_be_imported_are_refused(what: str, synth_
         fmt, extra, expected = "cssegmentation", ["model.backbone=resnet18"], "does not dilate the second 3x3 conv"
     elif what == "deeplab-v2-head":
         extra, expected = ["model.head=aspp_v2"], "model.head aspp_v2 is not MiB's network"
-    message = _refusal(tiny_config(synth_root, *extra), files, tmp_path / "run", fmt)
+    message = _refusal(resnet50_config(synth_root, *extra), files, tmp_path / "run", fmt)
     assert expected in message, message
 
 
@@ -364,7 +365,7 @@ def test_cssegmentation_older_decoder_names_import_and_a_module_given_twice_is_r
         new = next((key.replace(a, b) for a, b in older.items() if a in key), key)
         renamed[new] = value
     torch.save(state | {"segmentor": renamed}, saved)
-    cfg = tiny_config(synth_root)
+    cfg = resnet50_config(synth_root)
     import_run(cfg, [saved], tmp_path / "run", fmt="cssegmentation")
     model = load_checkpoint(tmp_path / "run" / "step0.pth")["model"]
     assert torch.equal(model["head.red_conv.weight"], weights["head.red_conv.weight"])
@@ -381,7 +382,7 @@ def test_out_must_be_a_new_folder(synth_root: Path, tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")
     with pytest.raises(IlsegError, match="not empty"):
-        import_run(tiny_config(synth_root), [saved], tmp_path / "run", fmt="mib")
+        import_run(resnet50_config(synth_root), [saved], tmp_path / "run", fmt="mib")
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["notes.txt"]
 
 
@@ -442,7 +443,7 @@ def test_init_from_an_imported_run_and_evaluate_on_import(synth_root: Path, tmp_
 def test_init_from_an_unscored_import_scores_step0_and_keeps_its_row(synth_root: Path, tmp_path: Path) -> None:
     saved = tool_file(tmp_path / "tool", "mib", 0)
     save_tool_checkpoint(saved, "mib", 0, seed=50)
-    cfg = tiny_config(synth_root)
+    cfg = resnet50_config(synth_root)
     import_run(cfg, [saved], tmp_path / "imported", fmt="mib")
     new = tmp_path / "new"
     assert main(["train", "--init-from", str(tmp_path / "imported"), "--out", str(new), "--steps", "0:2", "--quiet",
@@ -505,10 +506,10 @@ def test_a_failure_while_writing_leaves_no_half_imported_run(synth_root: Path, t
     monkeypatch.setattr(importing, "save_checkpoint", disk_full_on_step_2)
     out = tmp_path / "run"
     with pytest.raises(IlsegError, match="No space left on device"):
-        import_run(tiny_config(synth_root), files, out, fmt="mib")
+        import_run(resnet50_config(synth_root), files, out, fmt="mib")
     assert saved == ["step0.pth", "step1.pth"] and not out.exists()  # what was written is gone with the folder
     monkeypatch.setattr(importing, "save_checkpoint", real_save)
-    assert [s["step"] for s in import_run(tiny_config(synth_root), files, out, fmt="mib")["steps"]] == [0, 1, 2]
+    assert [s["step"] for s in import_run(resnet50_config(synth_root), files, out, fmt="mib")["steps"]] == [0, 1, 2]
 
 
 def test_a_users_own_relative_link_is_followed(synth_root: Path, tmp_path: Path) -> None:
@@ -516,5 +517,5 @@ def test_a_users_own_relative_link_is_followed(synth_root: Path, tmp_path: Path)
     save_tool_checkpoint(real, "cssegmentation", 0, seed=5)
     link = real.parent / "step0.pth"
     link.symlink_to(real.name)  # relative to the link's own folder, as `ln -s epoch_30.pth step0.pth` makes it
-    done = import_run(tiny_config(synth_root), [link], tmp_path / "run", fmt="cssegmentation")
+    done = import_run(resnet50_config(synth_root), [link], tmp_path / "run", fmt="cssegmentation")
     assert [s["step"] for s in done["steps"]] == [0]

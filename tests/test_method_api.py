@@ -12,21 +12,19 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import InterruptAt, tiny_config
 from torch import Tensor
 
-from ilseg.config import config_from_dict, load_config, preset_dir
+from ilseg.config import config_from_dict
 from ilseg.data.synth import generate_synth
-from ilseg.engine import step as step_mod
 from ilseg.engine.run import evaluate_checkpoint, run_training
 from ilseg.errors import IlsegError
-from ilseg.methods import METHOD_PRESETS, Method, MethodConfig, build_method, register_method
+from ilseg.methods import ILT, METHOD_PRESETS, Method, MethodConfig, build_method, register_method
 from ilseg.methods.base import POSITIVE, weighted_total
 from ilseg.runs.checkpoint import load_checkpoint
 from ilseg.runs.folder import read_run_config
 
 LEGACY = Path(__file__).parent / "data" / "legacy-runs"
-TINY = ["model.width=8", "model.head_channels=8", "model.output_stride=16", "optim.batch_size=4",
-        "optim.epochs=1", "optim.epochs_next=2", "data.crop_size=32", "data.workers=0", "eval.batch_size=16"]
 
 
 # -- a method written here, registered here, and nowhere else -----------------------------------
@@ -75,17 +73,16 @@ class CountingKD(Method):
         self.batches = {int(step): int(count) for step, count in state.get("batches", {}).items()}
 
 
-register_method("counting-kd", CountingKD, {"counting-kd": CountingKDConfig(name="counting-kd")})
-
-
-def tiny(root: Path, *extra: str):
-    return load_config(preset_dir() / "synth-demo.yaml", [f"data.root={root}", *TINY, "method.name=counting-kd",
-                                                          "method.temperature=3", *extra])
+@pytest.fixture
+def counting_kd(method_registry) -> None:
+    """``counting-kd`` registered for one test (the registry is restored after it: no other test sees it)."""
+    register_method("counting-kd", CountingKD, {"counting-kd": CountingKDConfig(name="counting-kd")})
 
 
 def test_a_method_defined_in_a_test_file_trains_three_steps_keeps_its_state_and_resumes(synth_root, tmp_path,
-                                                                                         monkeypatch):
-    cfg = tiny(synth_root, f"data.cache_dir={tmp_path / 'cache'}")
+                                                                                         counting_kd):
+    cfg = tiny_config(synth_root, "optim.epochs=1", "optim.epochs_next=2", "method.name=counting-kd",
+                      "method.temperature=3", cache_dir=tmp_path / "cache")
     assert cfg.method == CountingKDConfig(name="counting-kd", temperature=3.0)
     whole = tmp_path / "whole"
     results = run_training(cfg, whole, quiet=True)
@@ -98,21 +95,11 @@ def test_a_method_defined_in_a_test_file_trains_three_steps_keeps_its_state_and_
     assert (whole / "config.yaml").read_text().count("temperature: 3.0") == 1
 
     # interrupted at the start of step 1's second epoch, then resumed: the same weights and the same counts
-    real, calls = step_mod.train_one_epoch, {"n": 0}
-
-    def interrupt_step1_epoch2(**kwargs):
-        calls["n"] += 1
-        if kwargs["step"] == 1 and calls["n"] == 3:  # step 0 has one epoch, step 1 two
-            raise KeyboardInterrupt
-        return real(**kwargs)
-
-    monkeypatch.setattr(step_mod, "train_one_epoch", interrupt_step1_epoch2)
     broken = tmp_path / "broken"
     with pytest.raises(KeyboardInterrupt):
-        run_training(cfg, broken, quiet=True)
+        run_training(cfg, broken, quiet=True, callbacks=InterruptAt(step=1, epoch=1))
     assert load_checkpoint(broken / "last.pth")["method_state"]["batches"] == {"0": counts[0]["0"],
                                                                                "1": counts[1]["1"] // 2}
-    monkeypatch.setattr(step_mod, "train_one_epoch", real)
     run_training(cfg, broken, quiet=True, resume=True)
     for t in range(3):
         a, b = load_checkpoint(whole / f"step{t}.pth"), load_checkpoint(broken / f"step{t}.pth")
@@ -120,9 +107,11 @@ def test_a_method_defined_in_a_test_file_trains_three_steps_keeps_its_state_and_
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), t
 
 
-def test_registering_refuses_a_taken_name_or_a_config_of_another_class():
+def test_registering_refuses_a_taken_name_or_a_config_of_another_class(counting_kd):
     with pytest.raises(IlsegError, match="taken"):
         register_method("ilt", CountingKD, {})
+    with pytest.raises(IlsegError, match="taken"):
+        register_method("counting-kd", ILT, {})
     with pytest.raises(IlsegError, match="CountingKDConfig"):
         register_method("counting-kd", CountingKD, {"other": METHOD_PRESETS["ilt"]})
     with pytest.raises(IlsegError, match="temperature must be > 0"):

@@ -3,7 +3,7 @@
 Colours are checked against the VOC palette pixel by pixel in the written
 PNGs; panel boxes come from the figure's axes and are checked against the
 pixels (white outside, the expected colours inside).  The end-to-end tests
-train the tiny synthetic runs of ``test_engine.py`` (seconds on a CPU).
+train the tiny synthetic run of ``tests/tiny.py`` (seconds on a CPU).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import tiny_config
 
 from ilseg.cli import main
 from ilseg.config import dump_config, load_config, preset_dir
@@ -44,11 +45,6 @@ from ilseg.visual.preview import write_preview
 PALETTE = np.array(palette(), dtype=np.uint8).reshape(256, 3)
 WHITE = (255, 255, 255)
 VOC_NAMES = get_task("voc", "15-1").class_names
-TINY = [
-    "model.width=8", "model.head_channels=8", "model.output_stride=16",
-    "optim.batch_size=4", "optim.epochs=2", "optim.epochs_next=1",
-    "data.crop_size=32", "data.workers=0", "eval.batch_size=16",
-]
 
 
 def decode(png: bytes | Path) -> np.ndarray:
@@ -150,8 +146,7 @@ def test_rows_of_different_sizes_align_their_columns():
 
 # -- predict and previews on tiny trained runs ---------------------------------------------------
 def tiny(root: Path, *extra: str):
-    return load_config(preset_dir() / "synth-demo.yaml",
-                       [f"data.root={root}", f"data.cache_dir={root.parent / 'cache'}", *TINY, *extra])
+    return tiny_config(root, *extra, cache_dir=root.parent / "cache")
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from ilseg.config import config_from_dict, load_config, preset_dir
+from ilseg.engine.callbacks import Callbacks
 from ilseg.engine.optim import poly_schedule
 from ilseg.engine.run import run_training
 from ilseg.engine.signals import StopRequests
 from ilseg.errors import IlsegError, Interrupted
-from ilseg.methods import ILTConfig, JointConfig, Method, build_method
+from ilseg.methods import ILTConfig, JointConfig, StepSetup, build_method
 from ilseg.methods.plop import POD_TAPS
 from ilseg.models import build_segmenter, copy_for_teacher, fold_batchnorm
 from ilseg.models.aspp import V2_RATES, ASPPv2Classifier, NoHead
 
-PAPER_PRESETS = sorted(preset_dir().glob("voc-*-paper-*.yaml"))
+ILT_PAPER_SETTING_PRESETS = sorted(preset_dir().glob("voc-*-paper-*.yaml"))  # the "-paper-" presets
 VARIANTS = ("finetune", "ilt-kd-out", "ilt-kd-feat", "ilt-ef", "ilt-ef-kd-out", "ilt-kd-out-feat", "joint")
 _BN = torch.nn.modules.batchnorm._BatchNorm
 
@@ -132,11 +133,11 @@ def test_stride_on_1x1_needs_a_bottleneck_resnet():
 
 
 def test_there_is_a_paper_preset_for_every_task_and_variant():
-    names = {p.stem for p in PAPER_PRESETS}
+    names = {p.stem for p in ILT_PAPER_SETTING_PRESETS}
     assert names == {f"voc-{task}-paper-{v}" for task in ("19-1", "15-5", "15-1") for v in VARIANTS}
 
 
-@pytest.mark.parametrize("path", PAPER_PRESETS, ids=[p.stem for p in PAPER_PRESETS])
+@pytest.mark.parametrize("path", ILT_PAPER_SETTING_PRESETS, ids=[p.stem for p in ILT_PAPER_SETTING_PRESETS])
 def test_paper_presets_hold_the_official_recipe_in_the_run_config(path):
     cfg = config_from_dict(load_config(path).to_dict())  # as the run folder's config.yaml gives it back
     m, o, d = cfg.model, cfg.optim, cfg.data
@@ -223,34 +224,41 @@ def test_a_two_step_run_in_the_paper_setting_trains_the_configured_iterations(sy
                                                                               torch.zeros_like(s0["model"][mean]))
 
 
+class StopInStep(Callbacks):
+    """A stop request (as SIGTERM makes one) after iteration ``iteration`` of step ``step``.
+
+    The training loop asks :meth:`StopRequests.requested` once after each
+    iteration; :meth:`requested` is what the test puts in its place.
+    """
+
+    def __init__(self, step: int, iteration: int) -> None:
+        self.step, self.iteration = step, iteration
+        self.current: int | None = None
+        self.polls = 0
+
+    def on_step_start(self, step: int, setup: StepSetup) -> None:
+        self.current = step
+
+    def requested(self) -> bool:
+        if self.current == self.step:
+            self.polls += 1
+            return self.polls == self.iteration
+        return False
+
+
 @pytest.mark.slow  # three short runs
 def test_an_iteration_based_step_stopped_part_way_resumes_exactly(synth_root, tmp_path, monkeypatch):
     reference = tmp_path / "reference"
     cfg = _paper_synth(synth_root, tmp_path / "cache")
     run_training(cfg, reference, steps="0:2", quiet=True)
 
-    real_call, real_requested = Method.__call__, StopRequests.requested
-    calls = {"step1": 0, "stop": False}
-
-    def method_call(self, student, teacher, target, step):
-        if step == 1:
-            calls["step1"] += 1
-            calls["stop"] = calls["step1"] == 3
-        return real_call(self, student, teacher, target, step)
-
-    def requested(self):
-        if calls["stop"]:
-            calls["stop"] = False
-            return True
-        return real_requested(self)
-
     out = tmp_path / "stopped"
-    monkeypatch.setattr(Method, "__call__", method_call)
-    monkeypatch.setattr(StopRequests, "requested", requested)
-    with pytest.raises(Interrupted):
-        run_training(cfg, out, steps="0:2", quiet=True)
-    monkeypatch.setattr(Method, "__call__", real_call)
-    monkeypatch.setattr(StopRequests, "requested", real_requested)
+    stop = StopInStep(step=1, iteration=3)
+    real_requested = StopRequests.requested
+    with monkeypatch.context() as patch:
+        patch.setattr(StopRequests, "requested", lambda self: stop.requested() or real_requested(self))
+        with pytest.raises(Interrupted):
+            run_training(cfg, out, steps="0:2", quiet=True, callbacks=stop)
     last = torch.load(out / "last.pth", weights_only=True)
     assert last["step"] == 1 and last["scheduler"]["last_epoch"] == 3
     run_training(cfg, out, steps="0:2", resume=True, quiet=True)

@@ -16,7 +16,7 @@ from ilseg.models import build_segmenter, copy_for_teacher, fold_batchnorm
 from ilseg.placement import Placement
 
 # PLOP's terms (Local POD, pseudo-labels from prepared thresholds) have no plain twin: they are checked
-# against hand-computed values in test_plop.py.  Only the built-in methods have a plain twin (the flat form of
+# against hand-computed values in test_plop_terms.py.  Only the built-in methods have a plain twin (the flat form of
 # ilseg.methods.legacy), not one another test module registers.
 PLAIN = [name for name, cfg in METHOD_PRESETS.items()
          if to_legacy(cfg) is not None and not build_method(cfg).prepares(1) and not build_method(cfg).taps(1)]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_reports import make_run
+from test_report_command import make_run
 
 from ilseg.reports import write_report
 

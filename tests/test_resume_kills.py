@@ -8,6 +8,7 @@ weights and scores are compared with those of an uninterrupted run.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -20,15 +21,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import InterruptAt, tiny_sets
 
 import ilseg
 from ilseg.cli import main
+from ilseg.engine import run as run_mod
 
-TINY = [
-    "model.width=8", "model.head_channels=8", "model.output_stride=16",
-    "optim.batch_size=4", "optim.epochs=2", "optim.epochs_next=2",
-    "data.crop_size=32", "data.workers=0", "eval.batch_size=16", "method.name=ilt",
-]
+# The tiny run with two epochs at every step (the fault points below count on step 1 having two).
+TWO_EPOCHS_ILT = ["optim.epochs_next=2", "method.name=ilt"]
 
 # Runs ``ilseg train ARGS`` after arranging for this process to die (SIGKILL) or
 # be asked to stop (SIGTERM) at the point named by ILSEG_TEST_FAULT.
@@ -87,8 +87,8 @@ _FAULTY_TRAIN = textwrap.dedent('''
 
 
 def _train_args(root: Path, cache: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--config", "synth-demo", "--quiet", "--set", f"data.root={root}", f"data.cache_dir={cache}",
-            *TINY, *extra, "--out", str(out)]
+    return ["train", "--config", "synth-demo", "--quiet",
+            "--set", *tiny_sets(root, *TWO_EPOCHS_ILT, *extra, cache_dir=cache), "--out", str(out)]
 
 
 def _child(args: list[str], fault: str, script: Path) -> subprocess.CompletedProcess:
@@ -222,22 +222,13 @@ def test_following_the_non_finite_loss_advice_finishes_the_run(synth_root, tmp_p
 
 def test_changed_optimisation_restarts_the_unfinished_step_and_a_moved_dataset_does_not(synth_root, tmp_path,
                                                                                          monkeypatch, capsys):
-    from ilseg.engine import step as step_mod
-
     out = tmp_path / "run"
-    real = step_mod.train_one_epoch
-    calls = {"n": 0}
-
-    def stop_in_step1_epoch2(**kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # step 0: 2 epochs; step 1: interrupted in its second epoch
-            raise KeyboardInterrupt
-        return real(**kwargs)
-
-    monkeypatch.setattr(step_mod, "train_one_epoch", stop_in_step1_epoch2)
-    assert main(_train_args(synth_root, tmp_path / "cache", out)) == 130
+    # Ctrl-C before step 1's second epoch (the command line takes no callbacks: they are given to the run it starts)
+    with monkeypatch.context() as patch:
+        patch.setattr(run_mod, "run_training",
+                      functools.partial(run_mod.run_training, callbacks=InterruptAt(step=1, epoch=1)))
+        assert main(_train_args(synth_root, tmp_path / "cache", out)) == 130
     assert torch.load(out / "last.pth", weights_only=True)["step"] == 1  # step 1's first epoch is saved
-    monkeypatch.setattr(step_mod, "train_one_epoch", real)
     capsys.readouterr()
 
     assert main(["train", "--resume", str(out), "--set", "optim.lr_next=0.0001", "--quiet"]) == 0

@@ -26,6 +26,7 @@ from ilseg.errors import (
     ReportedByMainRank,
     WriteError,
     one_line,
+    plural,
 )
 
 
@@ -46,7 +47,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         print(f"{ds}:")
         for name in task_names(ds):
             t = get_task(ds, name)
-            print(f"  {name:<8} {t.num_steps:>2} step(s), classes per step {list(t.step_sizes)}")
+            print(f"  {name:<8} {plural(t.num_steps, 'step'):>8}, classes per step {list(t.step_sizes)}")
     print("Show a task's classes with: ilseg tasks DATASET TASK (e.g. ilseg tasks voc 15-1)")
     return 0
 
@@ -70,6 +71,15 @@ def cmd_presets(args: argparse.Namespace) -> int:
         mode = "all classes in one step" if build_method(cfg.method).all_classes_at_once else ("overlap" if d.overlap else "disjoint")
         print(f"{path.stem:<32} {cfg.method.name:<16} {d.dataset} {d.task} {mode}")
     print(f"(files in {preset_dir()}; use one with: ilseg train --config NAME --out RUN_DIR)")
+    return 0
+
+
+def cmd_config_restore(args: argparse.Namespace) -> int:
+    from ilseg.runs.folder import CONFIG_FILE, restore_config
+
+    source, kept = restore_config(Path(args.run))
+    print(f"wrote {Path(args.run) / CONFIG_FILE} from {source}"
+          + (f"; the damaged file is kept as {kept}" if kept is not None else ""))
     return 0
 
 
@@ -145,9 +155,11 @@ def cmd_splits(args: argparse.Namespace) -> int:
         cfg = load_config(resolve_config_path(args.config), args.set)
         task, dataset, root, overlap = cfg.build_task(), cfg.data.dataset, cfg.data.root, cfg.data.overlap
     else:
-        if not (args.dataset and args.root and args.task):
-            raise IlsegError("ilseg splits needs --dataset, --root and --task (or --config FILE)")
-        task, dataset, root, overlap = get_task(args.dataset, args.task), args.dataset, args.root, args.overlap
+        if not args.task:
+            raise IlsegError("ilseg splits needs --task (e.g. --task 15-1; --dataset and --root default to voc and "
+                             "where `ilseg train` looks), or --config FILE")
+        root = args.root or _default_root(args.dataset)  # the presets' data.root, as `ilseg train` reads it
+        task, dataset, overlap = get_task(args.dataset, args.task), args.dataset, args.overlap
     ds = build_dataset(dataset, root, "train", list_file=args.list_file)
     report = split_report(ds, task, "overlap" if overlap else "disjoint", workers=args.workers,
                           cache_dir=args.cache_dir, progress=not args.json)
@@ -175,6 +187,23 @@ def cmd_splits(args: argparse.Namespace) -> int:
 
 
 # -- train / eval / predict / demo -------------------------------------------------
+def cmd_launch(args: argparse.Namespace) -> int:
+    from ilseg.engine.launch import launch
+
+    command = [a for a in args.launched if a != "--"][:1]
+    if args.nproc < 1:
+        raise IlsegError(f"--nproc must be >= 1, got {args.nproc}")
+    if command not in (["train"], ["eval"]):
+        raise IlsegError(f"ilseg launch runs train or eval, got {' '.join(args.launched) or 'nothing'}; e.g. "
+                         "ilseg launch --nproc 2 train --config synth-demo --out RUN_DIR")
+    launched = list(args.launched)
+    if launched[0] == "--":
+        launched = launched[1:]
+    if args.methods_from:
+        launched = [option for module in args.methods_from for option in ("--methods-from", module)] + launched
+    return launch(args.nproc, launched)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ilseg.config import load_config, resolve_config_path
     from ilseg.engine.run import run_training
@@ -254,7 +283,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     summary = import_run(cfg, [Path(c) for c in args.checkpoints], out, fmt=args.format, evaluate=args.evaluate,
                          device=args.device, log=print)
     last = summary["steps"][-1]["step"]
-    print(f"imported {len(summary['steps'])} step(s) of {args.format} into {out}")
+    print(f"imported {plural(len(summary['steps']), 'step')} of {args.format} into {out}")
     if summary["results"] is not None:
         print(summary_table(summary["results"]))
     else:
@@ -274,9 +303,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     panels = sum(p.name.endswith("_panel.png") for p in written)
     what = []
     if masks:
-        what.append(f"{masks} masks and overlays")
+        what.append(f"{plural(masks, 'mask')} and {plural(masks, 'overlay')}")
     if panels:
-        what.append(f"{panels} side-by-side panels")
+        what.append(f"{plural(panels, 'side-by-side panel')}")
     print(f"wrote {' and '.join(what)} to {args.out}")
     return 0
 
@@ -284,8 +313,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from ilseg.reports import write_report
 
-    written = write_report(args.runs, Path(args.out))
+    skipped: list[tuple[Path, str]] | None = [] if args.skip_bad else None
+    written = write_report(args.runs, Path(args.out), skipped=skipped)
     print(f"wrote {written['markdown']}, {written['html']} (one self-contained page) and {written['json']}")
+    for run, why in skipped or []:
+        print(f"ilseg: left out {run} (--skip-bad): {why}", file=sys.stderr)
     return 0
 
 
@@ -301,16 +333,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # The top-level help lists the commands in these groups (argparse has no grouping of sub-commands of its own);
 # tests/test_cli.py checks that every command is in exactly one group.
 COMMAND_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("run", ("train", "eval", "predict", "demo")),
+    ("run", ("train", "launch", "eval", "predict", "demo")),
     ("inspect", ("presets", "methods", "tasks", "splits", "config")),
     ("compare", ("report", "import")),
     ("data", ("data",)),
 )
 TOP_EXAMPLES = (
     "examples:\n"
-    "  ilseg demo                                             # joint vs fine-tuning vs ILT on the CPU, minutes\n"
-    "  ilseg train --config voc-15-1-ov-ilt --out runs/ilt     # a preset (list them: ilseg presets)\n"
-    "  ilseg report runs/ft runs/ilt --out report/            # compare finished runs\n"
+    "  ilseg demo                                         # joint vs fine-tuning vs ILT on the CPU, minutes\n"
+    "  ilseg train --config voc-15-1-ov-ilt --out runs/ilt  # a preset (list them: ilseg presets)\n"
+    "  ilseg report runs/ft runs/ilt --out report/        # compare finished runs\n"
     "\n"
     "`ilseg COMMAND --help` shows a command's options and examples; `ilseg` alone prints this help and exits "
     "with status 2 (no command given)."
@@ -326,15 +358,23 @@ class _Parser(argparse.ArgumentParser):
     says where to put them.
     """
 
+    _given: Sequence[str] = ()
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
         missing = message.removeprefix("the following arguments are required: ")
-        lists = [a.option_strings[-1] for a in self._actions if a.option_strings and a.nargs in ("+", "*")]
+        lists = [option for a in self._actions if a.option_strings and a.nargs in ("+", "*")
+                 for option in a.option_strings if option in self._given]
         positionals = {a.dest: a.metavar or a.dest for a in self._actions if not a.option_strings}
         names = [part.strip() for part in missing.split(",")]
         if missing != message and lists and any(n in positionals or n in positionals.values() for n in names):
             where = " or ".join(lists)
-            message += (f"; if you gave them after {where}, that option took them as its own values (it reads every "
-                        f"word up to the next option): put {', '.join(names)} before {where}, or after --, e.g. "
+            message += (f": {where} reads every word up to the next option, so it took the words after it as its "
+                        f"own values; put {', '.join(names)} before {where}, or after --, e.g. "
                         f"{self.prog} ... {names[0]} {lists[0]} ...")
         super().error(message)
 
@@ -342,6 +382,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ilseg", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TOP_EXAMPLES)
     p.add_argument("--version", action="version", version=f"ilseg {__version__}")
+    p.add_argument("--methods-from", action="append", default=[], metavar="MODULE",
+                   help="import this Python module first: it registers methods of your own with "
+                        "ilseg.methods.register_method (docs/methods.md, 'Adding a method'); repeatable")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS)  # listed in groups instead
 
     _add_inspect_commands(sub)
@@ -433,6 +476,14 @@ def _add_inspect_commands(sub: argparse._SubParsersAction) -> None:
                     help="print only the values that differ from the defaults (ilseg's VOC recipe), as nested YAML "
                          "in the shape of a config file")
     cs.set_defaults(func=cmd_config_show)
+    cr = csub.add_parser(
+        "restore", help="write a run's damaged or lost config.yaml again from the run's own copy",
+        description="Write RUN_DIR/config.yaml again from RUN_DIR/config-history.json (its last entry), or, for a\n"
+                    "run whose settings never changed, from the config its checkpoints record. Refused when\n"
+                    "config.yaml is readable; a damaged one is kept as config.yaml.damaged.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    cr.add_argument("run", metavar="RUN_DIR", help="the run folder")
+    cr.set_defaults(func=cmd_config_restore)
 
     d = _command(sub, "data", "dataset utilities: make the synthetic set, prepare and check VOC / ADE20k", [
         "ilseg data synth --out data/synth",
@@ -503,7 +554,12 @@ def _add_data_prepare_and_check(dsub: argparse._SubParsersAction) -> None:
     from ilseg.data.parallel import default_workers
 
     workers_help = f"processes reading and writing files (default: min(8, CPUs) = {default_workers()})"
-    pr = dsub.add_parser("prepare", help="build what ilseg reads from the downloaded archives (docs/data.md)")
+    pr = dsub.add_parser("prepare", help="build what ilseg reads from the downloaded archives (docs/data.md)",
+                         description="Build what ilseg reads from the downloaded archives (docs/data.md).",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog="examples:\n"
+                                "  ilseg data prepare voc --voc data/VOCdevkit/VOC2012 --sbd data/benchmark_RELEASE\n"
+                                "  ilseg data prepare ade --root data/ADEChallengeData2016")
     psub = pr.add_subparsers(dest="prepare_dataset", required=True, metavar="DATASET")
     pv = psub.add_parser(
         "voc", help="write SegmentationClassAug/*.png and train_aug.txt into VOC2012 from SBD's .mat files",
@@ -600,6 +656,21 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     tr.set_defaults(func=cmd_train)
 
+    la = _command(sub, "launch", "run train or eval in N processes on this machine (DDP), one line if one fails", [
+        "ilseg launch --nproc 4 train --config voc-15-1-ov-ilt --out runs/voc-15-1-ilt",
+        "ilseg launch --nproc 2 train --resume runs/voc-15-1-ilt",
+        "ilseg launch --nproc 2 train --config synth-demo --out runs/ddp --set runtime.backend=gloo   # on a CPU"],
+        description="Start N processes of `ilseg COMMAND ...` with the environment torchrun gives them (one "
+                    "machine; several machines: torchrun, docs/scaling.md). Their output goes through as it is; "
+                    "when one fails, the others are stopped at once, so the job ends with ilseg's own line "
+                    "within runtime.collective_timeout_s plus a few seconds, without torchrun's report. Ctrl-C "
+                    "and SIGTERM reach every process, which save and stop.")
+    la.add_argument("--nproc", type=int, required=True, metavar="N",
+                    help="the number of processes (one per GPU; on a CPU, each uses cores / N threads)")
+    la.add_argument("launched", nargs=argparse.REMAINDER, metavar="COMMAND ...",
+                    help="the ilseg command to run in each process: train or eval, with its options")
+    la.set_defaults(func=cmd_launch)
+
     ev = _command(sub, "eval", "evaluate a saved step", [
         "ilseg eval --run runs/voc-15-1-ilt                           # the last finished step",
         "ilseg eval --run runs/voc-15-1-ilt --step 2 --json",
@@ -667,6 +738,9 @@ def _add_output_commands(sub: argparse._SubParsersAction) -> None:
                     help="run folders of one dataset and task (a folder of run folders stands for all of them); "
                          "runs that differ only by seed are grouped")
     rp.add_argument("--out", required=True, help="the report folder (report.md, report.html, report.json, PNGs)")
+    rp.add_argument("--skip-bad", action="store_true",
+                    help="leave out the runs whose results or config cannot be read, or that are unfinished, "
+                         "instead of refusing (each is named on stderr and listed in the report)")
     rp.set_defaults(func=cmd_report)
 
     dm = _command(sub, "demo", "joint vs fine-tuning vs ILT on the synthetic benchmark (CPU, minutes)", [
@@ -709,6 +783,32 @@ def _is_collective_failure(exc: RuntimeError) -> bool:
     return any(m in text for m in markers) or type(exc).__name__ == "DistBackendError"
 
 
+def import_method_modules(modules: Sequence[str]) -> None:
+    """``--methods-from MODULE``: import each module (from the current folder or the Python path), whose
+    import registers its methods; the user names the module on the command line, no config file can."""
+    import importlib
+
+    if modules and "" not in sys.path:
+        sys.path.insert(0, "")  # `python -m` does this; the `ilseg` script does not
+    for module in modules:
+        try:
+            importlib.import_module(module.removesuffix(".py"))
+        except ImportError as exc:
+            raise IlsegError(f"--methods-from {module}: cannot import it ({exc}); give a module name on the "
+                             "Python path or in the current folder, e.g. --methods-from my_kd for ./my_kd.py") from None
+
+
+def _final_line(args: argparse.Namespace, line: str) -> None:
+    """Print the command's last line (an error or a stop) on stderr; for ``ilseg train`` by rank 0 also at the
+    end of the run's train.log, which is what a batch job's user reads."""
+    print(line, file=sys.stderr)
+    run = getattr(args, "resume", None) or getattr(args, "out", None)
+    if getattr(args, "func", None) is cmd_train and run and _rank_and_world()[0] == 0:
+        from ilseg.runs.folder import log_final_line
+
+        log_final_line(Path(run), line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -718,32 +818,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank, world = _rank_and_world()
     where = f" (rank {rank} of {world})" if rank > 0 else ""
     try:
+        import_method_modules(args.methods_from)
         return int(args.func(args) or 0)
     except ReportedByMainRank:
         return 2  # rank 0 prints the message; torchrun then ends every process
     except Interrupted as exc:
         if rank == 0:
-            print(f"ilseg: {exc}", file=sys.stderr)
+            _final_line(args, f"ilseg: {exc}")
         return 128 + exc.signal_number
     except IlsegError as exc:
         hint = f"; {_resume_hint(args)}" if isinstance(exc, WriteError) and args.func is cmd_train else ""
-        print(f"ilseg: error{where}: {one_line(exc)}{hint}", file=sys.stderr)
+        _final_line(args, f"ilseg: error{where}: {one_line(exc)}{hint}")
         return 2
     except KeyboardInterrupt:
-        print(f"ilseg: interrupted{where}; {_resume_hint(args)}", file=sys.stderr)
+        _final_line(args, f"ilseg: interrupted{where}; {_resume_hint(args)}")
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as exc:  # a file-system fault outside ilseg's own writes (e.g. a folder removed mid-run)
         name = f" {exc.filename}" if exc.filename else ""
-        print(f"ilseg: error{where}: cannot use{name} ({exc.strerror or exc}); {_resume_hint(args)}",
-              file=sys.stderr)
+        _final_line(args, f"ilseg: error{where}: cannot use{name} ({exc.strerror or exc}); {_resume_hint(args)}")
         return 2
     except RuntimeError as exc:
         if "DataLoader worker" in str(exc):  # e.g. killed by the OOM killer
-            print(f"ilseg: error{where}: {str(exc).strip().splitlines()[0]} (out of memory? lower data.workers); "
-                  f"{_resume_hint(args)}", file=sys.stderr)
+            _final_line(args, f"ilseg: error{where}: {str(exc).strip().splitlines()[0]} (out of memory? lower "
+                              f"data.workers); {_resume_hint(args)}")
             return 2
         if world > 1 and _is_collective_failure(exc):
             cause = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0]).split(". ")[0][:160]

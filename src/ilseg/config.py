@@ -79,6 +79,7 @@ class DataConfig:
     ade_zero: Literal["ignore", "class"] = setting("ignore", EVALUATION)  # ADE20k label 0: MiB ignores it at test
     crop_size: int = setting(512, TRAINING)
     scale: tuple[float, float] = setting((0.5, 2.0), TRAINING)
+    normalize: Literal["imagenet", "caffe"] = setting("imagenet", TRAINING)  # caffe: the ILT paper's code
     test_size: int | None = setting(512, EVALUATION)  # None: evaluate on full images
     test_crop: bool = setting(True, EVALUATION)
     workers: int = setting(8, PLACEMENT)  # data loader processes per GPU; also read the masks for the per-step image lists
@@ -96,6 +97,7 @@ class ModelConfig:
     pretrained: str | None = setting("imagenet", MODEL)  # "imagenet", a local checkpoint path, or null
     head: Literal["aspp", "aspp_v2"] = setting("aspp", MODEL)  # DeepLab-v3's ASPP + 1x1 classifiers, or DeepLab-v2's summed ASPP
     frozen_bn: bool = setting(False, MODEL)  # every BN in eval mode with frozen affine parameters from step 0 on (DeepLab-v2)
+    frozen_bn_affine: bool = setting(True, MODEL)  # with frozen_bn: scale/offset frozen too (false: trained, the ILT paper's code)
     stride_on: Literal["3x3", "1x1"] = setting("3x3", MODEL)  # the conv that strides: torchvision's 3x3, or Caffe ResNet's 1x1
     activation: Literal["leaky_relu", "relu"] = setting("leaky_relu", MODEL)  # the body's: MiB's LeakyReLU(0.01), or ReLU
 

@@ -33,8 +33,8 @@ import torch
 from ilseg.config import PLACEMENT, RunConfig, load_config, preset_dir, settings_of
 from ilseg.data.synth import META_FILE, generate_synth, synth_matches
 from ilseg.engine.run import run_training
-from ilseg.errors import IlsegError, Interrupted, one_line
-from ilseg.fileio import atomic_write_text
+from ilseg.errors import IlsegError, Interrupted, one_line, plural
+from ilseg.fileio import atomic_write_text, check_output_folder
 from ilseg.methods import METHOD_PRESETS, build_method
 from ilseg.reports import write_report
 from ilseg.runs.folder import config_differences
@@ -94,11 +94,12 @@ def run_demo(out: Path, *, quick: bool = False, quiet: bool = False, methods: Se
     methods = tuple(methods or DEMO_METHODS)
     unknown = [m for m in methods if m not in METHOD_PRESETS]
     if unknown:
-        raise IlsegError(f"unknown demo method(s) {unknown}; choose from {', '.join(METHOD_PRESETS)}")
+        raise IlsegError(f"unknown demo {'method' if len(unknown) == 1 else 'methods'} {unknown}; choose from {', '.join(METHOD_PRESETS)}")
     processes = default_processes() if processes is None else processes
     if processes < 1:
         raise IlsegError(f"the demo needs at least 1 process, got {processes}")
     out = Path(out)
+    check_output_folder(out, option="--out", what="an ilseg demo folder", ours=demo_entry)
     start = time.perf_counter()
     base = demo_config(out / "data" / "synth", quick=quick, seed=seed)
     runs = out / ("runs-quick" if quick else "runs")
@@ -110,7 +111,7 @@ def run_demo(out: Path, *, quick: bool = False, quiet: bool = False, methods: Se
     if processes == 1:
         results = run_in_turn(jobs, quiet=quiet)
     else:
-        print(f"training {len(methods)} methods side by side, each in its own process with one thread "
+        print(f"training {plural(len(methods), 'method')} side by side, each in its own process with one thread "
               f"(logs: {runs}/<method>/train.log)", flush=True)
         results = run_side_by_side(jobs, processes, start)
     rows = [{**results[method], "label": method} for method in sorted(methods, key=lambda m: m == "joint")]
@@ -123,6 +124,30 @@ def run_demo(out: Path, *, quick: bool = False, quiet: bool = False, methods: Se
     print("\n" + text)
     print(f"report with figures: {report['html']} (open it in a browser; report.md beside it)")
     return text
+
+
+def demo_entry(entry: Path) -> bool:
+    """Whether ``entry`` of the demo's ``--out`` folder is one the demo writes (:func:`run_demo` refuses a
+    folder holding anything else): ``data/`` of the synthetic set, ``runs[-quick]/`` of method run folders,
+    ``report[-quick]/`` of a report, ``comparison[-quick].md`` as the demo writes it."""
+    name = entry.name
+    if name in ("comparison.md", "comparison-quick.md"):
+        try:
+            with open(entry, "rb") as f:
+                return f.read(len(b"ilseg demo:")) == b"ilseg demo:"
+        except OSError:
+            return False
+    if not entry.is_dir() or entry.is_symlink():
+        return False
+    inside = [p for p in entry.iterdir() if not p.name.startswith(".")]
+    if name == "data":
+        return all(p.name == "synth" for p in inside)
+    if name in ("runs", "runs-quick"):
+        return all(p.name in METHOD_PRESETS for p in inside)
+    if name in ("report", "report-quick"):
+        return all(p.name in ("report.md", "report.html", "report.json", "previews") or p.suffix == ".png"
+                   for p in inside)
+    return False
 
 
 def method_config(base: RunConfig, name: str, *, quick: bool) -> RunConfig:

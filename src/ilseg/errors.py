@@ -25,8 +25,13 @@ class WriteError(IlsegError):
     """A file could not be written (full disk, read-only or vanished folder, no permission).
 
     The message names the file and the reason; the file's previous version,
-    if any, is intact (writes are atomic).
+    if any, is intact (writes are atomic).  ``reason`` is the reason alone
+    (``"No space left on device"``), for callers that go on without the file.
     """
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class Interrupted(IlsegError):
@@ -54,3 +59,14 @@ def one_line(exc: BaseException) -> str:
     name = type(exc).__name__
     tail = text.rstrip().rsplit(f"{name}: ", 1)
     return tail[1].strip() if len(tail) == 2 else text.strip().splitlines()[-1]
+
+
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """``count`` and ``noun``, in the plural unless ``count`` is 1: messages say "1 epoch", "3 epochs".
+
+    >>> plural(1, "epoch"), plural(3, "epoch"), plural(2, "class"), plural(0, "batch")
+    ('1 epoch', '3 epochs', '2 classes', '0 batches')
+    """
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {many or (noun + 'es' if noun.endswith(('s', 'sh', 'ch', 'x')) else noun + 's')}"

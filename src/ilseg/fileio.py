@@ -12,16 +12,18 @@ touches a user's own ``*.tmp`` file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import secrets
 import stat
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from ilseg.errors import WriteError
+from ilseg.errors import IlsegError, WriteError
 
 TEMP_PREFIX = ".ilseg-tmp-"
 _TEMPORARY = re.compile(r"^\.ilseg-tmp-(?P<target>.+)\.[0-9a-f]+\.tmp$")
@@ -68,17 +70,30 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[BinaryIO],
     try:
         _atomic_write(path, write)
     except (OSError, RuntimeError) as exc:
-        raise WriteError(write_failure(path, exc)) from None
+        raise WriteError(write_failure(path, exc), failure_reason(exc)) from None
+
+
+def failure_reason(exc: BaseException) -> str:
+    """An OSError's text (``"Read-only file system"``), or the first line of another exception's message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 def write_failure(path: Path, exc: BaseException) -> str:
     """``"cannot write PATH (reason); ..."`` with the free space of its file system when that is the cause."""
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0][:200]
+    return (f"{write_problem(path, exc)}; the previous version of the file, if any, is intact. "
+            "Free space or fix the folder's permissions, then run the command again")
+
+
+def write_problem(path: Path, exc: BaseException) -> str:
+    """``"cannot write PATH (reason)"``, with the free space of its file system when that is the cause."""
+    reason = failure_reason(exc)
     free = _free_bytes(path)
     if free is not None and (free < 64 * 2**20 or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)):
         reason += f"; {free / 2**20:.0f} MiB free on that file system"
-    return (f"cannot write {path} ({reason}); the previous version of the file, if any, is intact. "
-            "Free space or fix the folder's permissions, then run the command again")
+    return f"cannot write {path} ({reason})"
 
 
 def _free_bytes(path: Path) -> int | None:
@@ -146,15 +161,65 @@ def _create_beside(path: Path) -> tuple[int, Path]:
     raise FileExistsError(f"could not create a temporary file beside {path}")
 
 
-def load_failure(exc: BaseException) -> str:
-    """Why ``torch.load(..., weights_only=True)`` refused a file, in a few words and without torch's advice.
+def load_failure(exc: BaseException, path: str | os.PathLike[str] | None = None) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused the file ``path``, in a few words and without
+    torch's advice.
 
     torch wraps every refusal in a text that suggests ``weights_only=False``
     (which would run code from the file): that advice is never repeated.
     """
     text = str(exc)
-    if "Unsupported global" in text or "not an allowed global" in text:
+    # torch 2.x: "Unsupported global: GLOBAL m.C was not an allowed global by default" for a class, and
+    # "Trying to load unsupported GLOBAL posix.system whose module posix is blocked" for a blocked module
+    if re.search(r"unsupported global|not an allowed global|is blocked", text, re.IGNORECASE):
         return "it holds Python objects, not only tensors; ilseg never loads such files"
+    if "Unsupported operand" in text and path is not None and _pickle_protocol(Path(path)) >= 3:
+        # an opcode torch's unpickler lacks (FRAME of protocol 4 ...): pickle.dump wrote it, not torch.save
+        return ("it holds Python objects pickled with pickle.dump, not tensors saved with torch.save; ilseg never "
+                "loads such files")
     if isinstance(exc, (OSError, EOFError)) and "Weights only load failed" not in text:
         return f"{type(exc).__name__}: {text.strip().splitlines()[0][:160]}" if text.strip() else type(exc).__name__
     return "not a PyTorch tensor file, or a truncated or corrupt one"
+
+
+def _pickle_protocol(path: Path) -> int:
+    """The protocol a pickle file starts by declaring (``0x80 N``), or 0 if it does not start so."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return 0
+    return head[1] if len(head) == 2 and head[0] == 0x80 and head[1] <= 5 else 0
+
+
+@contextlib.contextmanager
+def quiet_pickle_warnings() -> Iterator[None]:
+    """Around ``torch.load``: no "Detected pickle protocol 4 in the checkpoint" warning before ilseg's own
+    line about a file ``pickle.dump`` wrote (torch warns, then refuses it anyway)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected pickle protocol")
+        yield
+
+
+def check_output_folder(folder: Path, *, option: str, what: str, ours: Callable[[Path], bool]) -> None:
+    """Refuse ``folder`` as the output of a command unless it is new, empty, or ``what`` the command wrote.
+
+    The one rule of ``ilseg train --out``, ``ilseg data synth --out`` and
+    ``ilseg demo --out``: a command writes only into a folder it made, so it
+    never writes beside, or over, a user's files.  Entries whose name starts
+    with a dot (``.DS_Store``, ``.git``, the run lock) are left aside; every
+    other entry must be one ``ours(entry)`` recognises.  Nothing is written
+    or removed here.
+
+    Raises:
+        IlsegError: ``folder`` is a file, or holds something else (its first entries are named).
+    """
+    if folder.exists() and not folder.is_dir():
+        raise IlsegError(f"{option} {folder} is a file, not a folder; choose a folder for {what}")
+    if not folder.is_dir():
+        return
+    foreign = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and not ours(p))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise IlsegError(f"{option} {folder} is not empty and is not {what} (it holds {shown}); choose a new or "
+                         "empty folder (nothing was written there)")

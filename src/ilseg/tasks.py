@@ -29,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 
-from ilseg.errors import IlsegError
+from ilseg.errors import IlsegError, plural
 
 IGNORE_INDEX = 255  # the "ignore" label of masks and targets, everywhere in ilseg
 
@@ -143,6 +143,12 @@ class Task:
                 f"task {self.name!r}: step sizes {list(self.step_sizes)} must be positive and add up "
                 f"to the {len(self.order)} classes of the order"
             )
+        if self.step_sizes[0] < 2:  # background alone: no training image, nothing to learn at step 0
+            example = next(iter(_TASK_SIZES.get(self.dataset, {"15-5": ()})))
+            raise IlsegError(
+                f"task {self.name!r} of {self.dataset!r}: step 0 would learn background alone; give step 0 at least "
+                f"one class besides background (e.g. task {example}; explicit step sizes count background in step 0)"
+            )
 
     # -- classes per step (all in *dataset* ids) ---------------------------
     @property
@@ -189,10 +195,11 @@ class Task:
         return tuple(self.class_names[c] for c in self.seen_classes(step))
 
     def describe(self) -> str:
-        lines = [f"{self.dataset} {self.name}: {self.num_steps} step(s), {len(self.order)} classes"]
+        lines = [f"{self.dataset} {self.name}: {plural(self.num_steps, 'step')}, {plural(len(self.order), 'class')}"]
         for t in range(self.num_steps):
             names = ", ".join(f"{c}:{self.class_names[c]}" for c in self.new_classes(t))
-            lines.append(f"  step {t} ({self.step_sizes[t]} classes, {self.num_outputs(t)} outputs): {names}")
+            lines.append(f"  step {t} ({plural(self.step_sizes[t], 'class')}, {plural(self.num_outputs(t), 'output')}): "
+                         f"{names}")
         return "\n".join(lines)
 
     def fingerprint(self) -> dict:

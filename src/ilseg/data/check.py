@@ -41,7 +41,7 @@ from ilseg.data import io
 from ilseg.data.datasets import SplitFiles, split_files
 from ilseg.data.parallel import chunked, run_chunks
 from ilseg.data.splits import PUBLISHED_COUNTS, published_counts
-from ilseg.errors import IlsegError
+from ilseg.errors import IlsegError, plural
 from ilseg.tasks import IGNORE_INDEX, Mode, Task, class_names, get_task, step_indices
 
 CHECKS = ("lists", "overlap", "pairs", "files", "labels", "sizes", "counts")
@@ -213,16 +213,20 @@ def _lists_finding(dataset: str, train: SplitFiles, val: SplitFiles) -> Finding:
     return Finding("lists", True, f"train: {_list_name(train)}, val: {_list_name(val)}")
 
 
+def _are(items: Sequence[object]) -> str:
+    return "is" if len(items) == 1 else "are"
+
+
 def _overlap_finding(train: SplitFiles, val: SplitFiles) -> Finding:
     both = sorted(set(train.ids) & set(val.ids))
     repeated = [f"{split} list names {item!r} {n} times"
                 for split, files in (("train", train), ("val", val))
                 for item, n in sorted(collections.Counter(files.ids).items()) if n > 1]
     if both:
-        return Finding("overlap", False, f"{len(both)} id(s) are in both the train and the val list "
+        return Finding("overlap", False, f"{plural(len(both), 'id')} {_are(both)} in both the train and the val list "
                                          "(validation images must not be trained on)", both + repeated)
     if repeated:
-        return Finding("overlap", False, f"{len(repeated)} id(s) are listed more than once", repeated)
+        return Finding("overlap", False, f"{plural(len(repeated), 'id')} {_are(repeated)} listed more than once", repeated)
     return Finding("overlap", True, "no id is in both the train and the val list, none is listed twice")
 
 
@@ -243,13 +247,13 @@ def _file_findings(dataset: str, items: list[tuple[str, Path, Path]], scans: lis
             sizes.append(f"{split}: {mask} is {mw}x{mh} but {image.name} is {iw}x{ih} (WxH)")
     allowed = f"0..{num_classes - 1} and {IGNORE_INDEX}"
     return [
-        Finding("pairs", not missing, f"{len(missing)} listed file(s) do not exist (partial download or a wrong list)"
+        Finding("pairs", not missing, f"{plural(len(missing), 'listed file')} {'does' if len(missing) == 1 else 'do'} not exist (partial download or a wrong list)"
                 if missing else "every listed id has its image and its mask", missing),
-        Finding("files", not unreadable, f"{len(unreadable)} file(s) cannot be read" if unreadable
+        Finding("files", not unreadable, f"{plural(len(unreadable), 'file')} cannot be read" if unreadable
                 else "every image header and mask is readable", unreadable),
-        Finding("labels", not labels, f"{len(labels)} mask(s) hold values outside {allowed} (file: values)"
+        Finding("labels", not labels, f"{plural(len(labels), 'mask')} {'holds' if len(labels) == 1 else 'hold'} values outside {allowed} (file: values)"
                 if labels else f"every mask holds values in {allowed} only", labels),
-        Finding("sizes", not sizes, f"{len(sizes)} mask(s) differ in size from their image" if sizes
+        Finding("sizes", not sizes, f"{plural(len(sizes), 'mask')} {'differs' if len(sizes) == 1 else 'differ'} in size from {'its' if len(sizes) == 1 else 'their'} image" if sizes
                 else "every mask has its image's size", sizes),
     ]
 
@@ -279,7 +283,7 @@ def _hints(dataset: str, train: SplitFiles, rows: list[CountRow], overlap: int, 
         hints.append(f"the training list is train.txt ({len(train.ids)} ids; VOC's own has {VOC_TRAIN_TXT_SIZE}), "
                      "not train_aug.txt: run `ilseg data prepare voc` (docs/data.md)")
     if overlap:
-        hints.append(f"{overlap} validation id(s) are in the training list: the augmented list must leave out "
+        hints.append(f"{plural(overlap, 'validation id')} {'is' if overlap == 1 else 'are'} in the training list: the augmented list must leave out "
                      "every id of val.txt (`ilseg data prepare voc` writes it so)")
     by_name = {row.what: row for row in rows}
     for split, what in (("train", "train list"), ("val", "val list")):
@@ -311,7 +315,7 @@ def _hints(dataset: str, train: SplitFiles, rows: list[CountRow], overlap: int, 
     elif task_differ:
         hints.append("per-step counts follow the training list: they can only match once its size does")
     if incomplete:
-        hints.append(f"{incomplete} training mask(s) are missing or unreadable, so per-step counts were not "
+        hints.append(f"{plural(incomplete, 'training mask')} {'is' if incomplete == 1 else 'are'} missing or unreadable, so per-step counts were not "
                      "computed")
     return hints
 
@@ -365,7 +369,7 @@ def check_tree(
         counts = Finding("counts", True, f"no published counts for {dataset}: found counts shown for information")
     elif differ:
         note = " (not failing: --ignore-counts)" if ignore_counts else ""
-        counts = Finding("counts", ignore_counts, f"{len(differ)} count(s) differ from the published ones{note}: "
+        counts = Finding("counts", ignore_counts, f"{plural(len(differ), 'count')} {'differs' if len(differ) == 1 else 'differ'} from the published ones{note}: "
                                                   f"{', '.join(differ)}")
     else:
         counts = Finding("counts", True, "every count with a published value matches it")

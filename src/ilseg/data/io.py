@@ -66,6 +66,8 @@ def _open(path: Path, what: str, fix: str) -> Image.Image:
         return Image.open(path)
     except FileNotFoundError:
         raise IlsegError(f"{what} {path} does not exist; {fix}") from None
+    except IsADirectoryError:
+        raise IlsegError(f"{what} {path} is a folder, not a file; {fix}") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise IlsegError(f"cannot read {what} {path} ({exc}); the file is corrupt or not an image: {fix}") from None
 

@@ -1,8 +1,8 @@
 """Running a function over chunks of files in worker processes, stoppable with Ctrl-C.
 
 Used by the commands that read or write every file of a dataset
-(``ilseg data prepare``, ``ilseg data check``).  The workers ignore SIGINT:
-Ctrl-C reaches only this process, which then cancels the chunks not yet
+(``ilseg data prepare``, ``ilseg data check``, the per-step image lists).  The
+workers ignore SIGINT and SIGTERM: Ctrl-C reaches only this process, which then cancels the chunks not yet
 started, waits for the running ones (so a file being written is finished, not
 cut in half) and raises :class:`KeyboardInterrupt` for the caller to turn into
 its one-line message.
@@ -36,8 +36,17 @@ def chunked(items: Sequence[Item], workers: int, *, largest: int = 64) -> list[l
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
 
-def _ignore_sigint() -> None:
+def leave_signals_to_parent(*_: object) -> None:
+    """In a worker process: ignore SIGINT and SIGTERM, which the parent handles for the whole job.
+
+    Ctrl-C and ``kill -TERM -- -PGID`` (how SLURM ends a job step) reach every
+    process of the group; a worker that died of them would make the parent
+    report a broken pool or a dead loader worker instead of stopping cleanly.
+    Workers still end when the parent ends (the pool and torch's loaders
+    watch it).  Also a ``worker_init_fn`` for DataLoaders (it takes the worker id).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def run_chunks(
@@ -56,7 +65,7 @@ def run_chunks(
         for index, chunk in enumerate(chunks):
             yield index, function(chunk)
         return
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=leave_signals_to_parent)
     try:
         pending: dict[Future[Result], int] = {pool.submit(function, chunk): i for i, chunk in enumerate(chunks)}
         while pending:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from ilseg.data import io
 from ilseg.data.datasets import find_voc_root
 from ilseg.data.parallel import chunked, run_chunks
-from ilseg.errors import IlsegError, Interrupted
+from ilseg.errors import IlsegError, Interrupted, plural
 from ilseg.fileio import atomic_write_bytes, atomic_write_text
 from ilseg.tasks import IGNORE_INDEX, class_names
 
@@ -91,7 +91,7 @@ class PrepareSummary:
             f"{self.train_aug_file}: {size} ids ({'written' if self.train_aug_written else 'unchanged'}); {verdict}",
         ]
         if self.temporary_removed:
-            out.insert(1, f"  removed {self.temporary_removed} temporary file(s) left by an earlier, killed run")
+            out.insert(1, f"  removed {plural(self.temporary_removed, 'temporary file')} left by an earlier, killed run")
         return out
 
 

@@ -25,21 +25,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+import functools
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from ilseg.data import io
+from ilseg.data.parallel import chunked, run_chunks
 from ilseg.data.datasets import SegmentationDataset
-from ilseg.errors import IlsegError
-from ilseg.fileio import atomic_write_text
+from ilseg.errors import IlsegError, WriteError
+from ilseg.fileio import atomic_write_text, failure_reason
 from ilseg.tasks import Mode, Task, get_task, step_indices
 
+LOGGER = logging.getLogger("ilseg.data.splits")
 CACHE_VERSION = 1
 VOC_TRAIN_AUG_SIZE = 10582
 
@@ -82,24 +85,44 @@ def presence_key(dataset: SegmentationDataset) -> str:
                   "masks": stamps})
 
 
+# Cache folders that could not be written in this process: warned about once, then not written again.
+_UNWRITABLE: set[Path] = set()
+
+
 def _read_json(path: Path) -> dict | None:
     """A cache file's content, or None if missing or unreadable (then it is recomputed)."""
+    if path.parent.exists() and not path.parent.is_dir():
+        return None  # the cache "folder" is a file: said once when the cache is written
     try:
         data = json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         warnings.warn(f"ignoring unreadable cache file {path}; recomputing it", stacklevel=3)
         return None
     return data if isinstance(data, dict) else None
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` atomically; warn (and go on without a cache) on failure."""
+    """Write ``data`` to ``path`` atomically.
+
+    The cache only saves time: a folder that cannot be written (a file, read
+    only, full) is said once, on one line, and the run goes on with the lists
+    computed in memory.
+    """
+    folder = path.parent
+    if folder in _UNWRITABLE:
+        return
     try:
+        if folder.exists() and not folder.is_dir():
+            raise WriteError(f"{folder} is a file", "it is a file, not a folder")
         atomic_write_text(path, json.dumps(data))
-    except OSError as exc:
-        warnings.warn(f"cannot write cache file {path} ({exc}); continuing without it", stacklevel=3)
+    except (WriteError, OSError) as exc:
+        _UNWRITABLE.add(folder)
+        reason = exc.reason if isinstance(exc, WriteError) else failure_reason(exc)
+        LOGGER.warning(f"ilseg: warning: cache folder {folder} cannot be written ({reason}); going on without "
+                       "it (the image lists are computed in memory; give a writable data.cache_dir or "
+                       "--cache-dir to keep them)")
 
 
 def _mask_values(path: Path, num_classes: int) -> list[int]:
@@ -140,18 +163,21 @@ def class_presence(
     bar = tqdm(total=len(paths), desc=f"reading {dataset.name} masks", unit="mask", disable=not progress,
                leave=False)
     values: list[list[int]] = []
-    if workers > 1 and len(paths) > 1:
-        chunk = max(1, min(256, -(-len(paths) // (workers * 8))))
-        chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for part in pool.map(_mask_values_chunk, chunks, [dataset.num_classes] * len(chunks)):
-                values.extend(part)
+    try:
+        if workers > 1 and len(paths) > 1:
+            chunks = chunked(paths, workers, largest=256)
+            parts: dict[int, list[list[int]]] = {}
+            read = functools.partial(_mask_values_chunk, num_classes=dataset.num_classes)
+            for index, part in run_chunks(read, chunks, workers=workers):  # Ctrl-C: KeyboardInterrupt, pool stopped
+                parts[index] = part
                 bar.update(len(part))
-    else:
-        for p in paths:
-            values.append(_mask_values(Path(p), dataset.num_classes))
-            bar.update(1)
-    bar.close()
+            values = [v for index in range(len(chunks)) for v in parts[index]]
+        else:
+            for p in paths:
+                values.append(_mask_values(Path(p), dataset.num_classes))
+                bar.update(1)
+    finally:  # Ctrl-C included: the bar's line is cleared before the message
+        bar.close()
     _write_json_atomic(cache_file, {"key": key, "dataset": dataset.name, "values": values})
     return [frozenset(v) for v in values]
 

@@ -44,7 +44,7 @@ import colorsys
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -52,8 +52,8 @@ import numpy as np
 from PIL import Image
 
 from ilseg.data.io import write_mask_png
-from ilseg.errors import IlsegError
-from ilseg.fileio import atomic_write_text
+from ilseg.errors import IlsegError, WriteError
+from ilseg.fileio import atomic_write_text, check_output_folder, failure_reason, write_problem
 from ilseg.tasks import IGNORE_INDEX, SYNTH_CLASSES
 
 FORMAT_NAME = "ilseg-synth"
@@ -253,11 +253,24 @@ def _write_items(out: str, seed: int, size: int, boundary: bool, indices: Sequen
     present = []
     for i in indices:
         image, mask = render_image(seed, i, size, boundary=boundary)
-        Image.fromarray(image).save(root / "JPEGImages" / f"{image_id(i)}.jpg", format="JPEG",
-                                    quality=95, subsampling=0)
-        write_mask_png(root / "SegmentationClassAug" / f"{image_id(i)}.png", mask)
+        image_path = root / "JPEGImages" / f"{image_id(i)}.jpg"
+        _write_file(image_path, lambda: Image.fromarray(image).save(image_path, format="JPEG", quality=95,
+                                                                    subsampling=0))
+        mask_path = root / "SegmentationClassAug" / f"{image_id(i)}.png"
+        _write_file(mask_path, lambda: write_mask_png(mask_path, mask))
         present.append([int(c) for c in np.flatnonzero(np.bincount(mask.ravel(), minlength=256))])
     return present
+
+
+def _write_file(path: Path, write: Callable[[], object]) -> None:
+    """``write()``, which writes ``path``; a failure (full disk, ...) is one line naming the file, and the
+    part written is removed (the folder is not a dataset until ``ilseg_synth.json`` is written last)."""
+    try:
+        write()
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise WriteError(f"{write_problem(path, exc)}; free space or choose another --out, then run the command "
+                         "again", failure_reason(exc)) from None
 
 
 def _val_indices(seed: int, num_images: int, val_fraction: float) -> set[int]:
@@ -274,15 +287,8 @@ def _params(seed: int, num_images: int, size: int, val_fraction: float, boundary
 def _prepare_folder(out: Path) -> None:
     """Create ``out`` or clear a previous synthetic dataset in it; refuse other non-empty folders."""
     layout = {"JPEGImages", "SegmentationClassAug", "ImageSets", META_FILE}
+    check_output_folder(out, option="--out", what="a synthetic dataset", ours=lambda entry: entry.name in layout)
     if out.exists():
-        if not out.is_dir():
-            raise IlsegError(f"{out} exists and is not a folder; choose another output folder")
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in layout)
-        if foreign:
-            raise IlsegError(
-                f"{out} is not empty and is not a synthetic dataset (it holds {', '.join(foreign[:3])}); "
-                "choose an empty or new output folder"
-            )
         (out / META_FILE).unlink(missing_ok=True)  # the folder matches nothing until we finish
         for sub in ("JPEGImages", "SegmentationClassAug"):
             if (out / sub).is_dir():

@@ -34,7 +34,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -44,6 +44,22 @@ from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# The ILT paper's code (LTTM/IL-SemSegm, DeepLab-v2 in TensorFlow): RGB values 0..255 minus these, no division.
+# They are Caffe's ImageNet means in B, G, R order, subtracted from R, G, B as that code does (docs/fidelity.md).
+CAFFE_MEAN_AS_ILT: tuple[float, float, float] = (104.00698793, 116.66876762, 122.67891434)
+Normalization = Literal["imagenet", "caffe"]
+# (scale to [0, 1] first, mean, std) of each normalisation
+NORMALIZATIONS: dict[str, tuple[bool, tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": (True, IMAGENET_MEAN, IMAGENET_STD),
+    "caffe": (False, CAFFE_MEAN_AS_ILT, (1.0, 1.0, 1.0)),
+}
+
+
+def denormalize(image: torch.Tensor, normalize: str = "imagenet") -> torch.Tensor:
+    """A ``3xHxW`` tensor of :class:`JointTransform` back to RGB in [0, 1] (for drawing it)."""
+    scaled, mean, std = NORMALIZATIONS[normalize]
+    rgb = image * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    return (rgb if scaled else rgb / 255.0).clamp(0, 1)
 
 
 class JointTransform:
@@ -53,13 +69,17 @@ class JointTransform:
     and ImageNet normalisation.  Picklable, so DataLoader workers can use it.
     """
 
-    def __init__(self, geometry: Sequence[v2.Transform]) -> None:
+    def __init__(self, geometry: Sequence[v2.Transform], normalize: Normalization = "imagenet") -> None:
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalisation {normalize!r}; use one of {', '.join(NORMALIZATIONS)}")
         self.geometry = list(geometry)
+        self.normalize = normalize
+        scaled, mean, std = NORMALIZATIONS[normalize]
         self.pipeline = v2.Compose([
             *self.geometry,
             v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None},
-                       scale=True),
-            v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
+                       scale=scaled),
+            v2.Normalize(mean=list(mean), std=list(std)),
         ])
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +94,7 @@ class JointTransform:
 
     def __repr__(self) -> str:
         inner = ", ".join(repr(t) for t in self.geometry)
-        return f"JointTransform([{inner}] + ToDtype + Normalize(ImageNet))"
+        return f"JointTransform([{inner}] + ToDtype + Normalize({self.normalize}))"
 
 
 class RandomResizedCrop(v2.RandomResizedCrop):
@@ -134,6 +154,7 @@ def train_transform(
     scale: tuple[float, float] = (0.5, 2.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     hflip: float = 0.5,
+    normalize: Normalization = "imagenet",
 ) -> JointTransform:
     """Training augmentation: random resized crop to ``crop_size``, flip, normalise.
 
@@ -144,6 +165,8 @@ def train_transform(
             docstring).
         ratio: range of the crop's aspect ratio (width / height).
         hflip: probability of a horizontal flip.
+        normalize: ``"imagenet"`` (mean / std of [0, 1] RGB) or ``"caffe"``
+            (0..255 minus :data:`CAFFE_MEAN_AS_ILT`, the ILT paper's code).
 
     The image is resized bilinearly with antialiasing, the mask with nearest
     neighbour.  No colour jitter (docs/protocol.md#training-recipe).
@@ -153,16 +176,17 @@ def train_transform(
     ]
     if hflip > 0:
         geometry.append(v2.RandomHorizontalFlip(p=hflip))
-    return JointTransform(geometry)
+    return JointTransform(geometry, normalize)
 
 
-def eval_transform(size: int | None, *, crop: bool = True) -> JointTransform:
+def eval_transform(size: int | None, *, crop: bool = True, normalize: Normalization = "imagenet") -> JointTransform:
     """Evaluation transform: resize the shorter side to ``size``, then centre-crop ``size x size``.
 
     Args:
         size: target shorter side; ``None`` keeps the full image unchanged.
         crop: centre-crop to a square (MiB's ``--crop_val``); ``False`` keeps
             the resized image whole.
+        normalize: as in :func:`train_transform`.
 
     After resizing the shorter side to ``size`` the square crop always fits,
     so no padding (which would have to be 255 in the mask) ever happens.
@@ -174,4 +198,4 @@ def eval_transform(size: int | None, *, crop: bool = True) -> JointTransform:
         geometry.append(Resize(size, antialias=True))
         if crop:
             geometry.append(v2.CenterCrop(size))
-    return JointTransform(geometry)
+    return JointTransform(geometry, normalize)

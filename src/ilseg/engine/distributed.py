@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from ilseg.errors import IlsegError, ReportedByMainRank
+from ilseg.errors import IlsegError, ReportedByMainRank, plural
 
 T = TypeVar("T")
 
@@ -88,7 +88,7 @@ def setup(backend: str, device_kind: str, timeout_s: int) -> DistInfo:
         visible = torch.cuda.device_count()
         if local >= visible:
             raise IlsegError(
-                f"LOCAL_RANK {local} but this machine shows only {visible} CUDA device(s) "
+                f"LOCAL_RANK {local} but this machine shows only {plural(visible, 'CUDA device')} "
                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
                 f"start at most {visible} processes per machine (torchrun --nproc_per_node={visible})"
             )

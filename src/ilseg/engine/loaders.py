@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ilseg.config import RunConfig
 from ilseg.data.datasets import SeededItems, SegmentationDataset, build_dataset
 from ilseg.data.io import image_size
+from ilseg.data.parallel import leave_signals_to_parent
 from ilseg.data.splits import class_presence, step_image_indices
 from ilseg.data.transforms import eval_transform, train_transform
 from ilseg.engine import distributed
@@ -44,7 +45,7 @@ def training_data(cfg: RunConfig, task: Task, step: int, target_lut: np.ndarray,
     """
     data = cfg.data
     ds = build_dataset(data.dataset, data.root, "train", lut=target_lut,
-                       transform=train_transform(data.crop_size, scale=data.scale))
+                       transform=train_transform(data.crop_size, scale=data.scale, normalize=data.normalize))
     index_file = data.index_file.replace("{step}", str(step)) if data.index_file else None
     mode: Mode = "overlap" if data.overlap else "disjoint"
 
@@ -86,6 +87,20 @@ class EpochKeys(Sampler[list[tuple[int, int]]]):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def step_image_counts(cfg: RunConfig, task: Task, steps: range) -> dict[int, int]:
+    """How many training images each of ``steps`` has (read from the per-step lists' cache, which
+    :func:`check_data` filled before training), e.g. to estimate how long the later steps take."""
+    data = cfg.data
+    mode: Mode = "overlap" if data.overlap else "disjoint"
+    train = build_dataset(data.dataset, data.root, "train")
+    counts = {}
+    for step in steps:
+        index_file = data.index_file.replace("{step}", str(step)) if data.index_file else None
+        counts[step] = len(step_image_indices(train, task, step, mode, cache_dir=data.cache_dir, workers=data.workers,
+                                              index_file=index_file, progress=False, allow_empty_index=True))
+    return counts
 
 
 def check_data(cfg: RunConfig, task: Task, steps: range, *, progress: bool) -> None:
@@ -142,7 +157,8 @@ def eval_dataset(cfg: RunConfig, task: Task, step: int) -> SegmentationDataset:
     data = cfg.data
     lut = eval_lut(task, step, unseen=data.unseen,
                    ignore_background=(data.dataset == "ade" and data.ade_zero == "ignore"))
-    ds = build_dataset(data.dataset, data.root, "val", transform=eval_transform(data.test_size, crop=data.test_crop),
+    ds = build_dataset(data.dataset, data.root, "val", transform=eval_transform(data.test_size, crop=data.test_crop,
+                                                                 normalize=data.normalize),
                        lut=lut)
     rule = cfg.eval.test_images
     if rule == "all":
@@ -184,8 +200,9 @@ def make_loader(ds: Dataset, *, workers: int, batch_size: int = 1, sampler: Samp
     """
     pin = torch.cuda.is_available()
     keep = persistent and workers > 0
+    init = leave_signals_to_parent if workers > 0 else None  # Ctrl-C / SIGTERM are the main process's to handle
     if batch_sampler is not None:
         return DataLoader(ds, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin,
-                          persistent_workers=keep)
+                          persistent_workers=keep, worker_init_fn=init)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
-                      persistent_workers=keep)
+                      persistent_workers=keep, worker_init_fn=init)

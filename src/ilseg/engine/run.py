@@ -12,9 +12,9 @@ step-0 settings.  docs/robustness.md lists every fault and what happens.
 
 from __future__ import annotations
 
-import json
 import platform
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 import torchvision
 
 import ilseg
-from ilseg.config import RunConfig, load_config
+from ilseg.config import RunConfig
 from ilseg.engine import distributed
 from ilseg.engine.callbacks import Callbacks
 from ilseg.engine.loaders import check_data
@@ -36,6 +36,7 @@ from ilseg.engine.step import (
     train_step,
 )
 from ilseg.errors import IlsegError, Interrupted
+from ilseg.fileio import temporary_path
 from ilseg.methods import Method, build_method
 from ilseg.metrics import mean_over_steps
 from ilseg.placement import Placement, resolve_device
@@ -51,16 +52,19 @@ from ilseg.runs.folder import (
     last_checkpoint,
     load_step_model,
     read_history,
+    model_from_config,
+    nothing_trained,
     read_run_config,
     rebuild_results,
     record_config_change,
     remove_temporaries,
     resume_changes,
     same_eval_protocol,
+    saved_config,
     step_checkpoint,
     training_task,
 )
-from ilseg.runs.results import read_results, write_results
+from ilseg.runs.results import pct, read_results, write_results
 
 
 def run_training(
@@ -107,49 +111,74 @@ def run_training(
         distributed.on_main(lambda: check_data(cfg, train_task, range(first, todo.stop), progress=not quiet))
         if init_from is not None:  # its identity is checked now, not after the folder exists
             distributed.on_main(lambda: load_step_model(cfg, step0_source(Path(init_from)), 0) and None)
-        restart = distributed.on_main(lambda: open_run_dir(cfg, run_dir, lock, todo, overwrite=overwrite))
+        elif todo.start == 0 and (overwrite or not step_checkpoint(run_dir, 0).is_file()):
+            distributed.on_main(lambda: check_pretrained(cfg))
+        restart, notes = distributed.on_main(lambda: open_run_dir(cfg, run_dir, lock, todo, overwrite=overwrite))
         with RunLogger(run_dir, enabled=dist.is_main, quiet=quiet, tensorboard=cfg.runtime.tensorboard) as log, \
                 StopRequests() as stop:
             ctx = run_context(cfg, run_dir, dist, device, log, stop, progress=not quiet,
                               callbacks=callbacks or Callbacks())
-            return run_steps(ctx, todo, resume=resume, restart=restart, init_from=init_from)
+            return run_steps(ctx, todo, resume=resume, restart=restart, init_from=init_from, notes=notes)
     finally:
         lock.release()
         distributed.teardown()
 
 
-def open_run_dir(cfg: RunConfig, run_dir: Path, lock: RunLock, todo: range, *, overwrite: bool) -> int | None:
+def open_run_dir(cfg: RunConfig, run_dir: Path, lock: RunLock, todo: range, *,
+                 overwrite: bool) -> tuple[int | None, list[str]]:
     """Create and lock the run folder, clean what a killed process left, record a resumed run's new settings.
 
-    Returns the step from which a changed config applies (that step restarts), or ``None``.
+    Returns the step from which a changed config applies (that step restarts) or ``None``, and the lines
+    to log about what was removed and kept (the log is opened after this).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     lock.acquire()
-    remove_temporaries(run_dir)
+    notes = []
+    removed, lookalikes = remove_temporaries(run_dir)
+    if removed:
+        kept = f"; kept {', '.join(lookalikes)} (not written by ilseg)" if lookalikes else ""
+        notes.append(f"removed {len(removed)} half-written file(s) a stopped process left: "
+                     f"{', '.join(str(p.relative_to(run_dir)) for p in removed)}{kept}")
     saved = run_dir / CONFIG_FILE
-    if overwrite or not saved.is_file():
-        create_run_dir(cfg, run_dir, overwrite=overwrite)
-        return None
-    old = load_config(saved)
+    if overwrite or not saved.is_file() or nothing_trained(run_dir):  # the last: starts again with this config
+        gone, others = create_run_dir(cfg, run_dir, overwrite=overwrite)
+        if overwrite:
+            notes.append(f"--overwrite removed the previous run's {len(gone)} file(s) (checkpoints, results, logs, "
+                         "previews); " + (f"kept what ilseg did not write: {', '.join(others)}" if others else
+                                          "nothing else was in the folder"))
+        return None, notes
+    old = saved_config(run_dir)
     changed = resume_changes(old, cfg)
     if not changed:
-        return None
+        return None, notes
     done = set(finished_steps(run_dir))
     num_steps = training_task(cfg).num_steps
     from_step = next((t for t in range(num_steps) if t not in done), num_steps)  # the run's, not --steps'
     if todo.start > from_step:
         raise IlsegError(f"--steps {todo.start}:{todo.stop} with new settings, but step {from_step} is not finished: "
                          f"the settings would apply from step {from_step}; resume from there (drop --steps)")
-    return from_step if record_config_change(run_dir, old, cfg, from_step, changed) else None
+    return (from_step if record_config_change(run_dir, old, cfg, from_step, changed) else None), notes
+
+
+def check_pretrained(cfg: RunConfig) -> None:
+    """Build step 0's model with ``model.pretrained`` when it is a file, so a missing, unreadable or unfitting
+    weights file is refused before the run folder exists (a corrected command then starts cleanly)."""
+    if cfg.model.pretrained not in (None, "imagenet"):
+        model_from_config(cfg, training_task(cfg).classifier_sizes(0), pretrained=True)
 
 
 def run_steps(ctx: RunContext, todo: range, *, resume: bool, restart: int | None,
-              init_from: str | Path | None) -> dict[str, Any]:
-    """Each step of ``todo`` in order: adopted, skipped (resume, already done) or trained."""
+              init_from: str | Path | None, notes: Sequence[str] = ()) -> dict[str, Any]:
+    """Each step of ``todo`` in order: adopted, skipped (resume, already done) or trained.
+
+    ``notes``: lines about the run folder (files removed, files kept) logged after the first line.
+    """
     ctx.log.info(f"ilseg {ilseg.__version__} | {ctx.cfg.method.name} on {ctx.task.dataset} {ctx.train_task.name} "
                  f"({'overlapped' if ctx.cfg.data.overlap else 'disjoint'}) | steps {todo.start}..{todo.stop - 1} "
                  f"| device {ctx.placement.device}{f' x{ctx.dist.world_size}' if ctx.dist.enabled else ''} "
                  f"| run {ctx.run_dir}")
+    for note in notes:
+        ctx.log.info(note)
     if rebuild_results(ctx.run_dir, ctx.results):
         ctx.log.info("results rebuilt from the step checkpoints (the last run stopped before writing them)")
         ctx.results["mean_miou_over_steps"] = mean_over_steps([s["miou_all"] for s in ctx.results["steps"]])
@@ -168,7 +197,8 @@ def run_steps(ctx: RunContext, todo: range, *, resume: bool, restart: int | None
         else:
             same_step = resume_state is not None and resume_state["step"] == step
             train_step(ctx, step, resume_state if same_step else None)
-    ctx.log.info("results: " + json.dumps({s["step"]: s["miou_all"] for s in ctx.results["steps"]}))
+    ctx.log.info("results: mIoU all " + ", ".join(f"step {s['step']} {pct(s['miou_all'])}%"
+                                                  for s in ctx.results["steps"]))
     return ctx.results
 
 
@@ -253,9 +283,12 @@ def adopt_step0(ctx: RunContext, source: Path) -> None:
     model, state = load_step_model(ctx.cfg, src, 0)
     dst = step_checkpoint(ctx.run_dir, 0)
     if ctx.dist.is_main and src.resolve() != dst.resolve():
-        tmp = dst.with_name(f".{dst.name}.copy")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dst)
+        tmp = temporary_path(dst)
+        try:
+            shutil.copyfile(src, tmp)
+            tmp.replace(dst)
+        finally:
+            tmp.unlink(missing_ok=True)
     distributed.barrier()
     if "metrics" in state and same_eval_protocol(state.get("config", {}), ctx.cfg.to_dict()):
         entry = dict(state["metrics"])

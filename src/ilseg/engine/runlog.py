@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,11 +22,14 @@ from typing import Any
 from tqdm import tqdm
 
 from ilseg.errors import WriteError
-from ilseg.fileio import write_failure
+from ilseg.fileio import atomic_write_text, write_failure
 from ilseg.runs.results import pct
 
 LOGGER = logging.getLogger("ilseg")
 _FORMAT = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+MAX_CLASSES_IN_LOG = 30  # more classes (ADE20k): the step's per-class IoU goes to RUN_DIR/iou-step{t}.md instead
+LINE_WIDTH = 100  # the per-class IoU line wraps at about this many characters
+TENSORBOARD_EVERY = 20  # iterations per TensorBoard point within an epoch (means over them); plus one per epoch
 
 
 class _TqdmHandler(logging.Handler):
@@ -34,6 +38,7 @@ class _TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             tqdm.write(self.format(record), file=sys.stdout)
+            sys.stdout.flush()  # before a line ilseg prints on stderr, when both go to one file (a SLURM log)
         except Exception:  # noqa: BLE001 (logging's own contract: never raise from emit)
             self.handleError(record)
 
@@ -46,6 +51,24 @@ class _LogFile(logging.FileHandler):
         if isinstance(exc, OSError):
             raise WriteError(write_failure(Path(self.baseFilename), exc)) from None
         super().handleError(record)
+
+
+class _Bar(tqdm):
+    """A progress bar that, drawn into a file (a SLURM log) rather than a terminal, ends its line when it closes.
+
+    tqdm redraws a bar with carriage returns and, closed with ``leave=False``,
+    leaves the line unfinished; the next line written to that file (the error
+    ``ilseg`` prints on stderr, when stdout and stderr share the file) would
+    continue it.
+    """
+
+    def close(self) -> None:
+        was_open = not self.disable
+        super().close()
+        stream = self.fp
+        if was_open and not (hasattr(stream, "isatty") and stream.isatty()):
+            stream.write("\n")
+            stream.flush()
 
 
 class _NoBar:
@@ -65,6 +88,7 @@ class RunLogger:
                  tensorboard: bool = False) -> None:
         self.enabled = enabled
         self.quiet = quiet
+        self.run_dir = Path(run_dir) if run_dir is not None else None
         self._handlers: list[logging.Handler] = []
         self._jsonl = None
         self._tb: Any = None
@@ -124,19 +148,38 @@ class RunLogger:
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):
                     self._tb.add_scalar(f"step{values.get('step', 0)}/{k}", v, values.get("epoch", self._scalar_index))
 
+    def iteration_scalars(self, step: int, iteration: int, values: Mapping[str, float]) -> None:
+        """TensorBoard points within an epoch (``step{t}/iter/<name>`` against the step's iteration); not
+        in ``metrics.jsonl``, which keeps one line per epoch."""
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(f"step{step}/iter/{k}", v, iteration)
+
     def progress(self, total: int, desc: str) -> Any:
         if not self.enabled or self.quiet:
             return _NoBar()
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
+        return _Bar(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
 
     def step_table(self, entry: dict[str, Any]) -> None:
-        """The table printed after each finished step."""
+        """The lines printed after each finished step: the mIoUs, then every class's IoU (%).
+
+        Up to :data:`MAX_CLASSES_IN_LOG` classes the IoUs are printed, wrapped
+        at :data:`LINE_WIDTH` characters; with more (ADE20k's 151), they go to
+        ``RUN_DIR/iou-step{t}.md`` and the log names the file.
+        """
         self.scalars({k: v for k, v in entry.items() if isinstance(v, (int, float)) or v is None})
-        head = (f"step {entry['step']} done: mIoU all {pct(entry['miou_all'])} | old {pct(entry['miou_old'])} | "
-                f"new {pct(entry['miou_new'])} | pixel acc {pct(entry.get('pixel_accuracy'))}")
-        per_class = "  ".join(f"{n} {pct(v)}" for n, v in entry["iou_per_class"].items())
+        head = (f"step {entry['step']} done: mIoU all {pct(entry['miou_all'])}% | old {pct(entry['miou_old'])}% | "
+                f"new {pct(entry['miou_new'])}% | pixel acc {pct(entry.get('pixel_accuracy'))}%")
         self.info(head)
-        self.info("  IoU: " + per_class)
+        ious = entry["iou_per_class"]
+        if len(ious) > MAX_CLASSES_IN_LOG and self.run_dir is not None and self.enabled:
+            path = self.run_dir / f"iou-step{entry['step']}.md"
+            atomic_write_text(path, iou_table(entry))
+            self.info(f"  IoU (%) of the {len(ious)} classes: {path} (every step, as fractions: "
+                      f"{self.run_dir / 'results.csv'})")
+            return
+        for line in iou_lines(ious):
+            self.info(line)
 
     def close(self) -> None:
         for handler in self._handlers:
@@ -158,3 +201,27 @@ class RunLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def iou_lines(ious: Mapping[str, float | None], width: int = LINE_WIDTH) -> list[str]:
+    """Every class's IoU in percent, as lines of about ``width`` characters (``"  IoU (%): name 91.2  ..."``)."""
+    lead, indent = "  IoU (%): ", " " * len("  IoU (%): ")
+    lines, current = [], lead
+    for name, value in ious.items():
+        item = f"{name} {pct(value)}"
+        if current not in (lead, indent) and len(current) + 2 + len(item) > width:
+            lines.append(current)
+            current = indent
+        current += ("" if current in (lead, indent) else "  ") + item
+    return lines + [current]
+
+
+def iou_table(entry: Mapping[str, Any]) -> str:
+    """``iou-step{t}.md``: the IoU (%) of every class after one step, best first ("-": absent from the test
+    masks)."""
+    ious = entry["iou_per_class"]
+    ranked = sorted(ious.items(), key=lambda item: -1.0 if item[1] is None else -item[1])
+    rows = [f"| {name} | {pct(value)} |" for name, value in ranked]
+    return (f"# IoU after step {entry['step']}\n\nmIoU all {pct(entry['miou_all'])}%, old "
+            f"{pct(entry['miou_old'])}%, new {pct(entry['miou_new'])}%; IoU in %, best first; - where the class is "
+            "absent from the test masks.\n\n| class | IoU |\n|---|---:|\n" + "\n".join(rows) + "\n")

@@ -22,13 +22,14 @@ from torch import nn
 from ilseg.config import RunConfig
 from ilseg.engine import distributed
 from ilseg.engine.callbacks import Callbacks
-from ilseg.engine.loaders import TrainingData, eval_dataset, eval_loader, training_data
+from ilseg.engine.loaders import TrainingData, eval_dataset, eval_loader, step_image_counts, training_data
 from ilseg.engine.loop import EpochProgress, NonFiniteLoss, evaluate, train_one_epoch
 from ilseg.engine.optim import Optimisation, StepLength, step_recipe
-from ilseg.engine.runlog import RunLogger
+from ilseg.engine.runlog import TENSORBOARD_EVERY, RunLogger
 from ilseg.engine.signals import StopRequests, signal_name
-from ilseg.errors import IlsegError, Interrupted
+from ilseg.errors import IlsegError, Interrupted, plural
 from ilseg.methods import Method, StepSetup
+from ilseg.methods.base import method_kind
 from ilseg.metrics import mean_over_steps, segmentation_scores
 from ilseg.models import IncrementalSegmenter, convert_sync_batchnorm, fold_batchnorm
 from ilseg.placement import Placement
@@ -67,6 +68,7 @@ class RunContext:
     stop: StopRequests = dataclasses.field(default_factory=StopRequests)
     progress: bool = True
     callbacks: Callbacks = dataclasses.field(default_factory=Callbacks)
+    image_counts: dict[int, int] | None = None  # training images of each later step, for the run's time estimate
 
 
 def seed_everything(seed: int) -> None:
@@ -78,12 +80,12 @@ def seed_everything(seed: int) -> None:
 def train_step(ctx: RunContext, step: int, resume: dict[str, Any] | None = None) -> None:
     """Train, evaluate, save and record ``step``; ``resume`` is a ``last.pth`` state of this step."""
     epochs, lr = step_recipe(ctx.cfg.optim, step)
+    forget_divergence(ctx)
     seed_everything(ctx.cfg.runtime.seed + 1000 * step + 999)  # the new classifier's init, resume or not
     model, previous = initial_model(ctx, step)
-    if previous is not None:  # what the method kept across steps, as the last step left it
-        ctx.method.load_state_dict(previous.get("method_state", {}))
-    if resume is not None:
-        ctx.method.load_state_dict(resume.get("method_state", {}))
+    for state in (previous, resume):  # what the method kept across steps, as the last step (or save) left it
+        if state is not None:
+            ctx.method.load_state_dict(own_method_state(ctx, state))
     setup = ctx.method.start_step(model, ctx.train_task, step)
     if resume is not None:  # before DDP wraps it, so every rank starts from the same weights
         load_weights(setup.student, resume, last_checkpoint(ctx.run_dir))
@@ -100,7 +102,8 @@ def train_step(ctx: RunContext, step: int, resume: dict[str, Any] | None = None)
     for epoch in range(at.epoch, epochs):
         iterations = length.iterations_in(epoch)
         ctx.callbacks.on_epoch_start(step, epoch)
-        progress = train_epoch(ctx, step, epoch, epochs, train_model, setup, data, opt, at, iterations)
+        progress = train_epoch(ctx, step, epoch, epochs, train_model, setup, data, opt, at, iterations,
+                               length=length)
         finished = epoch if progress.finished else epoch - 1
         partial = None if progress.finished else {"epoch": epoch, **progress.state()}
         if progress.finished:
@@ -120,6 +123,14 @@ def train_step(ctx: RunContext, step: int, resume: dict[str, Any] | None = None)
     record_step(ctx, entry)
     preview_step(ctx, setup.student, step)
     ctx.callbacks.on_step_end(step, entry)
+
+
+def own_method_state(ctx: RunContext, state: dict[str, Any]) -> dict[str, Any]:
+    """The method state a checkpoint holds when this run's method wrote it; ``{}`` otherwise (a step 0
+    adopted with ``--init-from`` from a run of another method, or a checkpoint from before method state)."""
+    if state.get("method_kind") != method_kind(type(ctx.method)):
+        return {}
+    return dict(state.get("method_state", {}))
 
 
 def prepare(ctx: RunContext, setup: StepSetup, data: TrainingData, step: int) -> None:
@@ -247,15 +258,16 @@ def log_step_start(ctx: RunContext, step: int, data: TrainingData, epochs: int, 
     task = ctx.train_task
     lr = step_recipe(ctx.cfg.optim, step)[1]
     if length.total == epochs * len(data.loader):
-        span = f"{epochs} epochs x {len(data.loader)} iterations"
+        span = f"{plural(epochs, 'epoch')} x {plural(len(data.loader), 'iteration')}"
     else:
-        span = f"{length.total} iterations ({epochs} passes over {len(data.loader)} batches, the last partial)"
+        span = (f"{plural(length.total, 'iteration')} ({plural(epochs, 'pass', 'passes')} over "
+                f"{plural(len(data.loader), 'batch')}, the last partial)")
     floor = f" -> {length.lr_end:g}" if length.lr_end > 0 else ""
     ctx.log.info(f"step {step}: classes {[task.class_names[c] for c in task.new_classes(step)]}, "
                  f"{len(data.dataset)} training images, {span}, lr {lr:g}{floor}")
     if at.epoch >= epochs:
-        ctx.log.info(f"step {step}: all {epochs} epochs were trained ({last_checkpoint(ctx.run_dir).name}); "
-                     "evaluating them")
+        ctx.log.info(f"step {step}: {'the epoch was' if epochs == 1 else f'all {epochs} epochs were'} trained "
+                     f"({last_checkpoint(ctx.run_dir).name}); evaluating {'it' if epochs == 1 else 'them'}")
     elif at.partial is not None:
         ctx.log.info(f"resuming step {step} in epoch {at.epoch + 1}/{epochs} after iteration {at.partial.iterations}")
     elif at.epoch > 0:
@@ -263,11 +275,15 @@ def log_step_start(ctx: RunContext, step: int, data: TrainingData, epochs: int, 
 
 
 def train_epoch(ctx: RunContext, step: int, epoch: int, epochs: int, train_model: nn.Module, setup: StepSetup,
-                data: TrainingData, opt: Optimisation, at: Position, iterations: int) -> EpochProgress:
+                data: TrainingData, opt: Optimisation, at: Position, iterations: int, *,
+                length: StepLength | None = None) -> EpochProgress:
     """One epoch (or its rest) with a progress bar and its logged means; adds its wall time to ``at``.
 
     ``iterations``: how many the epoch has (the loader's length, or fewer in
-    the last epoch of an iteration-based step).
+    the last epoch of an iteration-based step).  ``length``: the step's, for
+    the estimate of the time left that ends the epoch's line.  TensorBoard
+    (``runtime.tensorboard``) also gets the means of every
+    :data:`~ilseg.engine.runlog.TENSORBOARD_EVERY` iterations.
     """
     # Every epoch's randomness is a function of (seed, step, epoch): a resumed
     # run draws exactly the crops and order an uninterrupted run would.
@@ -277,9 +293,18 @@ def train_epoch(ctx: RunContext, step: int, epoch: int, epochs: int, train_model
     data.set_epoch(epoch, skip=done)
     bar = ctx.log.progress(iterations - done, f"step {step} epoch {epoch + 1}/{epochs}")
 
+    window = EpochProgress()  # the iterations since the last TensorBoard point (local means, no collective)
+    at_iteration = [epoch * len(data.loader) + done]  # the step's iterations done so far
+
     def on_iteration(values: dict[str, float], lr: float) -> None:
         bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()} | {"lr": f"{lr:.2e}"}, refresh=False)
         bar.update()
+        at_iteration[0] += 1
+        window.add(values)
+        if window.iterations == TENSORBOARD_EVERY:
+            means = {f"train/{k}": v / window.iterations for k, v in window.sums.items()}
+            ctx.log.iteration_scalars(step, at_iteration[0], means | {"lr": lr})
+            window.sums, window.iterations = {}, 0
 
     start = time.perf_counter()
     try:
@@ -291,6 +316,7 @@ def train_epoch(ctx: RunContext, step: int, epoch: int, epochs: int, train_model
     except NonFiniteLoss as exc:
         first_batch = step > 0 and epoch == 0 and exc.iterations_done == 0
         advice = start_over_advice(ctx, step) if first_batch else lower_lr_advice(ctx, step)
+        record_divergence(ctx, step, epoch, str(exc), advice)
         raise IlsegError(f"{exc}. {advice}") from None
     finally:
         bar.close()
@@ -299,9 +325,59 @@ def train_epoch(ctx: RunContext, step: int, epoch: int, epochs: int, train_model
         means = progress.means()
         lr = opt.optimizer.param_groups[0]["lr"]
         ctx.log.scalars({"step": step, "epoch": epoch + 1, "lr": lr, **{f"train/{k}": v for k, v in means.items()}})
+        left = f"; {time_left(ctx, step, epoch, length, at)}" if length is not None else ""
         ctx.log.info(f"step {step} epoch {epoch + 1}/{epochs}: "
-                     + ", ".join(f"{k} {v:.4f}" for k, v in means.items()) + f", lr {lr:.2e}")
+                     + ", ".join(f"{k} {v:.4f}" for k, v in means.items()) + f", lr {lr:.2e}{left}")
     return progress
+
+
+def time_left(ctx: RunContext, step: int, epoch: int, length: StepLength, at: Position) -> str:
+    """``"about 12 min left in step 1, 1 h 5 min in the run (to step 5, at this step's pace)"``.
+
+    The pace is this step's seconds per iteration so far; a later step's
+    iterations follow from its image count (the per-step lists' cache) and
+    its epochs.  Later steps run the teacher too, so from step 0 the run's
+    estimate is low.
+    """
+    done = sum(length.iterations_in(e) for e in range(epoch + 1))
+    pace = at.seconds / max(1, done)
+    text = f"about {duration(pace * (length.total - done))} left in step {step}"
+    last = ctx.train_task.num_steps - 1
+    if step == last or not ctx.dist.is_main:
+        return text
+    if ctx.image_counts is None:
+        try:
+            ctx.image_counts = step_image_counts(ctx.cfg, ctx.train_task, range(step + 1, last + 1))
+        except IlsegError:  # a later step's images cannot be listed now: training will say so there
+            ctx.image_counts = {}
+    if not all(t in ctx.image_counts for t in range(step + 1, last + 1)):
+        return text
+    later = sum(StepLength.of(ctx.cfg.optim, t, ctx.image_counts[t] // ctx.cfg.optim.batch_size).total
+                for t in range(step + 1, last + 1))
+    return (f"{text}, {duration(pace * (length.total - done + later))} in the run (to step {last}, at this "
+            "step's pace)")
+
+
+def duration(seconds: float) -> str:
+    """``"40 s"``, ``"12 min"``, ``"3 h 5 min"``."""
+    if seconds < 60:
+        return f"{max(0, round(seconds))} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def record_divergence(ctx: RunContext, step: int, epoch: int, error: str, advice: str) -> None:
+    """Keep a non-finite loss's error and advice in ``results.json`` (``"diverged"``), so that ``ilseg report``
+    repeats the advice for this run; cleared when the run trains again (:func:`forget_divergence`)."""
+    ctx.results["diverged"] = {"step": step, "epoch": epoch + 1, "error": error, "advice": advice}
+    if ctx.dist.is_main:
+        write_results(ctx.run_dir, ctx.results)
+
+
+def forget_divergence(ctx: RunContext) -> None:
+    """A step trains again: the divergence :func:`record_divergence` kept is history."""
+    if ctx.results.pop("diverged", None) is not None and ctx.dist.is_main:
+        write_results(ctx.run_dir, ctx.results)
 
 
 def lower_lr_advice(ctx: RunContext, step: int) -> str:
@@ -349,7 +425,8 @@ def save_state(ctx: RunContext, path: Path, model: nn.Module, opt: Optimisation,
             epoch=epoch, epochs=epochs, train_seconds=round(seconds, 2),
             identity=checkpoint_identity(ctx.cfg, step, ctx.method), config=ctx.cfg.to_dict(),
             metrics=entry, confusion_matrix=confusion_matrix, partial=partial,
-            method_state=ctx.method.state_dict(), evaluations=evaluations))
+            method_state=ctx.method.state_dict(), method_kind=method_kind(type(ctx.method)),
+            evaluations=evaluations))
 
     distributed.on_main(write)
 

@@ -45,7 +45,7 @@ def _check_steps(steps: Sequence[int], paths: Sequence[Path]) -> None:
         seen[step] = path
     gaps = [s for s in range(max(steps) + 1) if s not in seen]
     if gaps:
-        raise IlsegError(f"no file for step(s) {', '.join(map(str, gaps))}: a run is imported from its step 0 on, "
+        raise IlsegError(f"no file for {'step' if len(gaps) == 1 else 'steps'} {', '.join(map(str, gaps))}: a run is imported from its step 0 on, "
                          "with every step up to the last one given")
 
 

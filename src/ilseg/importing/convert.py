@@ -57,7 +57,7 @@ from torch import nn
 
 from ilseg.config import RunConfig
 from ilseg.errors import IlsegError
-from ilseg.fileio import load_failure
+from ilseg.fileio import load_failure, quiet_pickle_warnings
 from ilseg.importing.names import (
     CONTAINERS,
     TITLES,
@@ -126,12 +126,12 @@ def read_tool_checkpoint(path: Path, fmt: str) -> tuple[StateDict, dict[str, Any
     title = TITLES[fmt]
     _check_readable_path(path, fmt)
     try:
-        with torch.serialization.safe_globals(NUMPY_SCALARS):
+        with torch.serialization.safe_globals(NUMPY_SCALARS), quiet_pickle_warnings():
             saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, truncated, not a torch file, or pickled objects
         entry = CONTAINERS[fmt][0]
         raise IlsegError(
-            f"{path} cannot be read as a {title} checkpoint ({load_failure(exc)}); ilseg reads tensors only "
+            f"{path} cannot be read as a {title} checkpoint ({load_failure(exc, path)}); ilseg reads tensors only "
             f"(weights_only=True). If the file is one and holds pickled objects besides the weights, and you trust "
             f"it, save the '{entry}' entry alone with the tool's own environment (torch.save of that state dict) "
             "and import that file"

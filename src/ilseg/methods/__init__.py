@@ -86,7 +86,7 @@ def method_config(name: str, overrides: Mapping[str, Any] | None = None) -> Meth
     fields = [f.name for f in dataclasses.fields(cfg)]
     unknown = [k for k in overrides if k not in fields]
     if unknown:
-        raise IlsegError(f"unknown field(s) {', '.join(map(repr, unknown))} of method {name!r}; "
+        raise IlsegError(f"unknown {'field' if len(unknown) == 1 else 'fields'} {', '.join(map(repr, unknown))} of method {name!r}; "
                          f"known: {', '.join(fields)}")
     return dataclasses.replace(cfg, **dict(overrides))
 

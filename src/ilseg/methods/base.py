@@ -17,7 +17,7 @@ only through this contract:
 ``finish_step``                after the step trained, before it is evaluated and saved
 ``state_dict`` / ``load_...``  state kept across steps, saved in every checkpoint, restored on resume
 ``identity(t)``                its settings that shaped the weights of steps ``0..t``
-``describe()``                 one line for ``ilseg methods`` and the logs
+``describe()``                 one line for ``ilseg methods``: override it, the default says CE only
 =============================  ================================================================
 
 Every hook but :meth:`Method.loss` has a default that does nothing, so a

@@ -46,7 +46,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from ilseg.errors import IlsegError
-from ilseg.fileio import load_failure
+from ilseg.fileio import load_failure, quiet_pickle_warnings
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +121,11 @@ def load_imagenet_weights(model_body: nn.Module) -> None:
         if cached.is_file():
             raise IlsegError(
                 f"cannot read the cached ImageNet weights {cached} ({exc}); delete the file to "
-                "download it again, or pass pretrained=<path to a local checkpoint>"
+                "download it again, or give a local checkpoint with --set model.pretrained=PATH"
             ) from exc
         raise IlsegError(
             f"cannot download torchvision's ImageNet weights {weights.url} ({exc}); put "
-            f"{cached.name} in {cached.parent}, or pass pretrained=<path to a local checkpoint>"
+            f"{cached.name} in {cached.parent}, or give a local checkpoint with --set model.pretrained=PATH"
         ) from exc
     _load_torchvision_state_dict(state_dict, model_body, source=str(cached))
 
@@ -244,12 +244,15 @@ def torchvision_to_iabn_name(key: str) -> str:
 
 
 def _read_state_dict(path: Path) -> StateDict:
+    if path.is_dir():
+        raise IlsegError(f"pretrained checkpoint {path} is a folder; give the path to a .pth file")
     if not path.is_file():
         raise IlsegError(f"pretrained checkpoint {path} does not exist; give the path to a .pth file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with quiet_pickle_warnings():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, pickle with arbitrary objects, ...
-        reason = load_failure(exc)
+        reason = load_failure(exc, path)
         raise IlsegError(f"pretrained weights file {path} is not a weights file ({reason}); give a state dict saved "
                          "with torch.save (torchvision's or InPlace-ABN's ImageNet ResNet checkpoint)") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):

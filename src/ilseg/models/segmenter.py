@@ -244,17 +244,21 @@ def _set_bn_eval(module: nn.Module) -> None:
             m.eval()
 
 
-def freeze_bn(model: IncrementalSegmenter) -> None:
-    """Freeze every BN of ``model`` (body and head): eval mode, affine params without grad.
+def freeze_bn(model: IncrementalSegmenter, *, affine: bool = True) -> None:
+    """Freeze every BN of ``model`` (body and head): eval mode, and (``affine``) its scale and offset.
 
     Running statistics stop updating, and stay frozen across ``model.train()``.
+    ``affine=False`` leaves the scale and offset trainable (what the ILT
+    paper's TensorFlow code trains: its BN variables are in the optimiser's
+    list although created ``trainable=False``, docs/fidelity.md).
     """
     model.bn_frozen = True
     for m in model.modules():
         if isinstance(m, _BatchNorm):
             m.eval()
-            for p in m.parameters(recurse=False):
-                p.requires_grad_(False)
+            if affine:
+                for p in m.parameters(recurse=False):
+                    p.requires_grad_(False)
 
 
 def freeze_encoder(model: IncrementalSegmenter) -> None:
@@ -301,6 +305,7 @@ def build_segmenter(
     backbone_width: int = 64,
     head: HeadKind = "aspp",
     frozen_bn: bool = False,
+    frozen_bn_affine: bool = True,
     stride_on: StrideOn = "3x3",
     activation: Activation = "leaky_relu",
 ) -> IncrementalSegmenter:
@@ -328,6 +333,8 @@ def build_segmenter(
             ``head_channels`` and ``aspp_dilations`` then do not apply).
         frozen_bn: every BN frozen from the start (:func:`freeze_bn`), as
             DeepLab-v2 and the ILT paper's code train.
+        frozen_bn_affine: with ``frozen_bn``, the BNs' scale and offset are
+            frozen too; ``False`` trains them (the ILT paper's code).
         stride_on: which conv of a stage's first bottleneck strides:
             ``"3x3"`` (torchvision, ResNet v1.5) or ``"1x1"`` (Caffe ResNet).
         activation: the body's ``"leaky_relu"`` (0.01, MiB) or ``"relu"``.
@@ -349,7 +356,7 @@ def build_segmenter(
         aspp = ASPP(body.out_channels, head_channels, dilations=dilations)
         model = IncrementalSegmenter(body, aspp, classes_per_step)
     if frozen_bn:
-        freeze_bn(model)
+        freeze_bn(model, affine=frozen_bn_affine)
     return model
 
 
@@ -366,7 +373,7 @@ def _check_build_args(backbone: str, output_stride: int, head_channels: int, cla
         raise IlsegError(f"head_channels must be a positive integer, got {head_channels!r}")
     _check_classes_per_step(classes_per_step)
     if pretrained is not None and backbone_width != 64:
-        raise IlsegError(f"pretrained weights need model.width 64, got {backbone_width}; set model.pretrained=null")
+        raise IlsegError(f"pretrained weights need model.width 64, got {backbone_width}; train without them: --set model.pretrained=null")
     if head not in HEADS:
         raise IlsegError(f"unknown head {head!r}; use one of {HEADS}")
     if activation not in ACTIVATIONS:

@@ -7,6 +7,7 @@ masks, no new class yet, an unseen class) and is left out of means.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,7 +18,6 @@ from typing import Any
 from ilseg.errors import IlsegError
 from ilseg.config import PLACEMENT, settings_of
 from ilseg.runs.folder import eval_protocol_differences, read_run_config, training_task
-from ilseg.runs.results import read_results
 
 # Settings that do not change what a run learns beyond its seed: runs that differ only in these (the
 # placement settings, the run's name and its seed) are seeds of one experiment.
@@ -217,14 +217,117 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
     return unique
 
 
+class _Literal(str):
+    """``NaN``, ``Infinity`` or ``-Infinity`` as read from a results file: no score (JSON itself has no such
+    numbers; Python's json module reads them unless told not to)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def read_scores(path: Path) -> dict[str, Any]:
+    """``results.json`` of the run in ``path`` with every field a report reads checked.
+
+    Raises:
+        IlsegError: the file is missing, unreadable, not JSON, nested without end, or a field holds what is
+            not a score (text, ``NaN``, a number outside 0..1, nothing); one line naming the file and the field.
+    """
+    file = Path(path) / "results.json"
+    fix = (f"rebuild it from the step checkpoints with `ilseg train --resume {path}`, or leave the run out "
+           "(ilseg report --skip-bad leaves out every run it cannot read)")
+    if not file.is_file():
+        what = "is a folder, not a file" if file.is_dir() else "does not exist"
+        raise IlsegError(f"{file} {what}; {fix}")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"), parse_constant=_Literal)
+        problem = _results_problem(data)
+    except UnicodeDecodeError as exc:
+        problem = f"is not a text file (byte {exc.start} is not UTF-8)"
+    except OSError as exc:
+        problem = f"cannot be read ({exc.strerror or exc})"
+    except ValueError as exc:
+        problem = f"is not valid JSON ({str(exc).splitlines()[0]})"
+    except RecursionError:
+        problem = "is nested too deeply to be a run's results"
+    if problem:
+        raise IlsegError(f"{file} {problem}; {fix}")
+    return data
+
+
+def _results_problem(data: Any) -> str | None:
+    """What is wrong with the fields of a results file a report reads (``"steps[1].miou_all is 'abc', ..."``)."""
+    if not isinstance(data, dict):
+        return f"holds a {type(data).__name__}, not a run's results (a mapping with 'steps')"
+    steps = data.get("steps")
+    if not isinstance(steps, list):
+        return f"field steps is {_shown(steps)}, expected the list of finished steps"
+    score = "a score (a number from 0 to 1)"
+    for i, row in enumerate(steps):
+        where = f"steps[{i}]"
+        if not isinstance(row, dict):
+            return f"field {where} is {_shown(row)}, expected a step's scores"
+        for key, expected, ok in (
+            ("step", "a step number", lambda v: _is_int(v) and v >= 0),
+            ("classes_seen", "a number of classes", lambda v: _is_int(v) and v >= 1),
+            ("miou_all", score, _is_score),
+            ("miou_old", f"{score} or null", lambda v: v is None or _is_score(v)),
+            ("miou_new", f"{score} or null", lambda v: v is None or _is_score(v)),
+            ("iou_per_class", "a mapping of class names to scores",
+             lambda v: isinstance(v, dict) and bool(v)),
+        ):
+            if key not in row:
+                return f"field {where}.{key} is missing ({expected} belongs there)"
+            if not ok(row[key]):
+                return f"field {where}.{key} is {_shown(row[key])}, expected {expected}"
+        for name, value in row["iou_per_class"].items():
+            if not (value is None or _is_score(value)):
+                return f"field {where}.iou_per_class.{name} is {_shown(value)}, expected {score} or null"
+    sizes = data.get("step_sizes")
+    if sizes is not None and not (isinstance(sizes, list) and all(_is_int(v) for v in sizes)):
+        return f"field step_sizes is {_shown(sizes)}, expected a list of numbers of classes"
+    literal = _first_literal(data, "")
+    if literal is not None:
+        return f"field {literal[0]} is {literal[1]}, which JSON does not allow and is no score"
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_score(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _first_literal(value: Any, where: str) -> tuple[str, str] | None:
+    """The first ``NaN`` / ``Infinity`` in ``value`` and where it is."""
+    if isinstance(value, _Literal):
+        return where, str(value)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        found = _first_literal(inner, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip("."))
+        if found is not None:
+            return found
+    return None
+
+
 def load_run(path: Path) -> Run:
     cfg = read_run_config(path)  # one clear error if it is not a run folder
-    results = read_results(path)
-    if results is None:
-        raise IlsegError(f"{path} has no readable results.json; rebuild it with `ilseg train --resume {path}` "
-                         "(it is rebuilt from the step checkpoints) or leave the run out")
+    results = read_scores(path)
     num_steps = training_task(cfg).num_steps  # 1 for joint training, which learns every class at once
     done = sorted(int(s["step"]) for s in results["steps"])
+    diverged = results.get("diverged")
+    if done != list(range(num_steps)) and isinstance(diverged, dict) and diverged.get("advice"):
+        # resuming as it is would diverge again: repeat the advice the run itself printed
+        raise IlsegError(f"{path} finished steps {done or 'none'} of 0..{num_steps - 1} and stopped in step "
+                         f"{diverged.get('step')}, epoch {diverged.get('epoch')}: {diverged.get('error')}. "
+                         f"{diverged['advice']}; a report compares finished runs, so finish it that way or leave "
+                         "it out")
     if done != list(range(num_steps)):
         raise IlsegError(f"{path} finished steps {done or 'none'} of 0..{num_steps - 1}: a report compares "
                          f"finished runs; finish it with `ilseg train --resume {path}` or leave it out")
@@ -261,9 +364,25 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     return groups
 
 
-def collect(paths: Sequence[str | Path]) -> list[Group]:
-    """Read, check and group the runs of ``paths``."""
-    runs = [load_run(p) for p in expand(paths)]
+def collect(paths: Sequence[str | Path], *, skipped: list[tuple[Path, str]] | None = None) -> list[Group]:
+    """Read, check and group the runs of ``paths``.
+
+    A run that cannot be read (damaged results or config, unfinished) is
+    refused, unless ``skipped`` is given (``ilseg report --skip-bad``): then
+    it is left out and ``(run folder, why)`` appended there, for the caller
+    to list.  Runs that can be read but not compared are refused either way.
+    """
+    runs = []
+    for path in expand(paths):
+        try:
+            runs.append(load_run(path))
+        except IlsegError as exc:
+            if skipped is None:
+                raise
+            skipped.append((path, str(exc)))
+    if not runs and skipped:
+        raise IlsegError(f"no run left to report: every run given was left out ({skipped[0][1]}"
+                         f"{f'; and {len(skipped) - 1} more' if len(skipped) > 1 else ''})")
     if not runs:
         raise IlsegError("no run folder given")
     check_comparable(runs)

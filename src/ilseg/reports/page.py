@@ -8,8 +8,10 @@ holds those numbers unrounded.
 from __future__ import annotations
 
 import base64
+import csv
 import datetime
 import html
+import io
 import json
 import re
 import shutil
@@ -17,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 import ilseg
 from ilseg.errors import IlsegError
@@ -31,6 +35,9 @@ def fmt(stat: Stat | None, digits: int = 1) -> str:
         return "-"
     text = f"{100 * stat.mean:.{digits}f}"
     return text + (f" ± {100 * stat.std:.{digits}f}" if stat.std is not None else "")
+
+
+FOLDED_ROWS = 40  # a longer table (ADE20k's 151 classes) is folded in the HTML page
 
 
 @dataclass
@@ -48,10 +55,15 @@ class Table:
         return "\n".join(lines) + "\n"
 
     def html(self) -> str:
+        """The table in a box that scrolls sideways on a narrow window; one of more than
+        :data:`FOLDED_ROWS` rows is folded (``<details>``, opened with a click, no script)."""
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows)
         note = f"<p class=note>{html.escape(self.note)}</p>" if self.note else ""
-        return f"<h2>{html.escape(self.title)}</h2>{note}<table><tr>{head}</tr>{body}</table>"
+        table = f"<div class=scroll><table><tr>{head}</tr>{body}</table></div>"
+        if len(self.rows) > FOLDED_ROWS:
+            table = f"<details><summary>{len(self.rows)} rows: show</summary>{table}</details>"
+        return f"<h2>{html.escape(self.title)}</h2>{note}{table}"
 
 
 def seeds_cell(g: Group) -> str:
@@ -87,7 +99,7 @@ def tables(groups: Sequence[Group]) -> list[Table]:
     for g in groups:
         out.append(Table(
             f"Per-class IoU: {g.label}", "IoU in % after each step; empty before the class is learnt; - where the "
-            "class is absent from the test masks.",
+            f"class is absent from the test masks (the same as {class_table_name(g)}, in fractions).",
             ["class", *["joint" if g.joint else f"step {t}" for t in g.steps]],
             [[name, *["" if (s := g.class_iou(name, t)) is None else fmt(s) for t in g.steps]]
              for name in g.classes()]))
@@ -98,13 +110,33 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "run"
 
 
+def class_table_name(g: Group) -> str:
+    return f"classes_{_slug(g.label)}.csv"
+
+
+def class_csv(g: Group) -> str:
+    """Every class's IoU after each step (fractions, the mean over the seeds): ``not learnt`` before the
+    class is learnt, empty where it is absent from the test masks; beside the report as
+    :func:`class_table_name`."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["class", *["joint" if g.joint else f"step {t}" for t in g.steps]])
+    for name in g.classes():
+        stats = [g.class_iou(name, t) for t in g.steps]
+        writer.writerow([name, *["not learnt" if s is None else "" if s.mean is None else f"{s.mean:.6g}"
+                                 for s in stats]])
+    return buffer.getvalue()
+
+
 def figures(groups: Sequence[Group], out: Path) -> list[tuple[str, Path]]:
-    """(caption, path) of every figure, written into ``out``."""
+    """(caption, path) of every figure, written into ``out``, with each group's per-class table as CSV."""
     made = [("mIoU of all, old and new classes after each step", plots.miou_by_step(groups, out / "miou_by_step.png")),
             ("Forgetting per old class", plots.forgetting_bars(groups, out / "forgetting.png"))]
     for g in groups:
-        made.append((f"Per-class IoU after each step: {g.label}",
-                     plots.class_heatmap(g, out / f"classes_{_slug(g.label)}.png")))
+        table = class_table_name(g)
+        atomic_write_text(out / table, class_csv(g))
+        made.append((f"Per-class IoU after each step: {g.label} (every class: {table})",
+                     plots.class_heatmap(g, out / f"classes_{_slug(g.label)}.png", table=table)))
     return made
 
 
@@ -123,9 +155,20 @@ def previews(groups: Sequence[Group], out: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def _img(path: Path) -> str:
+MIN_FIGURE_WIDTH = 560  # CSS pixels: on a narrower window a figure keeps this width and scrolls sideways
+
+
+def _img(path: Path, scale: float = 1.0) -> str:
+    """The PNG embedded; ``scale`` < 1 shows a figure drawn at :data:`plots.DPI` at a readable size
+    (``width`` in CSS pixels, never more than the page's width, never less than
+    :data:`MIN_FIGURE_WIDTH` or its own: on a narrow window the figure's box scrolls sideways)."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+    size = ""
+    if scale != 1.0:
+        with Image.open(path) as image:
+            width = round(image.width * scale)
+        size = f' width="{width}" style="min-width:{min(width, MIN_FIGURE_WIDTH)}px"'
+    return f'<img alt="{html.escape(path.stem)}"{size} src="data:image/png;base64,{data}">'
 
 
 STYLE = """
@@ -135,9 +178,12 @@ h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid 
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
-.note{color:#555;font-size:.9em}figure{margin:1em 0}img{max-width:100%;height:auto}
+.note{color:#555;font-size:.9em}figure{margin:1em 0;overflow-x:auto}img{max-width:100%;height:auto}
 figcaption{font-size:.9em;color:#444}
-.maps{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}.maps figure{flex:0 1 32%;margin:0}
+.scroll{overflow-x:auto;max-width:100%}.scroll table{margin:0}
+details{margin:.6em 0}summary{cursor:pointer;color:#0b5394}
+.maps{display:flex;flex-wrap:wrap;gap:1em 2em;align-items:flex-start}.maps figure{margin:0;max-width:100%}
+@media (max-width:600px){body{margin:1em auto;padding:0 .5em}}
 """
 
 
@@ -146,12 +192,18 @@ def title_of(groups: Sequence[Group]) -> str:
     return f"{r.get('dataset')} {r.get('task')} ({'overlapped' if r.get('overlap') else 'disjoint'})"
 
 
-def write_report(paths: Sequence[str | Path], out: str | Path) -> dict[str, Path]:
-    """Compare the runs of ``paths`` and write the report into ``out``; return the files written."""
+def write_report(paths: Sequence[str | Path], out: str | Path, *,
+                 skipped: list[tuple[Path, str]] | None = None) -> dict[str, Path]:
+    """Compare the runs of ``paths`` and write the report into ``out``; return the files written.
+
+    ``skipped``: leave out the runs that cannot be read and append ``(run, why)`` there (``--skip-bad``);
+    the report lists them too.  Without it such a run is refused.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise IlsegError(f"--out {out} is a file; give a folder for the report")
-    groups = collect(paths)
+    groups = collect(paths, skipped=skipped)
+    left_out = [f"{path}: {why}" for path, why in skipped or []]
     out.mkdir(parents=True, exist_ok=True)
     title = f"ilseg report: {title_of(groups)}"
     n_runs = sum(len(g.runs) for g in groups)
@@ -162,6 +214,8 @@ def write_report(paths: Sequence[str | Path], out: str | Path) -> dict[str, Path
     shots = previews(groups, out)
 
     md = [f"# {title}", "", made, "", *[f"- {line}" for line in runs_list], ""]
+    if left_out:
+        md += ["Left out (--skip-bad), as they could not be read:", "", *[f"- {line}" for line in left_out], ""]
     md += [t.markdown() for t in tabs]
     md += ["## Figures", ""] + [f"![{cap}]({p.relative_to(out).as_posix()})\n\n*{cap}*\n" for cap, p in figs]
     if shots:
@@ -171,16 +225,21 @@ def write_report(paths: Sequence[str | Path], out: str | Path) -> dict[str, Path
 
     body = [f"<h1>{html.escape(title)}</h1><p class=note>{html.escape(made)}</p><ul>"
             + "".join(f"<li>{html.escape(line)}</li>" for line in runs_list) + "</ul>"]
+    if left_out:
+        body.append("<p class=note>Left out (--skip-bad), as they could not be read:</p><ul>"
+                    + "".join(f"<li>{html.escape(line)}</li>" for line in left_out) + "</ul>")
     body += [tabs[0].html(), "<h2>Figures</h2>"]
-    body += [f"<figure>{_img(p)}<figcaption>{html.escape(cap)}</figcaption></figure>" for cap, p in figs[:2]]
-    body.append("<div class=maps>" + "".join(f"<figure>{_img(p)}<figcaption>{html.escape(cap)}</figcaption></figure>"
-                                             for cap, p in figs[2:]) + "</div>")
+    print_size = 130 / plots.DPI  # 130 CSS pixels per inch of figure: 7 pt text at about 12 px
+    body += [f"<figure>{_img(p, print_size)}<figcaption>{html.escape(cap)}</figcaption></figure>"
+             for cap, p in figs[:2]]
+    body.append("<div class=maps>" + "".join(f"<figure>{_img(p, print_size)}<figcaption>{html.escape(cap)}"
+                                             "</figcaption></figure>" for cap, p in figs[2:]) + "</div>")
     body += [t.html() for t in tabs[1:]]
     if shots:
         body.append("<h2>Predictions on fixed test images</h2>")
         body += [f"<figure>{_img(p)}<figcaption>{html.escape(cap)}</figcaption></figure>" for cap, p in shots]
     page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")
+            f"<meta name=viewport content=\"width=device-width, initial-scale=1\"><style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")
     atomic_write_text(out / "report.html", page)
 
     record: dict[str, Any] = {"title": title, "created": made, "dataset": groups[0].runs[0].results.get("dataset"),
@@ -188,6 +247,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path) -> dict[str, Path
                               "overlap": groups[0].runs[0].results.get("overlap"),
                               "units": "fractions (0..1); the pages show percent",
                               "groups": [g.to_dict() for g in groups],
-                              "figures": [p.relative_to(out).as_posix() for _, p in figs + shots]}
+                              "figures": [p.relative_to(out).as_posix() for _, p in figs + shots],
+                              "left_out": [{"run": str(path), "why": why} for path, why in skipped or []]}
     atomic_write_text(out / "report.json", json.dumps(record, indent=2) + "\n")
     return {"markdown": out / "report.md", "html": out / "report.html", "json": out / "report.json"}

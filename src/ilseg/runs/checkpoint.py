@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ilseg.errors import IlsegError
-from ilseg.fileio import atomic_write_bytes, load_failure
+from ilseg.errors import IlsegError, plural
+from ilseg.fileio import atomic_write_bytes, load_failure, quiet_pickle_warnings
 
 FORMAT_VERSION = 2  # 2: identity lists every setting that shaped the weights
 
@@ -31,13 +31,17 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
 def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
     path = Path(path)
+    if path.is_dir():
+        raise IlsegError(f"checkpoint {path} is a folder; give a checkpoint file (a run's stepN.pth), or the run "
+                         "folder as --run")
     if not path.is_file():
         raise IlsegError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with quiet_pickle_warnings():
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt, truncated, or not a torch file
         raise IlsegError(
-            f"checkpoint {path} cannot be read ({load_failure(exc)}); it is corrupt or not an ilseg "
+            f"checkpoint {path} cannot be read ({load_failure(exc, path)}); it is corrupt or not an ilseg "
             "checkpoint: delete it and train that step again"
         ) from None
     if not isinstance(state, dict) or "model" not in state or "format_version" not in state:
@@ -64,7 +68,7 @@ def check_compatible(state: Mapping[str, Any], expected: Mapping[str, Any], path
         hint = (f" (it was written by an older ilseg, checkpoint format {state.get('format_version')}, that recorded "
                 f"fewer settings: train that step again with this version)") if older else ""
         raise IlsegError(
-            f"checkpoint {path} belongs to another run ({len(diffs)} difference(s)): " + "; ".join(diffs)
+            f"checkpoint {path} belongs to another run ({plural(len(diffs), 'difference')}): " + "; ".join(diffs)
             + f". Use a checkpoint trained with the same settings, or change this run's config to match{hint}"
         )
 
@@ -133,6 +137,7 @@ def training_state(
     confusion_matrix: list[list[int]] | None = None,
     partial: Mapping[str, Any] | None = None,
     method_state: Mapping[str, Any] | None = None,
+    method_kind: str | None = None,
     evaluations: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The one checkpoint layout, for ``last.pth`` (no metrics) and ``step{t}.pth`` (with them).
@@ -154,6 +159,7 @@ def training_state(
         state["partial"] = dict(partial)
     if method_state:
         state["method_state"] = dict(method_state)
+        state["method_kind"] = method_kind  # whose state it is: another method starting from it ignores it
     if evaluations:  # eval.every's scores so far in this step (last.pth)
         state["evaluations"] = [dict(e) for e in evaluations]
     if metrics is not None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
+import shlex
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -34,6 +36,7 @@ from ilseg.config import (
     LATER_STEPS,
     MODEL,
     TRAINING,
+    ConfigFileError,
     RunConfig,
     config_from_dict,
     dump_config,
@@ -43,7 +46,7 @@ from ilseg.config import (
 )
 from ilseg.runs.checkpoint import check_compatible, load_checkpoint
 from ilseg.errors import IlsegError, WriteError
-from ilseg.fileio import atomic_write_text, write_failure
+from ilseg.fileio import atomic_write_text, check_output_folder, is_ilseg_temporary, write_failure
 from ilseg.methods import Method, build_method
 from ilseg.models import IncrementalSegmenter, build_segmenter
 from ilseg.tasks import Task
@@ -52,6 +55,24 @@ CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "config-history.json"
 LAST_CHECKPOINT = "last.pth"
 LOCK_FILE = ".lock"
+TENSORBOARD_DIR = "tensorboard"
+PREVIEW_DIR = "preview"
+# The files ilseg writes at the top of a run folder (the lock aside); nothing else there is ilseg's.
+_RUN_FILE = re.compile(r"^(step\d+\.pth|last\.pth|config\.yaml|config-history\.json|results\.(json|csv|md)"
+                       r"|train\.log|metrics\.jsonl|iou-step\d+\.md)$")
+_PREVIEW_FILE = re.compile(r"^step\d+\.png$")
+_TENSORBOARD_FILE = re.compile(r"^events\.out\.tfevents\.")
+_OLD_STEP_COPY = re.compile(r"^\.step\d+\.pth\.copy$")  # adopt_step0's temporary before ilseg used its prefix
+
+
+def is_run_file(name: str) -> bool:
+    """Whether ilseg writes a file called ``name`` at the top of a run folder.
+
+    >>> is_run_file("step2.pth"), is_run_file("results.md"), is_run_file("notes.txt")
+    (True, True, False)
+    """
+    return _RUN_FILE.match(name) is not None
+
 
 def step_checkpoint(run_dir: Path, step: int) -> Path:
     """``RUN_DIR/step{step}.pth``: the final model of ``step``."""
@@ -79,6 +100,11 @@ def last_finished_step(run_dir: Path) -> int:
 def read_run_config(run_dir: Path, overrides: Sequence[str] = (), *, step: int | None = None) -> RunConfig:
     """The config saved in ``run_dir`` (the one step ``step`` was trained with), with ``--set`` overrides."""
     path = Path(run_dir) / CONFIG_FILE
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise IlsegError(f"run folder {run_dir} is a file; give the run's folder (the one holding {CONFIG_FILE})")
+    if path.is_dir():
+        raise IlsegError(f"{path} is a folder, where a run keeps its config file; move that folder away, then "
+                         f"restore the file: {restore_hint(Path(run_dir))}")
     if not path.is_file():
         what = "does not exist" if not Path(run_dir).exists() else f"has no {CONFIG_FILE}, so it is not an ilseg run folder"
         raise IlsegError(f"run folder {run_dir} {what}")
@@ -86,7 +112,100 @@ def read_run_config(run_dir: Path, overrides: Sequence[str] = (), *, step: int |
         for from_step, data in reversed(read_history(run_dir)):
             if from_step <= step:
                 return load_config_dict(data, overrides)
-    return load_config(path, overrides)
+    return saved_config(run_dir, overrides)
+
+
+def saved_config(run_dir: Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """``RUN_DIR/config.yaml`` with ``--set`` overrides.
+
+    A damaged file (empty, not text, not YAML) is refused, saying how to
+    restore it: a run never takes the default settings in place of its own.
+    """
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        return load_config(path, overrides)
+    except ConfigFileError as exc:
+        if exc.path != path:
+            raise
+        raise IlsegError(f"{path} {exc.reason}: it is this run's config, and a run never takes the default settings "
+                         f"in place of its own; {restore_hint(Path(run_dir))}") from None
+
+
+def config_backup(run_dir: Path) -> tuple[RunConfig, Path] | None:
+    """The run's config as ``config-history.json`` (its last entry) or, without a history, a checkpoint records it.
+
+    Every settings change on resume is written to the history and to
+    ``config.yaml`` together, so the history's last entry is ``config.yaml``;
+    without a history the settings never changed, and every checkpoint of the
+    run records them.  ``None`` if neither holds a valid config.
+    """
+    run_dir = Path(run_dir)
+    try:
+        history = read_history(run_dir)
+    except IlsegError:
+        history = []
+    if history:
+        try:
+            return config_from_dict(history[-1][1]), run_dir / HISTORY_FILE
+        except IlsegError:
+            pass
+    if (run_dir / HISTORY_FILE).exists():
+        return None  # the settings changed at some point: a checkpoint may record older ones
+    for path in [*(step_checkpoint(run_dir, t) for t in reversed(finished_steps(run_dir))), last_checkpoint(run_dir)]:
+        recorded = read_checkpoint_entry(path, "config") if path.is_file() else None
+        if isinstance(recorded, dict):
+            try:
+                return config_from_dict(recorded), path
+            except IlsegError:
+                continue
+    return None
+
+
+def restore_hint(run_dir: Path) -> str:
+    """How to get a damaged or missing ``config.yaml`` back: the command, when the run holds a copy."""
+    backup = config_backup(run_dir)
+    if backup is None:
+        return (f"restore it from a backup, or start the run again with 'ilseg train --config FILE --out "
+                f"{shlex.quote(str(run_dir))} --overwrite'")
+    return f"restore it from {backup[1]} with: ilseg config restore {shlex.quote(str(run_dir))}"
+
+
+def restore_config(run_dir: Path) -> tuple[Path, Path | None]:
+    """Write ``RUN_DIR/config.yaml`` again from the run's own copy (:func:`config_backup`).
+
+    Refused when the file is readable, or a folder.  A damaged file that is
+    not empty is kept as ``config.yaml.damaged`` (``.damaged-2`` ... if taken).
+    Returns the source and where the damaged file was kept (or ``None``).
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if not run_dir.is_dir():
+        raise IlsegError(f"run folder {run_dir} does not exist" if not run_dir.exists() else
+                         f"{run_dir} is a file; give a run folder")
+    if path.is_dir():
+        raise IlsegError(f"{path} is a folder, not the run's config file; move it away, then run this again")
+    if path.is_file():
+        try:
+            load_config(path)
+        except ConfigFileError:
+            pass
+        else:
+            raise IlsegError(f"{path} is readable: there is nothing to restore (see it with: ilseg config show {path})")
+    backup = config_backup(run_dir)
+    if backup is None:
+        raise IlsegError(f"{run_dir} holds no copy of its config (no readable {HISTORY_FILE}, no checkpoint that "
+                         "records it); restore config.yaml from a backup, or start the run again with --overwrite")
+    cfg, source = backup
+    with RunLock(run_dir):
+        kept = None
+        if path.is_file() and path.stat().st_size > 0:
+            kept = path.with_name(f"{CONFIG_FILE}.damaged")
+            number = 2
+            while kept.exists():
+                kept, number = path.with_name(f"{CONFIG_FILE}.damaged-{number}"), number + 1
+            os.link(path, kept)  # a second name for it: the damaged file is never lost, even if the write fails
+        atomic_write_text(path, dump_config(cfg))
+    return source, kept
 
 
 def resume_changes(old: RunConfig, new: RunConfig) -> list[str]:
@@ -165,12 +284,11 @@ def check_run_dir(cfg: RunConfig, run_dir: Path, todo: range, *, resume: bool, o
     if not saved.is_file():
         if resume:
             raise IlsegError(f"--resume {run_dir}: no {CONFIG_FILE} there, so it is not an ilseg run folder")
-        if run_dir.exists() and any(p for p in run_dir.iterdir() if not p.name.startswith(".")):
-            raise IlsegError(f"--out {run_dir} exists and is not an ilseg run folder; choose a new or empty folder")
+        check_output_folder(run_dir, option="--out", what="an ilseg run folder", ours=lambda entry: False)
         return
-    if overwrite:
+    if overwrite or nothing_trained(run_dir):  # nothing trained there yet: nothing to lose or redo
         return
-    old = load_config(saved)
+    old = saved_config(run_dir)
     if old.hash() != cfg.hash() and not resume:
         diff = config_differences(old, cfg)
         raise IlsegError(
@@ -186,43 +304,96 @@ def check_run_dir(cfg: RunConfig, run_dir: Path, todo: range, *, resume: bool, o
         begun.append(last)
     if begun:
         raise IlsegError(
-            f"{run_dir} already holds step(s) {', '.join(map(str, sorted(begun)))} of this run; continue it with "
+            f"{run_dir} already holds {'step' if len(begun) == 1 else 'steps'} {', '.join(map(str, sorted(begun)))} of this run; continue it with "
             f"'ilseg train --resume {run_dir}', choose a new --out, or pass --overwrite to train it again from scratch"
         )
 
 
-def create_run_dir(cfg: RunConfig, run_dir: Path, *, overwrite: bool) -> None:
+def nothing_trained(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds no trained weights: no ``step{t}.pth`` and no ``last.pth``.
+
+    The run stopped before its first save (a wrong path or setting, a loss
+    that diverged in the first epoch), so the folder may start again with
+    another config without ``--overwrite``: nothing would be lost.
+    """
+    return not last_checkpoint(run_dir).exists() and not finished_steps(run_dir)
+
+
+def create_run_dir(cfg: RunConfig, run_dir: Path, *, overwrite: bool) -> tuple[list[Path], list[str]]:
     """Make ``run_dir`` and write its ``config.yaml``; ``overwrite`` first removes the run's files.
 
     Call with the run folder locked (:class:`RunLock`).  ``--overwrite``
-    removes every checkpoint, the results and the logs of the old run (never
-    other files), then writes this config.
+    removes what the old run wrote (:func:`run_files`: checkpoints, results,
+    logs, previews, TensorBoard events), never other files, then writes this
+    config.  Returns the files removed and the names of the entries kept
+    (what ilseg did not write; the lock aside).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = run_dir / CONFIG_FILE
+    removed: list[Path] = []
+    again = saved.is_file() and not overwrite and nothing_trained(run_dir)
+    if again:  # a run that stopped before its first save starts again, with this config: its logs stay
+        removed = [p for p in (run_dir / "results.json", run_dir / "results.csv", run_dir / "results.md",
+                               run_dir / HISTORY_FILE) if p.is_file()]
+        for path in removed:
+            path.unlink()
+        atomic_write_text(saved, dump_config(cfg))
     if overwrite and saved.is_file():
-        for path in run_files(run_dir):
+        removed = run_files(run_dir)
+        for path in removed:
             path.unlink(missing_ok=True)
+        for folder in (run_dir / PREVIEW_DIR, run_dir / TENSORBOARD_DIR):
+            if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+                folder.rmdir()  # emptied of ilseg's files: nothing else was in it
     if overwrite or not saved.is_file():
         atomic_write_text(saved, dump_config(cfg))
+    kept = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir()
+                  if p.name not in (CONFIG_FILE, LOCK_FILE)) if overwrite else []
+    return removed, kept
 
 
 def run_files(run_dir: Path) -> list[Path]:
-    """What a run writes (checkpoints, results, logs, config history, previews), for ``--overwrite``."""
-    names = ["last.pth", "results.json", "results.csv", "results.md", "train.log", "metrics.jsonl", HISTORY_FILE]
-    previews = [p for p in (run_dir / "preview").glob("step*.png") if p.stem[4:].isdigit()]
-    return [p for p in run_dir.glob("step*.pth") if p.stem[4:].isdigit()] + [run_dir / n for n in names] + previews
+    """What a run writes, for ``--overwrite``: the files of :func:`is_run_file` but ``config.yaml``,
+    ``preview/step{t}.png`` and the TensorBoard event files in ``tensorboard/``."""
+    run_dir = Path(run_dir)
+    top = [p for p in run_dir.iterdir() if is_run_file(p.name) and p.name != CONFIG_FILE] if run_dir.is_dir() else []
+    inside = [p for folder, pattern in ((PREVIEW_DIR, _PREVIEW_FILE), (TENSORBOARD_DIR, _TENSORBOARD_FILE))
+              if (run_dir / folder).is_dir() for p in (run_dir / folder).iterdir() if pattern.match(p.name)]
+    return [p for p in sorted(top) + sorted(inside) if p.is_file() or p.is_symlink()]  # a folder so named is not ours
 
 
-def remove_temporaries(run_dir: Path) -> list[Path]:
-    """Delete half-written files a killed process left (``.NAME.XXXX.tmp``, ``.stepT.pth.copy``).
+def is_run_temporary(name: str) -> bool:
+    """Whether ``name`` is a temporary file of ilseg's in a run folder (or its ``preview/``).
 
-    Call with the run folder locked, so no live writer owns them.
+    ``.ilseg-tmp-...`` (every atomic write), and the names ilseg used before,
+    recognised only for the files ilseg writes there (``.last.pth.1a2b.tmp``,
+    ``.step0.pth.copy``); a user's ``.notes.tmp`` is never one.
     """
-    leftovers = [p for p in run_dir.glob(".*") if p.is_file() and (p.name.endswith(".tmp") or p.name.endswith(".copy"))]
-    for path in leftovers:
-        path.unlink(missing_ok=True)
-    return leftovers
+    return (is_ilseg_temporary(name, lambda target: is_run_file(target) or _PREVIEW_FILE.match(target) is not None)
+            or _OLD_STEP_COPY.match(name) is not None)
+
+
+def remove_temporaries(run_dir: Path) -> tuple[list[Path], list[str]]:
+    """Delete the half-written files a killed process left (:func:`is_run_temporary`), and nothing else.
+
+    Call with the run folder locked, so no live writer owns them.  Returns
+    the files removed, and the names of the files that look like temporary
+    files (``*.tmp``, ``*.copy``) but are not ilseg's, which are kept.
+    """
+    removed: list[Path] = []
+    kept: list[str] = []
+    for folder in (run_dir, run_dir / PREVIEW_DIR):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if not path.name.startswith(".") or not path.is_file():
+                continue
+            if is_run_temporary(path.name):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+            elif path.name.endswith((".tmp", ".copy")):
+                kept.append(str(path.relative_to(run_dir)))
+    return removed, kept
 
 
 class RunLock:
@@ -252,6 +423,10 @@ class RunLock:
 
     def acquire(self) -> None:
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if self.path.is_dir() or (self.path.exists() and not self.path.is_file()):
+            what = "a folder" if self.path.is_dir() else "not a regular file"
+            raise IlsegError(f"{self.path} is {what}, where ilseg keeps the lock file of the run folder (ilseg never "
+                             "makes it so); move it out of the folder, then run the command again")
         for _ in range(100):
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -295,6 +470,35 @@ class RunLock:
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
+
+
+def log_final_line(run_dir: Path, line: str) -> bool:
+    """Append ``line`` (the command's last, error or stop, line) to ``RUN_DIR/train.log``; return whether it was.
+
+    Only in an ilseg run folder (one with ``config.yaml``: never a user's
+    folder the command refused) and only while no other process holds the
+    run's lock (its log is its own).  A batch job's user reads the log, not
+    the terminal.  Failing to write is not reported: the line is on stderr.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        return False
+    lock = run_dir / LOCK_FILE
+    try:
+        fd = os.open(lock, os.O_RDONLY) if lock.is_file() else None
+    except OSError:
+        return False
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # held by a live run: BlockingIOError
+        with open(run_dir / "train.log", "a", encoding="utf-8") as log:
+            log.write(f"[{time.strftime('%H:%M:%S')}] {line}\n")
+        return True
+    except OSError:
+        return False
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _last_step(run_dir: Path) -> int | None:
@@ -390,6 +594,7 @@ def model_from_config(cfg: RunConfig, classes_per_step: Sequence[int], *, pretra
     return build_segmenter(backbone=m.backbone, output_stride=m.output_stride, head_channels=m.head_channels,
                            backbone_width=m.width, classes_per_step=classes_per_step,
                            pretrained=m.pretrained if pretrained else None, head=m.head, frozen_bn=m.frozen_bn,
+                           frozen_bn_affine=m.frozen_bn_affine,
                            stride_on=m.stride_on, activation=m.activation)
 
 

@@ -97,7 +97,7 @@ def read_results(run_dir: Path) -> dict[str, Any] | None:
     path = Path(run_dir) / "results.json"
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):  # missing, a folder, not JSON, not UTF-8
+    except (OSError, ValueError, RecursionError):  # missing, a folder, not JSON, not UTF-8, nested without end
         return None
     steps = data.get("steps") if isinstance(data, dict) else None
     if not isinstance(steps, list) or not all(isinstance(s, dict) and isinstance(s.get("step"), int) for s in steps):

@@ -94,7 +94,7 @@ def panel_figure(rows: Sequence[Sequence[Column]], class_names: Sequence[str], *
     width = 2 * MARGIN + num_columns * panel_width + (num_columns - 1) * GAP
     grid_height = MARGIN + sum(TITLE_BAND + h for h in heights) + (LEGEND_GAP if present else 0)
 
-    figure = Figure(figsize=(width / DPI, (grid_height + MARGIN) / DPI), dpi=DPI, facecolor="white")
+    figure = Figure(figsize=(_inches(width), _inches(grid_height + MARGIN)), dpi=DPI, facecolor="white")
     FigureCanvasAgg(figure)
     panels: list[tuple[Axes, int]] = []
     for row, height in zip(rows, heights):
@@ -109,9 +109,19 @@ def panel_figure(rows: Sequence[Sequence[Column]], class_names: Sequence[str], *
             panels.append((ax, height))
     legend_height = _add_legend(figure, present, class_names, width) if present else 0
     total = grid_height + legend_height + MARGIN
-    figure.set_size_inches(width / DPI, total / DPI)
+    figure.set_size_inches(_inches(width), _inches(total))
     _place(figure, panels, num_columns, panel_width, total, grid_height)
     return figure
+
+
+def _inches(pixels: int) -> float:
+    """A figure size that renders at exactly ``pixels`` PNG pixels.
+
+    ``pixels / DPI`` times ``DPI`` can come out a hair below ``pixels`` (812 / 100 * 100 is
+    811.99...), and matplotlib before 3.11 truncates the canvas size to whole pixels, one pixel
+    short; a millionth of a pixel more truncates to ``pixels`` in every version.
+    """
+    return (pixels + 1e-6) / DPI
 
 
 def figure_png(figure: Figure) -> bytes:

@@ -96,13 +96,11 @@ def predict_images(runs: str | Path | Sequence[str | Path], images: Sequence[str
         rgb = read_image(path, fix=PHOTO_FIX)
         if path in truth:
             read_truth(truth[path], path, rgb.shape[:2], len(class_names))
-    models = [column_model(column, device) for column in columns]
-    transform = eval_transform(None, crop=False)
+    predictions = predict_columns(columns, photos, device)
     written = []
     for path in photos:
         rgb = read_image(path, fix=PHOTO_FIX)
-        x, _ = transform(rgb, np.zeros(rgb.shape[:2], dtype=np.uint8))
-        shown = [(column.title, predict_one(model, to_ids, x)) for column, (model, to_ids) in zip(columns, models)]
+        shown = [(column.title, mask) for column, mask in zip(columns, predictions[path])]
         if len(shown) == 1:
             written += write_mask_and_overlay(out_dir / path.stem, rgb, shown[0][1])
         if path in truth or len(shown) > 1 or panel:
@@ -112,6 +110,30 @@ def predict_images(runs: str | Path | Sequence[str | Path], images: Sequence[str
             render_panels(rgb, shown, class_names, panel_path)
             written.append(panel_path)
     return written
+
+
+def predict_columns(columns: Sequence[PredictionColumn], photos: Sequence[Path],
+                    device: str | None) -> dict[Path, list[np.ndarray]]:
+    """``{photo: [its mask of dataset class ids, one per column]}``.
+
+    One model is in memory at a time (``--steps all`` of a long run would
+    otherwise hold every step's model at once): loaded, run on every photo,
+    freed; each photo is decoded again for each model.  Every checkpoint is
+    loaded here, before anything is written.
+    """
+    transform = eval_transform(None, crop=False)
+    predictions: dict[Path, list[np.ndarray]] = {path: [] for path in photos}
+    for column in columns:
+        model, to_ids = column_model(column, device)
+        for path in photos:
+            rgb = read_image(path, fix=PHOTO_FIX)
+            x, _ = transform(rgb, np.zeros(rgb.shape[:2], dtype=np.uint8))
+            predictions[path].append(predict_one(model, to_ids, x))
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        del model
+        if on_gpu:
+            torch.cuda.empty_cache()
+    return predictions
 
 
 def checked_photos(images: Sequence[str | Path], out_dir: Path) -> list[Path]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ilseg.config import RunConfig
 from ilseg.data.datasets import SegmentationDataset
-from ilseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ilseg.data.transforms import denormalize
 from ilseg.fileio import atomic_write_bytes
 from ilseg.placement import Placement
 from ilseg.tasks import IGNORE_INDEX, Task
@@ -65,7 +65,7 @@ def write_preview(cfg: RunConfig, task: Task, model: nn.Module, step: int, run_d
             with placement.autocast():
                 logits = model(placement.images(x.unsqueeze(0)))["logits"]
             prediction = logits.argmax(1)[0].cpu().numpy()
-            rows.append([("image", to_uint8_image(x)), (f"ground truth (step {step})", to_dataset_ids[target.numpy()]),
+            rows.append([("image", to_uint8_image(x, cfg.data.normalize)), (f"ground truth (step {step})", to_dataset_ids[target.numpy()]),
                          (title, to_dataset_ids[prediction])])
     if not rows:
         return None
@@ -88,11 +88,9 @@ def channel_to_dataset_ids(task: Task, step: int) -> np.ndarray:
     return table
 
 
-def to_uint8_image(x: torch.Tensor) -> np.ndarray:
-    """An ImageNet-normalised ``3xHxW`` float image back to ``HxWx3`` ``uint8`` RGB."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    rgb = (x.float().cpu() * std + mean).clamp(0, 1) * 255
+def to_uint8_image(x: torch.Tensor, normalize: str = "imagenet") -> np.ndarray:
+    """A normalised ``3xHxW`` float image (``data.normalize``) back to ``HxWx3`` ``uint8`` RGB."""
+    rgb = denormalize(x.float().cpu(), normalize) * 255
     return rgb.round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 

@@ -1,0 +1,64 @@
+"""One colour and one marker per method, the same in every figure: reports, the README's, predict panels.
+
+The built-in method presets have fixed entries (:data:`METHOD_STYLES`), from
+the Okabe-Ito set, which stays distinguishable for the common colour-vision
+deficiencies, plus grey; the six the README's figures show (fine-tuning,
+ILT, ILT-kd-out, joint, MiB, PLOP) have six different colours.  Any other
+method name gets a stable pick from its name's hash (:func:`method_style`),
+so it also keeps its look from one report to the next, whatever the order
+in which runs are given.
+
+    >>> method_style("ilt")
+    MethodStyle(colour='#E69F00', marker='s', dashes='-')
+    >>> method_style("my-method") == method_style("my-method")
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import NamedTuple
+
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
+GREY = "#999999"
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "p")
+
+
+class MethodStyle(NamedTuple):
+    """How a method is drawn: line and bar colour, line marker, line style (matplotlib's names)."""
+
+    colour: str
+    marker: str
+    dashes: str  # "-" solid; joint training, the upper bound, is drawn "--"
+
+
+METHOD_STYLES: dict[str, MethodStyle] = {
+    "finetune": MethodStyle("#0072B2", "o", "-"),
+    "ilt": MethodStyle("#E69F00", "s", "-"),
+    "ilt-kd-out": MethodStyle("#009E73", "^", "-"),
+    "joint": MethodStyle("#D55E00", "D", "--"),
+    "mib": MethodStyle("#CC79A7", "v", "-"),
+    "plop": MethodStyle("#56B4E9", "P", "-"),
+    "ilt-kd-feat": MethodStyle("#000000", "X", "-"),
+    "ilt-kd-out-feat": MethodStyle(GREY, "*", "-"),
+    "ilt-ef": MethodStyle("#F0E442", "h", "-"),
+    "ilt-ef-kd-out": MethodStyle("#E69F00", "p", "-."),  # ILT's colour, another marker and line style
+}
+
+
+def method_style(method: str) -> MethodStyle:
+    """The style of ``method`` (a method preset name, ``results.json``'s ``"method"``).
+
+    A name outside :data:`METHOD_STYLES` gets a colour and a marker chosen
+    by a hash of the name: stable across runs, reports and Python versions
+    (not Python's randomised ``hash``).
+    """
+    if method in METHOD_STYLES:
+        return METHOD_STYLES[method]
+    digest = int.from_bytes(hashlib.sha256(method.encode()).digest()[:8], "big")
+    colours = (*OKABE_ITO, GREY)
+    return MethodStyle(colours[digest % len(colours)], MARKERS[(digest // len(colours)) % len(MARKERS)], "-")
+
+
+# Line styles for a second, third, ... experiment of one method in one report (same colour and marker).
+REPEAT_DASHES = (":", "-.")
