@@ -262,8 +262,8 @@ def test_check_catches_overlap_of_train_and_val(download):
     report = _check(voc)
     overlap = _finding(report, "overlap")
     assert not overlap.ok and overlap.details == ["2007_100002", "2007_100003"]
-    assert overlap.summary.startswith("2 id(s) are in both the train and the val list")
-    assert any("2 validation id(s) are in the training list" in h for h in report.hints)
+    assert overlap.summary.startswith("2 ids are in both the train and the val list")
+    assert any("2 validation ids are in the training list" in h for h in report.hints)
 
 
 def test_check_catches_label_30_in_a_validation_mask(download, capsys):
@@ -276,7 +276,7 @@ def test_check_catches_label_30_in_a_validation_mask(download, capsys):
     assert labels.details == [f"val: {_aug(voc, '2007_100003')} has 30"]
     assert main(["data", "check", "--dataset", "voc", "--root", str(voc), "--ignore-counts", "--quiet"]) == 1
     out = capsys.readouterr().out
-    assert "FAIL  labels   1 mask(s) hold values outside 0..20 and 255 (file: values)" in out
+    assert "FAIL  labels   1 mask holds values outside 0..20 and 255 (file: values)" in out
     assert f"val: {_aug(voc, '2007_100003')} has 30" in out
 
 
@@ -295,7 +295,7 @@ def test_check_catches_missing_mask_and_size_mismatch(download):
         f"train: {_aug(voc, '2008_000006')} is 9x8 but 2008_000006.jpg is 8x8 (WxH)"]
     rows = {row.what: row for row in report.counts}
     assert rows["15-1 disjoint"].found is None  # not computed on an incomplete training set
-    assert any("1 training mask(s) are missing or unreadable" in h for h in report.hints)
+    assert any("1 training mask is missing or unreadable" in h for h in report.hints)
 
 
 def test_check_refuses_the_silent_train_txt_fallback(download, capsys, tmp_path):

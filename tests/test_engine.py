@@ -312,7 +312,7 @@ def test_init_from_names_every_step0_difference(finished_run, synth_root, tmp_pa
     message = str(info.value)
     for name in ("data.overlap", "data.crop_size", "runtime.seed", "method.ce_reduction", "model.width"):
         assert name in message, name
-    assert "5 difference(s)" in message
+    assert "5 differences" in message
     # what acts only from step 1 on (method, later learning rate) or only at test time does not matter
     fine = tiny_config(synth_root, "method.name=ilt-kd-out", "optim.lr_next=0.01", "data.unseen=background")
     res = run_training(fine, tmp_path / "kd-out", init_from=src, quiet=True, steps="0")

@@ -336,7 +336,7 @@ def test_files_and_configs_that_cannot_be_imported_are_refused(what: str, synth_
     elif what == "gap":
         files = [files[0], tool_file(tmp_path, "mib", 2)]
         save_tool_checkpoint(files[1], "mib", 2, seed=8)
-        expected = "no file for step(s) 1"
+        expected = "no file for step 1"
     elif what == "other-task":
         files = [files[0].rename(tmp_path / "6-4-synth_MIB_0.pth")]
         expected = "task 6-4 (step sizes [7, 4]"
@@ -402,7 +402,7 @@ def test_imported_run_evaluates_predicts_and_resumes(synth_root: Path, tmp_path:
         save_tool_checkpoint(f, "mib", t, seed=30 + t)
     run = tmp_path / "run"
     assert main(["import", "--format", "mib", *map(str, files), "--out", str(run), *cli_config_args(synth_root)]) == 0
-    assert "imported 2 step(s) of mib" in capsys.readouterr().out
+    assert "imported 2 steps of mib" in capsys.readouterr().out
     assert main(["eval", "--run", str(run), "--step", "1", "--json"]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert scores["step"] == 1 and scores["classes_seen"] == 9 and 0 <= scores["miou_all"] <= 1

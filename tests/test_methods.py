@@ -178,7 +178,7 @@ def test_a_field_of_another_method_is_refused_naming_it():
                          ("ilt", {"unbiased_ce": True}), ("mib", {"kd": "ilt_output"}), ("plop", {"kd_weight": 5}),
                          ("mib", {"joint": True})):
         field = next(iter(fields))
-        with pytest.raises(IlsegError, match=rf"unknown field\(s\) '{field}' of method '{name}'"):
+        with pytest.raises(IlsegError, match=rf"unknown fields? '{field}' of method '{name}'"):
             method_config(name, fields)
         with pytest.raises(TypeError, match=field):
             type(METHOD_PRESETS[name])(name="x", **fields)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -163,13 +165,9 @@ def test_an_imported_run_is_not_a_seed_of_ilsegs_own(runs, tmp_path):
     assert [g.label for g in groups] == ["ilt", "ilt (mib, imported)"]
 
 
-def test_a_run_keeps_its_colour_in_every_figure(runs, tmp_path):
-    """Joint training has no forgetting bars; the runs after it must not take over its colour there."""
-    from ilseg.reports import plots
-
-    joint = make_run(tmp_path / "joint", "joint", 0, (0.7, 0.6), (0.9, 0.9), steps=1)
-    groups = collect([joint, runs[3], runs[0]])  # joint, finetune, ilt: colours 0, 1, 2
-    drawn = []
+def _drawn_axes(monkeypatch, plots) -> list:
+    """The axes every figure of ``plots`` draws from now on (Figure.subplots recorded)."""
+    drawn: list = []
     original = plots.Figure.subplots
 
     def spy(self, *args, **kwargs):
@@ -177,11 +175,127 @@ def test_a_run_keeps_its_colour_in_every_figure(runs, tmp_path):
         drawn.append(axes)
         return axes
 
-    plots.Figure.subplots = spy
-    try:
-        plots.forgetting_bars(groups, tmp_path / "f.png")
-    finally:
-        plots.Figure.subplots = original
-    bars = {c.get_label(): c.patches[0].get_facecolor() for c in drawn[0].containers}
+    monkeypatch.setattr(plots.Figure, "subplots", spy)
+    return drawn
+
+
+def test_a_method_keeps_its_colour_and_marker_whatever_the_order_of_the_runs(runs, tmp_path, monkeypatch):
+    """Colours follow the method (a fixed table for the presets, a stable hash for others), not the order of
+    the arguments; joint training has no forgetting bars and takes no colour from the others there."""
     from matplotlib.colors import to_rgba
-    assert bars["finetune"] == to_rgba(plots.colour(1)) and bars["ilt"] == to_rgba(plots.colour(2))
+
+    from ilseg.reports import plots
+    from ilseg.visual.style import METHOD_STYLES, method_style
+
+    joint = make_run(tmp_path / "joint", "joint", 0, (0.7, 0.6), (0.9, 0.9), steps=1)
+    mine = make_run(tmp_path / "mine", "mib", 0, (0.5, 0.5), (0.6, 0.3))  # a method of another name, as
+    results = json.loads((mine / "results.json").read_text())  # a registered method of one's own writes it
+    (mine / "results.json").write_text(json.dumps(results | {"method": "my-method"}))
+    seen = {}
+    for order in ([joint, runs[3], runs[0], mine], [mine, runs[0], runs[3], joint]):
+        drawn = _drawn_axes(monkeypatch, plots)
+        groups = collect(order)
+        plots.miou_by_step(groups, tmp_path / "m.png")
+        plots.forgetting_bars(groups, tmp_path / "f.png")
+        lines = {line.get_label().split(" (")[0].split(",")[0]: (line.get_color(), line.get_marker())
+                 for line in drawn[0][0].get_lines()}
+        bars = {c.get_label().split(" (")[0]: c.patches[0].get_facecolor() for c in drawn[1].containers}
+        seen[len(seen)] = (lines, bars)
+        assert lines["finetune"] == (METHOD_STYLES["finetune"].colour, METHOD_STYLES["finetune"].marker)
+        assert lines["ilt"] == (METHOD_STYLES["ilt"].colour, METHOD_STYLES["ilt"].marker)
+        assert lines["joint"][0] == METHOD_STYLES["joint"].colour and "joint" not in bars
+        assert bars["finetune"] == to_rgba(METHOD_STYLES["finetune"].colour)
+        assert bars["my-method"] == to_rgba(method_style("my-method").colour)
+    assert seen[0] == seen[1]
+    # the built-in presets all differ from one another; the six of the README's figures even in colour
+    assert len(set(METHOD_STYLES.values())) == len(METHOD_STYLES)
+    readme = ["finetune", "ilt", "ilt-kd-out", "joint", "mib", "plop"]
+    assert len({METHOD_STYLES[m].colour for m in readme}) == len(readme)
+    from ilseg.methods import METHOD_PRESETS
+    assert set(METHOD_PRESETS) <= set(METHOD_STYLES)
+    assert method_style("my-method") == method_style("my-method") and method_style("x").colour.startswith("#")
+
+
+def test_two_experiments_of_one_method_share_its_colour_with_another_line_style(runs, tmp_path, monkeypatch):
+    from ilseg.reports import plots
+
+    other = make_run(tmp_path / "ilt-lr", "ilt", 0, (0.2, 0.2), (0.6, 0.3))
+    config = (other / "config.yaml").read_text().replace("lr: 0.004", "lr: 0.005")
+    (other / "config.yaml").write_text(config)
+    groups = collect([runs[0], other])
+    assert len(groups) == 2
+    styles = plots.group_styles(groups)
+    first, second = (styles[g.label] for g in groups)
+    assert first.colour == second.colour and first.marker == second.marker and first.dashes != second.dashes
+
+
+def test_heatmaps_at_real_sizes_keep_not_learnt_and_absent_apart(tmp_path):
+    """VOC 15-1 (21 classes x 6 steps): every class a row.  ADE20k 100-5 (151 x 11): the 20 best and 20 worst
+    classes after the last step, every class in classes_<run>.csv beside the report."""
+    from report_runs import make_task_run
+
+    from ilseg.reports import plots
+
+    voc = collect([make_task_run(tmp_path / "voc", "voc-15-1-ov-ilt", "ilt", 0)])[0]
+    classes, iou, not_learnt = plots.class_grid(voc)
+    assert iou.shape == (21, 6) and plots.shown_rows(classes, iou) == (list(range(21)), None)
+    assert not_learnt[classes.index("tvmonitor")].tolist() == [True] * 5 + [False]  # learnt at step 5
+    absent = np.isnan(iou) & ~not_learnt
+    assert absent.any() and not (absent & not_learnt).any()
+
+    out = tmp_path / "ade-report"
+    written = write_report([make_task_run(tmp_path / "ade", "ade-100-5-ov-ilt", "ilt", 0, quality=0.35)], out)
+    ade = collect([tmp_path / "ade"])[0]
+    classes, iou, not_learnt = plots.class_grid(ade)
+    assert iou.shape == (151, 11)
+    rows, gap = plots.shown_rows(classes, iou)
+    assert len(rows) == 40 and gap == 20 and len(set(rows)) == 40
+    final = iou[rows, -1]
+    assert list(final) == sorted(final, reverse=True)  # best first, the worst last
+    assert min(final[:20]) >= np.nanmax(np.delete(iou[:, -1], rows))  # no better class left out at the top
+    table = list(csv.reader((out / "classes_ilt.csv").open()))
+    assert table[0] == ["class", *[f"step {t}" for t in range(11)]] and len(table) == 152
+    row = dict(zip(table[0], next(r for r in table if r[0] == classes[-1])))  # learnt at the last step
+    assert row["step 0"] == "not learnt" and float(row["step 10"]) >= 0
+    assert any("" in r[1:] for r in table[1:])  # absent from the test masks: empty
+    with Image.open(out / "classes_ilt.png") as im:
+        assert im.height < 3000 and im.width < 2000
+    page = written["html"].read_text()
+    assert "every class: classes_ilt.csv" in page and "151 rows: show" in page
+
+
+def test_the_page_reads_on_a_narrow_window(runs, tmp_path):
+    page = write_report(runs, tmp_path / "report")["html"].read_text()
+    assert '<meta name=viewport content="width=device-width, initial-scale=1">' in page
+    assert page.count("<table>") == page.count("<div class=scroll><table>")  # every table scrolls in its box
+    assert ".scroll{overflow-x:auto" in page
+    widths = re.findall(r'<img alt="[^"]*" width="(\d+)" style="min-width:(\d+)px"', page)
+    assert len(widths) == page.count("<img ") and all(int(m) <= 560 for _, m in widths)
+
+
+def test_the_seed_band_is_named_in_the_legend(runs, tmp_path, monkeypatch):
+    from ilseg.reports import plots
+
+    drawn = _drawn_axes(monkeypatch, plots)
+    legends = []
+    original = plots.Figure.legend
+    monkeypatch.setattr(plots.Figure, "legend", lambda self, *a, **k: legends.append(a[1]) or original(self, *a, **k))
+    plots.miou_by_step(collect(runs), tmp_path / "m.png")
+    assert "band: mean ± 1 std over seeds" in legends[0] and drawn
+    legends.clear()
+    plots.miou_by_step(collect([runs[3]]), tmp_path / "one.png")  # one seed: no band, nothing to name
+    assert not any("band" in label for label in legends[0])
+
+
+def test_a_diverged_run_is_refused_with_its_own_advice(runs, tmp_path, capsys):
+    partial = make_run(tmp_path / "nan", "ilt", 5, (0.4, 0.1), (0.6, 0.2), steps=2)
+    results = json.loads((partial / "results.json").read_text())
+    advice = (f"Lower the learning rate and train step 2 again, keeping the finished steps: ilseg train --resume "
+              f"{partial} --set optim.lr_next=0.0004")
+    results["diverged"] = {"step": 2, "epoch": 3, "error": "the training loss became non-finite at step 2",
+                           "advice": advice}
+    (partial / "results.json").write_text(json.dumps(results))
+    assert main(["report", str(runs[0]), str(partial), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "stopped in step 2, epoch 3: the training loss became non-finite" in err
+    assert "--set optim.lr_next=0.0004" in err and f"`ilseg train --resume {partial}`" not in err

@@ -140,9 +140,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(fault, synth_root, scri
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert (out / ".lock").is_file()  # the dead process could not release it
     if fault == "epoch-checkpoint-write":
-        assert list(out.glob(".last.pth.*.tmp"))  # the half-written file it left
+        assert list(out.glob(".ilseg-tmp-last.pth.*.tmp"))  # the half-written file it left
     if fault == "step-checkpoint-write":
-        assert list(out.glob(".step1.pth.*.tmp")) and not (out / "step1.pth").exists()
+        assert list(out.glob(".ilseg-tmp-step1.pth.*.tmp")) and not (out / "step1.pth").exists()
     if fault == "after-step-checkpoint":
         assert (out / "step1.pth").is_file()
         assert [s["step"] for s in json.loads((out / "results.json").read_text())["steps"]] == [0]

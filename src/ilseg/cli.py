@@ -455,9 +455,10 @@ def _add_inspect_commands(sub: argparse._SubParsersAction) -> None:
         "ilseg train --config voc-15-1-ov-ilt --out runs/ilt   # train one"])
     pr.set_defaults(func=cmd_presets)
 
-    c = _command(sub, "config", "look at a run's settings before training", [
+    c = _command(sub, "config", "look at a run's settings before training, or restore a run's config.yaml", [
         "ilseg config show voc-15-1-ov-ilt",
-        "ilseg config show voc-15-1-paper-ilt-kd-out --diff"])
+        "ilseg config show voc-15-1-paper-ilt-kd-out --diff",
+        "ilseg config restore runs/voc-15-1-ilt"])
     csub = c.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     cs = csub.add_parser(
         "show", help="print a preset's or a config file's settings, fully resolved",
@@ -481,7 +482,10 @@ def _add_inspect_commands(sub: argparse._SubParsersAction) -> None:
         description="Write RUN_DIR/config.yaml again from RUN_DIR/config-history.json (its last entry), or, for a\n"
                     "run whose settings never changed, from the config its checkpoints record. Refused when\n"
                     "config.yaml is readable; a damaged one is kept as config.yaml.damaged.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  ilseg config restore runs/voc-15-1-ilt         # config.yaml damaged or deleted\n"
+               "  ilseg train --resume runs/voc-15-1-ilt         # then continue the run")
     cr.add_argument("run", metavar="RUN_DIR", help="the run folder")
     cr.set_defaults(func=cmd_config_restore)
 

@@ -52,6 +52,26 @@ _VOC_PALETTE = _voc_palette()
 _VOC_PALETTE_ARRAY = np.asarray(_VOC_PALETTE, dtype=np.uint8).reshape(256, 3)
 
 
+# Colours that replace VOC's for one dataset, where a class would otherwise be drawn almost as dark as the
+# background: the synthetic set's "star" (class 8) would get VOC's (64, 0, 0), its cat, on black.  VOC's own
+# palette stays VOC's (ADE20k is drawn in it too); the mask files keep VOC's palette whatever the dataset.
+_DATASET_COLOURS: dict[str, dict[int, tuple[int, int, int]]] = {"synth": {8: (255, 160, 0)}}
+
+
+def dataset_colours(dataset: str) -> np.ndarray:
+    """The ``256x3`` ``uint8`` colours that masks of ``dataset`` are drawn in (panels, overlays).
+
+    VOC's colour map, with the changes of :data:`_DATASET_COLOURS`:
+
+    >>> dataset_colours("voc")[8].tolist(), dataset_colours("synth")[8].tolist()
+    ([64, 0, 0], [255, 160, 0])
+    """
+    colours = _VOC_PALETTE_ARRAY.copy()
+    for value, rgb in _DATASET_COLOURS.get(dataset, {}).items():
+        colours[value] = rgb
+    return colours
+
+
 def palette() -> list[int]:
     """The standard 256-entry PASCAL VOC colour map as a flat ``[r, g, b, r, g, b, ...]`` list (768 ints).
 
@@ -196,12 +216,14 @@ def write_mask_png(path: str | os.PathLike[str] | BinaryIO, mask: np.ndarray) ->
     img.save(path if hasattr(path, "write") else Path(path), format="PNG")
 
 
-def colorize(mask: np.ndarray) -> np.ndarray:
-    """An ``HxW`` label mask as an ``HxWx3`` ``uint8`` image in the VOC colours."""
-    return _VOC_PALETTE_ARRAY[np.asarray(mask, dtype=np.uint8)]
+def colorize(mask: np.ndarray, colours: np.ndarray | None = None) -> np.ndarray:
+    """An ``HxW`` label mask as an ``HxWx3`` ``uint8`` image in ``colours`` (``256x3``; default: VOC's,
+    :func:`dataset_colours` gives a dataset's)."""
+    table = _VOC_PALETTE_ARRAY if colours is None else colours
+    return table[np.asarray(mask, dtype=np.uint8)]
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5, colours: np.ndarray | None = None) -> np.ndarray:
     """Blend a label mask (VOC colours) over an image, e.g. to show predictions.
 
     Background (0) pixels keep the image's colour; every other label,
@@ -211,6 +233,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarr
         image: ``HxWx3`` ``uint8`` RGB.
         mask: ``HxW`` integer labels in 0..255.
         alpha: opacity of the label colours, in [0, 1].
+        colours: ``256x3`` label colours (default: VOC's; :func:`dataset_colours`).
 
     Returns:
         ``HxWx3`` ``uint8`` image.
@@ -221,7 +244,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarr
         raise ValueError(f"need an HxWx3 image and an HxW mask, got {image.shape} and {mask.shape}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    colours = colorize(mask).astype(np.float32)
-    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
+    drawn = colorize(mask, colours).astype(np.float32)
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * drawn
     out = np.where((mask != 0)[..., None], blended, image.astype(np.float32))
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)

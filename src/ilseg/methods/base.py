@@ -308,6 +308,11 @@ class Method(abc.ABC):
         """The plain cross-entropy with the config's reduction (what every step 0 trains with)."""
         return cross_entropy(logits, target, reduction=self.cfg.ce_reduction)
 
+    def cross_entropy_only(self, logits: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """``{"ce", "loss"}`` of :meth:`cross_entropy` alone: step 0 of every built-in method."""
+        ce = self.cross_entropy(logits, target)
+        return {"ce": ce, "loss": ce}
+
     def describe(self) -> str:
         """One line: the preset's name, its loss at steps > 0 and its protocol."""
         return f"{self.cfg.name}: L = {ce_text(self.cfg)} {boundary_text(self, distils=self.needs_teacher)}"

@@ -38,8 +38,7 @@ class Finetune(Method):
 
     def loss(self, student: Mapping[str, Any], teacher: Mapping[str, Any] | None, target: Tensor,
              step: int) -> dict[str, Tensor]:
-        ce = self.cross_entropy(student["logits"], target)
-        return {"ce": ce, "loss": ce}
+        return self.cross_entropy_only(student["logits"], target)
 
     def describe(self) -> str:
         return f"{self.cfg.name}: L = {ce_text(self.cfg)} {boundary_text(self, distils=False)}"

@@ -93,10 +93,9 @@ class ILT(Method):
              step: int) -> dict[str, Tensor]:
         cfg = self.cfg
         logits = student["logits"]
-        ce = self.cross_entropy(logits, target)
         if teacher is None or not self.needs_teacher:
-            return {"ce": ce, "loss": ce}
-        losses = {"ce": ce}
+            return self.cross_entropy_only(logits, target)
+        losses = {"ce": self.cross_entropy(logits, target)}
         if cfg.uses_kd:
             if cfg.kd == "ilt_mib_code":
                 losses["kd"] = kd_mib(logits, teacher["logits"], alpha=cfg.kd_alpha)

@@ -63,8 +63,7 @@ class MiB(Method):
         cfg = self.cfg
         logits = student["logits"]
         if teacher is None:
-            ce = self.cross_entropy(logits, target)
-            return {"ce": ce, "loss": ce}
+            return self.cross_entropy_only(logits, target)
         old_logits = teacher["logits"]
         losses = {"ce": unbiased_cross_entropy(logits, target, old_logits.shape[1], reduction=cfg.ce_reduction)}
         if cfg.kd_weight > 0:

@@ -620,8 +620,7 @@ class PLOP(Method):
         cfg = self.cfg
         logits = student["logits"]
         if teacher is None:
-            ce = self.cross_entropy(logits, target)
-            return {"ce": ce, "loss": ce}
+            return self.cross_entropy_only(logits, target)
         old_logits = teacher["logits"]
         losses = {"ce": self._classification(logits, old_logits, target, step)}
         if cfg.uses_pod:

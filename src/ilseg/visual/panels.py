@@ -28,11 +28,13 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from ilseg.data.io import colorize
 from ilseg.fileio import atomic_write_bytes
 from ilseg.tasks import IGNORE_INDEX
+from ilseg.visual.style import MethodStyle
 
 DPI = 100  # pixels per inch of the PNG: every size below is in PNG pixels
 PANEL_WIDTH = 256  # width of every panel; its height follows the image's aspect ratio
@@ -48,7 +50,8 @@ Column = tuple[str, np.ndarray]  # (title, HxWx3 uint8 image or HxW label mask o
 
 
 def render_panels(image: np.ndarray, columns: Sequence[Column], class_names: Sequence[str],
-                  out_path: str | Path) -> Figure:
+                  out_path: str | Path, *, colours: np.ndarray | None = None,
+                  marks: Sequence[MethodStyle | None] = ()) -> Figure:
     """Write ``image`` followed by ``columns`` as one row of panels to the PNG ``out_path`` (atomically).
 
     Args:
@@ -59,17 +62,23 @@ def render_panels(image: np.ndarray, columns: Sequence[Column], class_names: Seq
         class_names: the dataset's class names, indexed by class id (the
             legend's names).
         out_path: the PNG file.
+        colours: the masks' ``256x3`` colours (default: VOC's;
+            :func:`ilseg.data.io.dataset_colours` gives a dataset's).
+        marks: per column, the style of the method that predicted it (or
+            ``None``): its marker, in its colour, is drawn before the title,
+            as the method is drawn in reports.
 
     Returns the figure (for inspection; it is not shown anywhere).
     """
-    figure = panel_figure([[("image", image), *columns]], class_names)
+    figure = panel_figure([[("image", image), *columns]], class_names, colours=colours, marks=[None, *marks])
     png = figure_png(figure)
     atomic_write_bytes(out_path, lambda f: f.write(png))
     return figure
 
 
 def panel_figure(rows: Sequence[Sequence[Column]], class_names: Sequence[str], *,
-                 panel_width: int = PANEL_WIDTH) -> Figure:
+                 panel_width: int = PANEL_WIDTH, colours: np.ndarray | None = None,
+                 marks: Sequence[MethodStyle | None] = ()) -> Figure:
     """A figure of ``rows`` of panels with titles and one legend below them all.
 
     Args:
@@ -80,6 +89,9 @@ def panel_figure(rows: Sequence[Sequence[Column]], class_names: Sequence[str], *
             panels.
         class_names: the dataset's class names, indexed by class id.
         panel_width: the width of every panel in PNG pixels.
+        colours: the masks' ``256x3`` colours (default: VOC's palette).
+        marks: per column, a method's style (or ``None``): its marker and
+            colour are drawn left of that column's titles.
 
     The panels are placed on whole pixels, so pixel ``(x, y)`` of panel
     ``(r, c)`` in the PNG is ``figure.axes[r * num_columns + c]``'s box plus
@@ -101,16 +113,17 @@ def panel_figure(rows: Sequence[Sequence[Column]], class_names: Sequence[str], *
         for title, array in row:
             ax = figure.add_axes((0.0, 0.0, 1.0, 1.0))  # placed by _place
             if array.ndim == 2:  # labels: nearest neighbour keeps every pixel an exact palette colour
-                ax.imshow(colorize(array), interpolation="nearest", aspect="auto")
+                ax.imshow(colorize(array, colours), interpolation="nearest", aspect="auto")
             else:  # a photo: smoothed when shrunk (nearest when enlarged a lot)
                 ax.imshow(array, interpolation="antialiased", aspect="auto")
             ax.set_title(title, fontsize=TITLE_SIZE, pad=4)
             ax.set_axis_off()
             panels.append((ax, height))
-    legend_height = _add_legend(figure, present, class_names, width) if present else 0
+    legend_height = _add_legend(figure, present, class_names, width, colours) if present else 0
     total = grid_height + legend_height + MARGIN
     figure.set_size_inches(_inches(width), _inches(total))
     _place(figure, panels, num_columns, panel_width, total, grid_height)
+    _mark_titles(figure, [ax for ax, _ in panels], num_columns, marks)
     return figure
 
 
@@ -131,15 +144,17 @@ def figure_png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def legend_entries(labels: Sequence[int], class_names: Sequence[str]) -> list[tuple[str, tuple[int, int, int]]]:
-    """``(name, (r, g, b))`` of each label value, in order; 255 is named "ignore".
+def legend_entries(labels: Sequence[int], class_names: Sequence[str],
+                   colours: np.ndarray | None = None) -> list[tuple[str, tuple[int, int, int]]]:
+    """``(name, (r, g, b))`` of each label value, in order (in ``colours``, default VOC's); 255 is named
+    "ignore".
 
     >>> legend_entries([0, 1, 255], ("background", "aeroplane"))
     [('background', (0, 0, 0)), ('aeroplane', (128, 0, 0)), ('ignore', (224, 224, 192))]
     """
-    colours = colorize(np.asarray(labels, dtype=np.uint8)[None])[0]
+    drawn = colorize(np.asarray(labels, dtype=np.uint8)[None], colours)[0]
     entries = []
-    for value, colour in zip(labels, colours):
+    for value, colour in zip(labels, drawn):
         if value == IGNORE_INDEX:
             name = IGNORE_NAME
         elif value < len(class_names):
@@ -165,13 +180,14 @@ def _row_height(row: Sequence[Column], num_columns: int, panel_width: int) -> in
     return max(1, round(panel_width * height / width))
 
 
-def _add_legend(figure: Figure, labels: Sequence[int], class_names: Sequence[str], width: int) -> int:
+def _add_legend(figure: Figure, labels: Sequence[int], class_names: Sequence[str], width: int,
+                colours: np.ndarray | None = None) -> int:
     """Add the legend (placed below the grid by :func:`_place`); return its height in pixels.
 
     As many columns as fit the figure's width: the legend is drawn and
     measured, with one column fewer until it fits.
     """
-    entries = legend_entries(labels, class_names)
+    entries = legend_entries(labels, class_names, colours)
     handles = [Patch(facecolor=(colour[0] / 255, colour[1] / 255, colour[2] / 255), edgecolor="0.4", linewidth=0.6, label=name)
                for name, colour in entries]
     renderer = FigureCanvasAgg(figure).get_renderer()
@@ -202,3 +218,20 @@ def _place(figure: Figure, panels: Sequence[tuple[Axes, int]], num_columns: int,
             top += height
     for legend in figure.legends:
         legend.set_bbox_to_anchor((0.5, 1.0 - grid_height / total), transform=figure.transFigure)
+
+
+def _mark_titles(figure: Figure, axes: Sequence[Axes], num_columns: int, marks: Sequence[MethodStyle | None]) -> None:
+    """Draw each marked column's method marker, in its colour, as a short line left of its titles."""
+    if not any(marks):
+        return
+    figure.draw_without_rendering()  # lays the titles out, so their extents are known
+    width, height = figure.get_size_inches() * DPI
+    for index, ax in enumerate(axes):
+        style = marks[index % num_columns] if index % num_columns < len(marks) else None
+        if style is None:
+            continue
+        box = ax.title.get_window_extent()
+        x, y = box.x0 - 16, (box.y0 + box.y1) / 2
+        figure.add_artist(Line2D([(x - 9) / width, x / width, (x + 9) / width], [y / height] * 3,
+                                 transform=figure.transFigure, color=style.colour, marker=style.marker,
+                                 markersize=7, linewidth=2, linestyle=style.dashes, markevery=[1]))

@@ -21,6 +21,7 @@ from PIL import Image
 from ilseg.config import RunConfig
 from ilseg.data.io import (
     PHOTO_FIX,
+    dataset_colours,
     image_size,
     overlay,
     read_image,
@@ -30,6 +31,7 @@ from ilseg.data.io import (
 from ilseg.data.transforms import eval_transform
 from ilseg.errors import IlsegError
 from ilseg.fileio import atomic_write_bytes
+from ilseg.methods import build_method
 from ilseg.models import IncrementalSegmenter
 from ilseg.placement import resolve_device
 from ilseg.runs.folder import (
@@ -40,6 +42,7 @@ from ilseg.runs.folder import (
     training_task,
 )
 from ilseg.visual.panels import render_panels
+from ilseg.visual.style import MethodStyle, method_style, step_title
 from ilseg.visual.preview import channel_to_dataset_ids
 
 Steps = Literal["all"] | Sequence[int]
@@ -49,10 +52,15 @@ Steps = Literal["all"] | Sequence[int]
 class PredictionColumn:
     """A saved step of a run whose predictions form one column of the panels."""
 
-    title: str  # e.g. "ilt step 2"
+    title: str  # e.g. "ilt step 2", "joint, all classes at once"
     run_dir: Path
     step: int
     cfg: RunConfig  # the settings that step was trained with
+
+    @property
+    def style(self) -> MethodStyle:
+        """The method's colour and marker, as reports draw it."""
+        return method_style(self.cfg.method.name)
 
 
 def predict_images(runs: str | Path | Sequence[str | Path], images: Sequence[str | Path], out_dir: Path, *,
@@ -92,6 +100,7 @@ def predict_images(runs: str | Path | Sequence[str | Path], images: Sequence[str
     truth = match_ground_truth(photos, [Path(m) for m in ground_truth],
                                Path(ground_truth_dir) if ground_truth_dir is not None else None)
     class_names = training_task(columns[0].cfg).class_names
+    colours = dataset_colours(columns[0].cfg.data.dataset)
     for path in photos:  # every input is decoded once before anything is written
         rgb = read_image(path, fix=PHOTO_FIX)
         if path in truth:
@@ -101,13 +110,15 @@ def predict_images(runs: str | Path | Sequence[str | Path], images: Sequence[str
     for path in photos:
         rgb = read_image(path, fix=PHOTO_FIX)
         shown = [(column.title, mask) for column, mask in zip(columns, predictions[path])]
+        marks: list[MethodStyle | None] = [column.style for column in columns]
         if len(shown) == 1:
-            written += write_mask_and_overlay(out_dir / path.stem, rgb, shown[0][1])
+            written += write_mask_and_overlay(out_dir / path.stem, rgb, shown[0][1], colours)
         if path in truth or len(shown) > 1 or panel:
             if path in truth:
                 shown.insert(0, ("ground truth", read_truth(truth[path], path, rgb.shape[:2], len(class_names))))
+                marks.insert(0, None)
             panel_path = out_dir / f"{path.stem}_panel.png"
-            render_panels(rgb, shown, class_names, panel_path)
+            render_panels(rgb, shown, class_names, panel_path, colours=colours, marks=marks)
             written.append(panel_path)
     return written
 
@@ -153,11 +164,13 @@ def checked_photos(images: Sequence[str | Path], out_dir: Path) -> list[Path]:
     return photos
 
 
-def write_mask_and_overlay(prefix: Path, rgb: np.ndarray, pred: np.ndarray) -> list[Path]:
-    """``<prefix>_mask.png`` (palette PNG of dataset ids) and ``<prefix>_overlay.png``; returns both paths."""
+def write_mask_and_overlay(prefix: Path, rgb: np.ndarray, pred: np.ndarray,
+                           colours: np.ndarray | None = None) -> list[Path]:
+    """``<prefix>_mask.png`` (palette PNG of dataset ids, VOC's palette) and ``<prefix>_overlay.png`` (in
+    ``colours``, default VOC's); returns both paths."""
     mask_path = prefix.with_name(f"{prefix.name}_mask.png")
     atomic_write_bytes(mask_path, lambda f: write_mask_png(f, pred))
-    blend = Image.fromarray(overlay(rgb, pred))
+    blend = Image.fromarray(overlay(rgb, pred, colours=colours))
     overlay_path = prefix.with_name(f"{prefix.name}_overlay.png")
     atomic_write_bytes(overlay_path, lambda f: blend.save(f, format="PNG"))
     return [mask_path, overlay_path]
@@ -167,8 +180,10 @@ def prediction_columns(run_dirs: Sequence[Path], *, step: int | None = None,
                        steps: Steps | None = None) -> list[PredictionColumn]:
     """The (run, step) pairs to predict with, in the order given; refuses runs of different datasets.
 
-    Titles are "<method> step <t>"; when two runs share a method, their
-    folder names (or, if those are the same too, their paths) name them.
+    Titles are "<method> step <t>" ("joint, all classes at once" for a method
+    trained on every class in one step, as reports name it); when two runs
+    share a method, their folder names (or, if those are the same too, their
+    paths) name them.
     """
     if not run_dirs:
         raise IlsegError("predict needs at least one --run RUN_DIR")
@@ -184,7 +199,9 @@ def prediction_columns(run_dirs: Sequence[Path], *, step: int | None = None,
     columns = []
     for run_dir, label in zip(run_dirs, run_labels(run_dirs, configs)):
         for t in chosen_steps(run_dir, step, steps):
-            columns.append(PredictionColumn(f"{label} step {t}", run_dir, t, read_run_config(run_dir, step=t)))
+            cfg = read_run_config(run_dir, step=t)
+            title = step_title(label, t, all_at_once=build_method(cfg.method).all_classes_at_once)
+            columns.append(PredictionColumn(title, run_dir, t, cfg))
     return columns
 
 

@@ -25,11 +25,14 @@ from torch import nn
 
 from ilseg.config import RunConfig
 from ilseg.data.datasets import SegmentationDataset
+from ilseg.data.io import dataset_colours
 from ilseg.data.transforms import denormalize
 from ilseg.fileio import atomic_write_bytes
+from ilseg.methods import build_method
 from ilseg.placement import Placement
 from ilseg.tasks import IGNORE_INDEX, Task
 from ilseg.visual.panels import Column, figure_png, panel_figure
+from ilseg.visual.style import method_style, step_title
 
 PREVIEW_DIR = "preview"
 
@@ -57,7 +60,7 @@ def write_preview(cfg: RunConfig, task: Task, model: nn.Module, step: int, run_d
     if count <= 0:
         return None
     to_dataset_ids = channel_to_dataset_ids(task, step)
-    title = f"{cfg.method.name} step {step}"
+    title = step_title(cfg.method.name, step, all_at_once=build_method(cfg.method).all_classes_at_once)
     rows: list[list[Column]] = []
     with unchanged_rng(placement.device), evaluation_mode(model), torch.inference_mode():
         for index in range(min(count, len(dataset))):
@@ -69,7 +72,8 @@ def write_preview(cfg: RunConfig, task: Task, model: nn.Module, step: int, run_d
                          (title, to_dataset_ids[prediction])])
     if not rows:
         return None
-    png = figure_png(panel_figure(rows, task.class_names))
+    png = figure_png(panel_figure(rows, task.class_names, colours=dataset_colours(cfg.data.dataset),
+                                  marks=[None, None, method_style(cfg.method.name)]))
     path = preview_path(run_dir, step)
     atomic_write_bytes(path, lambda f: f.write(png))
     return path

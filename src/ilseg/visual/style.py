@@ -17,11 +17,14 @@ in which runs are given.
 from __future__ import annotations
 
 import hashlib
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
 GREY = "#999999"
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "p")
+
+
+LineStyle = Literal["-", "--", "-.", ":"]
 
 
 class MethodStyle(NamedTuple):
@@ -29,7 +32,7 @@ class MethodStyle(NamedTuple):
 
     colour: str
     marker: str
-    dashes: str  # "-" solid; joint training, the upper bound, is drawn "--"
+    dashes: LineStyle  # "-" solid; joint training, the upper bound, is drawn "--"
 
 
 METHOD_STYLES: dict[str, MethodStyle] = {
@@ -61,4 +64,16 @@ def method_style(method: str) -> MethodStyle:
 
 
 # Line styles for a second, third, ... experiment of one method in one report (same colour and marker).
-REPEAT_DASHES = (":", "-.")
+REPEAT_DASHES: tuple[LineStyle, ...] = (":", "-.")
+
+
+def step_title(label: str, step: int, *, all_at_once: bool) -> str:
+    """The title of a prediction by ``label`` (a method, or a run's folder name) after ``step``.
+
+    A method trained on every class at once (joint training) has a single
+    step, and is named as reports name it:
+
+    >>> step_title("ilt", 2, all_at_once=False), step_title("joint", 0, all_at_once=True)
+    ('ilt step 2', 'joint, all classes at once')
+    """
+    return f"{label}, all classes at once" if all_at_once else f"{label} step {step}"
