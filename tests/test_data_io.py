@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ilseg.data.io import overlay, palette, read_image, read_mask, write_mask_png
+from ilseg.data.io import dataset_colours, overlay, palette, read_image, read_mask, write_mask_png
 from ilseg.errors import IlsegError
+from ilseg.tasks import SYNTH_CLASSES
 
 
 def test_palette_is_the_voc_colormap():
@@ -20,6 +21,22 @@ def test_palette_is_the_voc_colormap():
     assert colour(15) == (192, 128, 128)
     assert colour(20) == (0, 64, 128)
     assert colour(255) == (224, 224, 192)
+
+
+def test_no_synthetic_class_is_drawn_like_the_background_and_voc_keeps_its_palette():
+    """The synthetic "star" (class 8) would be VOC's (64, 0, 0) on a black background."""
+    voc = np.array(palette(), dtype=np.uint8).reshape(256, 3)
+    assert (dataset_colours("voc") == voc).all() and (dataset_colours("ade") == voc).all()
+    synth = dataset_colours("synth").astype(int)
+    background = synth[0]
+    for cls in range(1, len(SYNTH_CLASSES)):
+        assert np.linalg.norm(synth[cls] - background) >= 120, (SYNTH_CLASSES[cls], synth[cls])
+        others = [c for c in [*range(len(SYNTH_CLASSES)), 255] if c != cls]
+        assert min(np.abs(synth[cls] - synth[o]).sum() for o in others) >= 64, SYNTH_CLASSES[cls]
+    assert np.linalg.norm(voc[8].astype(int)) < 120  # why: VOC's cat colour, kept for VOC
+    mask = np.full((2, 2), 8, dtype=np.uint8)
+    assert (overlay(np.zeros((2, 2, 3), np.uint8), mask, alpha=1.0, colours=dataset_colours("synth")) ==
+            [255, 160, 0]).all()
 
 
 def test_write_and_read_palette_mask(tmp_path):

@@ -143,3 +143,29 @@ def test_frozen_bn_keeps_its_statistics_and_trains_scale_and_offset_only_when_as
     assert torch.equal(before["running_var"], after["running_var"])
     assert torch.equal(before["weight"], after["weight"]) == affine_frozen
     assert torch.equal(before["bias"], after["bias"]) == affine_frozen
+
+
+def test_the_report_shows_the_best_evaluation_only_on_request_and_says_it_is_a_test_set_selection(
+        tmp_path, synth_root):
+    from ilseg.reports import write_report
+    from ilseg.reports.collect import BEST_ON_TEST_NOTE, collect
+
+    every = tiny(synth_root, tmp_path, "method.name=finetune", "optim.epochs=2", "optim.epochs_next=2",
+                 "eval.every=1")
+    results = run_training(every, tmp_path / "every", quiet=True)
+    plain = tiny(synth_root, tmp_path, "method.name=finetune")
+    run_training(plain, tmp_path / "plain", quiet=True)
+
+    final = collect([tmp_path / "every"])[0].runs[0].results["steps"]
+    best = collect([tmp_path / "every"], selection="best-on-test")[0].runs[0].results["steps"]
+    for row, final_row, chosen in zip(results["steps"], final, best):
+        assert final_row["miou_all"] == row["miou_all"]
+        assert chosen["miou_all"] == max(e["miou_all"] for e in row["evaluations"])
+        assert chosen["selected_epoch"] in (1, 2)
+    written = write_report([tmp_path / "every"], tmp_path / "report", selection="best-on-test")
+    assert BEST_ON_TEST_NOTE in written["markdown"].read_text()
+    assert BEST_ON_TEST_NOTE in written["html"].read_text()
+    assert json.loads(written["json"].read_text())["selection"] == "best-on-test"
+    assert BEST_ON_TEST_NOTE not in write_report([tmp_path / "every"], tmp_path / "r2")["markdown"].read_text()
+    with pytest.raises(IlsegError, match="no evaluations during the step.*eval.every"):
+        collect([tmp_path / "plain"], selection="best-on-test")

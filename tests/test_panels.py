@@ -23,7 +23,7 @@ from tiny import tiny_config
 from ilseg.cli import main
 from ilseg.config import dump_config, load_config, preset_dir
 from ilseg.data.datasets import build_dataset
-from ilseg.data.io import palette, read_mask, write_mask_png
+from ilseg.data.io import dataset_colours, palette, read_mask, write_mask_png
 from ilseg.engine.loaders import eval_dataset
 from ilseg.engine.run import run_training
 from ilseg.errors import IlsegError
@@ -171,7 +171,7 @@ def panel_labels(png: np.ndarray, column: int, row: int = 0, size: int = 32) -> 
     left = MARGIN + column * (PANEL_WIDTH + GAP)
     top = MARGIN + (row + 1) * TITLE_BAND + row * PANEL_WIDTH
     centres = png[top + scale // 2: top + PANEL_WIDTH: scale, left + scale // 2: left + PANEL_WIDTH: scale]
-    lookup = {rgb(v): v for v in range(256)}
+    lookup = {tuple(int(c) for c in colour): v for v, colour in enumerate(dataset_colours("synth"))}
     return np.array([[lookup[tuple(int(c) for c in p)] for p in line] for line in centres], dtype=np.uint8)
 
 
@@ -184,7 +184,7 @@ def test_steps_all_shows_each_step_of_a_run_side_by_side(runs, synth_root, tmp_p
         one_by_one.append(read_mask(tmp_path / f"s{step}" / f"{photo.stem}_mask.png", 256))
     out = tmp_path / "all"
     assert main(["predict", "--run", str(runs["ilt"]), "--steps", "all", str(photo), "--out", str(out)]) == 0
-    assert "1 side-by-side panels" in capsys.readouterr().out
+    assert "1 side-by-side panel " in capsys.readouterr().out
     assert [p.name for p in out.iterdir()] == [f"{photo.stem}_panel.png"]
     png = decode(out / f"{photo.stem}_panel.png")
     assert png.shape[1] == 2 * MARGIN + 4 * PANEL_WIDTH + 3 * GAP  # image + one column per step
@@ -213,7 +213,7 @@ def test_runs_and_ground_truth_side_by_side(runs, synth_root, tmp_path, capsys):
                  str(tmp_path / "one")]) == 0
     assert {p.name for p in (tmp_path / "one").iterdir()} == {
         f"{photo.stem}_mask.png", f"{photo.stem}_overlay.png", f"{photo.stem}_panel.png"}
-    assert "1 masks and overlays and 1 side-by-side panels" in capsys.readouterr().out
+    assert "1 mask and 1 overlay and 1 side-by-side panel " in capsys.readouterr().out
     # one run without ground truth: the panel only when asked for
     assert main(["predict", "--run", str(runs["ilt"]), str(photo), "--panel", "--out", str(tmp_path / "asked")]) == 0
     np.testing.assert_array_equal(panel_labels(decode(tmp_path / "asked" / f"{photo.stem}_panel.png"), 1),

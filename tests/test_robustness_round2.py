@@ -313,7 +313,7 @@ def test_a_folder_where_a_file_is_expected_says_so(finished, synth_root, cache, 
     image.unlink()
     image.mkdir()  # a training image of step 0
     line = error_line(main(train_argv(root, tmp_path / "run", tmp_path / "cache2", flags=("--steps", "0"))), capsys)
-    assert f"image {image} is a folder, not a file" in line
+    assert f"{image}, which is a folder, not a file" in line
     line = error_line(main(["eval", "--checkpoint", str(finished), "--config", str(finished / "config.yaml")]),
                       capsys)
     assert f"checkpoint {finished} is a folder" in line and "--run" in line

@@ -85,3 +85,21 @@ def test_ctrl_c_to_the_process_group_while_masks_are_indexed_is_one_line(tmp_pat
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "BrokenProcessPool" not in err, err
     assert [line for line in err.splitlines() if line.strip()][-1].startswith("ilseg: interrupted"), err
+
+
+@pytest.mark.slow
+def test_two_ctrl_c_to_the_process_group_50_ms_apart_end_without_a_worker_traceback(tmp_path: Path):
+    root = tmp_path / "synth"
+    generate_synth(root, seed=3, num_images=60, size=32, workers=1)
+    run = tmp_path / "run"
+    proc = _start(["train", "--config", "synth-demo", "--out", str(run), "--quiet", "--set", f"data.root={root}",
+                   f"data.cache_dir={tmp_path / 'cache'}", "data.workers=2", *TINY])
+    _wait_for(lambda: (run / "last.pth").is_file() or proc.poll() is not None)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "__del__" not in err, err
+    assert [line for line in err.splitlines() if line.strip()][-1].startswith("ilseg: "), err

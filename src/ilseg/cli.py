@@ -314,7 +314,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ilseg.reports import write_report
 
     skipped: list[tuple[Path, str]] | None = [] if args.skip_bad else None
-    written = write_report(args.runs, Path(args.out), skipped=skipped)
+    written = write_report(args.runs, Path(args.out), skipped=skipped, selection=args.selection)
     print(f"wrote {written['markdown']}, {written['html']} (one self-contained page) and {written['json']}")
     for run, why in skipped or []:
         print(f"ilseg: left out {run} (--skip-bad): {why}", file=sys.stderr)
@@ -745,6 +745,11 @@ def _add_output_commands(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("--skip-bad", action="store_true",
                     help="leave out the runs whose results or config cannot be read, or that are unfinished, "
                          "instead of refusing (each is named on stderr and listed in the report)")
+    rp.add_argument("--selection", choices=["final", "best-on-test"], default="final",
+                    help="each step's scores: its final model's (default: what the next step starts from, what "
+                         "MiB and PLOP publish), or best-on-test: the best evaluation during the step (runs "
+                         "trained with eval.every), chosen on the test set as cssegmentation publishes; the "
+                         "report says so on every page")
     rp.set_defaults(func=cmd_report)
 
     dm = _command(sub, "demo", "joint vs fine-tuning vs ILT on the synthetic benchmark (CPU, minutes)", [

@@ -285,6 +285,11 @@ def _pairs_from_list(
 def _check_exist(images: list[Path], masks: list[Path], source: str, fix: str) -> None:
     """Raise one IlsegError naming the missing files (a cheap stat per file)."""
     missing = [p for pair in zip(images, masks) for p in pair if not p.is_file()]
+    folders = [p for p in missing if p.is_dir()]
+    if folders:
+        more = f" (and {len(folders) - 1} more)" if len(folders) > 1 else ""
+        raise IlsegError(f"{source} names {folders[0]}{more}, which is a folder, not a file: an image or mask file "
+                         f"belongs there; put the file in its place, or {fix}")
     if missing:
         shown = ", ".join(str(p) for p in missing[:3])
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

@@ -36,7 +36,7 @@ from ilseg.data import io
 from ilseg.data.datasets import find_voc_root
 from ilseg.data.parallel import chunked, run_chunks
 from ilseg.errors import IlsegError, Interrupted, plural
-from ilseg.fileio import atomic_write_bytes, atomic_write_text
+from ilseg.fileio import atomic_write_bytes, atomic_write_text, is_ilseg_temporary
 from ilseg.tasks import IGNORE_INDEX, class_names
 
 VOC_TRAIN_AUG_SIZE = 10582  # docs/protocol.md#datasets
@@ -209,12 +209,14 @@ def _make_masks(chunk: list[tuple[MaskJob, bool]]) -> list[tuple[str, str]]:
 
 
 def _remove_temporary_files(folder: Path) -> int:
-    """Delete ``.<id>.png.<hex>.tmp`` files that a killed run left behind (renamed files are never partial)."""
+    """Delete the temporary files of mask writes a killed run left behind (renamed files are never partial):
+    ilseg's ``.ilseg-tmp-<id>.png.<hex>.tmp`` and the older ``.<id>.png.<hex>.tmp``, never another file."""
     removed = 0
     if folder.is_dir():
-        for path in folder.glob(".*.png.*.tmp"):
-            path.unlink(missing_ok=True)
-            removed += 1
+        for path in folder.glob(".*.tmp"):
+            if path.is_file() and is_ilseg_temporary(path.name, lambda target: target.endswith(".png")):
+                path.unlink(missing_ok=True)
+                removed += 1
     return removed
 
 

@@ -220,7 +220,7 @@ def iou_table(entry: Mapping[str, Any]) -> str:
     """``iou-step{t}.md``: the IoU (%) of every class after one step, best first ("-": absent from the test
     masks)."""
     ious = entry["iou_per_class"]
-    ranked = sorted(ious.items(), key=lambda item: -1.0 if item[1] is None else -item[1])
+    ranked = sorted(ious.items(), key=lambda item: (item[1] is None, -(item[1] or 0.0)))
     rows = [f"| {name} | {pct(value)} |" for name, value in ranked]
     return (f"# IoU after step {entry['step']}\n\nmIoU all {pct(entry['miou_all'])}%, old "
             f"{pct(entry['miou_old'])}%, new {pct(entry['miou_new'])}%; IoU in %, best first; - where the class is "

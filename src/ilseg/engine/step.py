@@ -359,11 +359,13 @@ def time_left(ctx: RunContext, step: int, epoch: int, length: StepLength, at: Po
 
 
 def duration(seconds: float) -> str:
-    """``"40 s"``, ``"12 min"``, ``"3 h 5 min"``."""
+    """``"40 s"``, ``"12 min"``, ``"1 h"``, ``"3 h 5 min"``."""
     if seconds < 60:
         return f"{max(0, round(seconds))} s"
     minutes = round(seconds / 60)
-    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+    if minutes < 60:
+        return f"{minutes} min"
+    return f"{minutes // 60} h" + (f" {minutes % 60} min" if minutes % 60 else "")
 
 
 def record_divergence(ctx: RunContext, step: int, epoch: int, error: str, advice: str) -> None:

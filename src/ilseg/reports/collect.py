@@ -11,6 +11,7 @@ import json
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -364,7 +365,35 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     return groups
 
 
-def collect(paths: Sequence[str | Path], *, skipped: list[tuple[Path, str]] | None = None) -> list[Group]:
+# What the scores of a step are: its final model's (what the next step starts from, and what MiB and PLOP
+# publish), or the best of the evaluations made during the step (``eval.every``), as cssegmentation publishes:
+# a selection on the test set, shown only on request and labelled so.
+SELECTIONS = ("final", "best-on-test")
+BEST_ON_TEST_NOTE = ("Scores are the best of the evaluations made during each step (eval.every), chosen by "
+                     "all-class mIoU on the test set itself, as cssegmentation publishes its results: a selection "
+                     "on the test set, optimistic, and not the model the next step started from.")
+
+
+def best_on_test(run: Run) -> Run:
+    """``run`` with each step's scores replaced by its evaluation of highest all-class mIoU (``eval.every``).
+
+    Raises:
+        IlsegError: a step without evaluations (the run was not trained with ``eval.every``).
+    """
+    steps = []
+    for row in run.results["steps"]:
+        evaluations = row.get("evaluations")
+        if not isinstance(evaluations, list) or not evaluations:
+            raise IlsegError(f"{run.path} step {row.get('step')} has no evaluations during the step: "
+                             "--selection best-on-test needs runs trained with eval.every (e.g. --set "
+                             "eval.every=10, cssegmentation's)")
+        best = max(evaluations, key=lambda e: (e["miou_all"], e["epoch"]))  # ties: the later, as cssegmentation
+        steps.append({**row, **{k: v for k, v in best.items() if k != "epoch"}, "selected_epoch": best["epoch"]})
+    return dataclasses.replace(run, results={**run.results, "steps": steps})
+
+
+def collect(paths: Sequence[str | Path], *, skipped: list[tuple[Path, str]] | None = None,
+            selection: str = "final") -> list[Group]:
     """Read, check and group the runs of ``paths``.
 
     A run that cannot be read (damaged results or config, unfinished) is
@@ -385,5 +414,9 @@ def collect(paths: Sequence[str | Path], *, skipped: list[tuple[Path, str]] | No
                          f"{f'; and {len(skipped) - 1} more' if len(skipped) > 1 else ''})")
     if not runs:
         raise IlsegError("no run folder given")
+    if selection not in SELECTIONS:
+        raise IlsegError(f"unknown selection {selection!r}; use one of {', '.join(SELECTIONS)}")
+    if selection == "best-on-test":
+        runs = [best_on_test(run) for run in runs]
     check_comparable(runs)
     return group_runs(runs)

@@ -26,7 +26,7 @@ import ilseg
 from ilseg.errors import IlsegError
 from ilseg.fileio import atomic_write_text
 from ilseg.reports import plots
-from ilseg.reports.collect import Group, Stat, collect
+from ilseg.reports.collect import BEST_ON_TEST_NOTE, Group, Stat, collect
 
 
 def fmt(stat: Stat | None, digits: int = 1) -> str:
@@ -193,16 +193,18 @@ def title_of(groups: Sequence[Group]) -> str:
 
 
 def write_report(paths: Sequence[str | Path], out: str | Path, *,
-                 skipped: list[tuple[Path, str]] | None = None) -> dict[str, Path]:
+                 skipped: list[tuple[Path, str]] | None = None, selection: str = "final") -> dict[str, Path]:
     """Compare the runs of ``paths`` and write the report into ``out``; return the files written.
 
     ``skipped``: leave out the runs that cannot be read and append ``(run, why)`` there (``--skip-bad``);
-    the report lists them too.  Without it such a run is refused.
+    the report lists them too.  Without it such a run is refused.  ``selection``: ``"final"`` (each step's
+    final model) or ``"best-on-test"`` (the best evaluation during each step, a selection on the test set,
+    said at the top of every page).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise IlsegError(f"--out {out} is a file; give a folder for the report")
-    groups = collect(paths, skipped=skipped)
+    groups = collect(paths, skipped=skipped, selection=selection)
     left_out = [f"{path}: {why}" for path, why in skipped or []]
     out.mkdir(parents=True, exist_ok=True)
     title = f"ilseg report: {title_of(groups)}"
@@ -213,7 +215,10 @@ def write_report(paths: Sequence[str | Path], out: str | Path, *,
     figs = figures(groups, out)
     shots = previews(groups, out)
 
-    md = [f"# {title}", "", made, "", *[f"- {line}" for line in runs_list], ""]
+    if selection == "best-on-test":
+        title += " (best of evaluations, selected on the test set)"
+    warning = [f"**{BEST_ON_TEST_NOTE}**", ""] if selection == "best-on-test" else []
+    md = [f"# {title}", "", *warning, made, "", *[f"- {line}" for line in runs_list], ""]
     if left_out:
         md += ["Left out (--skip-bad), as they could not be read:", "", *[f"- {line}" for line in left_out], ""]
     md += [t.markdown() for t in tabs]
@@ -223,7 +228,9 @@ def write_report(paths: Sequence[str | Path], out: str | Path, *,
         md += [f"![{cap}]({p.relative_to(out).as_posix()})\n\n*{cap}*\n" for cap, p in shots]
     atomic_write_text(out / "report.md", "\n".join(md))
 
-    body = [f"<h1>{html.escape(title)}</h1><p class=note>{html.escape(made)}</p><ul>"
+    body = [f"<h1>{html.escape(title)}</h1>"
+            + (f"<p><strong>{html.escape(BEST_ON_TEST_NOTE)}</strong></p>" if selection == "best-on-test" else "")
+            + f"<p class=note>{html.escape(made)}</p><ul>"
             + "".join(f"<li>{html.escape(line)}</li>" for line in runs_list) + "</ul>"]
     if left_out:
         body.append("<p class=note>Left out (--skip-bad), as they could not be read:</p><ul>"
@@ -242,7 +249,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path, *,
             f"<meta name=viewport content=\"width=device-width, initial-scale=1\"><style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")
     atomic_write_text(out / "report.html", page)
 
-    record: dict[str, Any] = {"title": title, "created": made, "dataset": groups[0].runs[0].results.get("dataset"),
+    record: dict[str, Any] = {"title": title, "created": made, "selection": selection, "dataset": groups[0].runs[0].results.get("dataset"),
                               "task": groups[0].runs[0].results.get("task"),
                               "overlap": groups[0].runs[0].results.get("overlap"),
                               "units": "fractions (0..1); the pages show percent",
