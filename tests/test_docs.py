@@ -128,3 +128,152 @@ def test_lowest_versions_script_pins_the_floors_of_pyproject():
     pins = subprocess.run(["bash", str(ROOT / ".ci" / "lowest-versions"), "--pins"], cwd=ROOT, capture_output=True,
                           text=True, check=True, env={**os.environ, "PYTHON": sys.executable}).stdout
     assert pins.split() == expected
+
+
+# -- docs/fidelity.md: its tables stay true -------------------------------------------------------
+# The switch column of each table names settings; `section.key: value` states what presets resolve to (the
+# section's reproduce presets, or those matching the glob after "for"), `section.key=value` only shows how to set
+# it.  The test reads the tables back and checks them against the config and the bundled presets.
+FIDELITY = ROOT / "docs" / "fidelity.md"
+_SECTIONS = ("data", "model", "method", "optim", "eval", "runtime")
+_SETTING = re.compile(r"`((?:%s)\.\w+)(?:(: |=)([^`]*))?`(?: for `([^`]+)`)?" % "|".join(_SECTIONS))
+_PRESET_NAME = re.compile(r"`((?:voc|ade|reproduce|synth)-[\w{},*!\[\]-]+)`")
+
+
+def _expand_braces(text: str) -> list[str]:
+    match = re.search(r"\{([^{}]*)\}", text)
+    if not match:
+        return [text]
+    return [expanded for choice in match[1].split(",")
+            for expanded in _expand_braces(text[:match.start()] + choice + text[match.end():])]
+
+
+def _presets_named(pattern: str, names: set[str]) -> set[str]:
+    import fnmatch
+
+    return {name for expanded in _expand_braces(pattern) for name in names if fnmatch.fnmatchcase(name, expanded)}
+
+
+def _fidelity_sections() -> dict[str, str]:
+    """Level-2 headings of docs/fidelity.md -> their text."""
+    parts = re.split(r"^## (.+)$", FIDELITY.read_text(), flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def _switch_cells(section: str) -> list[tuple[str, str]]:
+    """(setting row, switch cell) of every table of ``section`` that has a "switch" column."""
+    cells, column = [], None
+    for line in section.splitlines():
+        if not line.startswith("|"):
+            column = None
+            continue
+        row = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if column is None:
+            column = row.index("switch") if "switch" in row else -1
+        elif column >= 0 and not set(line) <= set("|- "):
+            cells.append((row[0], row[column]))
+    return cells
+
+
+def _section_reproduce_presets(section: str, names: set[str]) -> set[str]:
+    line = next((ln for ln in section.splitlines() if ln.startswith("Reproduce presets:")), "")
+    # the line may wrap: read up to the paragraph's end
+    start = section.find(line)
+    paragraph = section[start:section.find("\n\n", start)] if line else ""
+    return {n for pattern in _PRESET_NAME.findall(paragraph) for n in _presets_named(pattern, names)
+            if n.startswith("reproduce-")}
+
+
+def _fidelity_claims() -> list[tuple[str, str, str, object, set[str]]]:
+    """(section, row, key, value, presets it holds for) of every `key: value` in a switch column."""
+    import yaml
+
+    from ilseg.config import preset_dir
+
+    names = {p.stem for p in preset_dir().glob("*.yaml")}
+    claims = []
+    for title, text in _fidelity_sections().items():
+        scope = _section_reproduce_presets(text, names)
+        for row, cell in _switch_cells(text):
+            for key, sep, value, glob in _SETTING.findall(cell):
+                if sep == ": ":
+                    held_by = _presets_named(glob, names) if glob else scope
+                    claims.append((title, row, key, yaml.safe_load(value), held_by))
+    return claims
+
+
+def _method_fields() -> set[str]:
+    import dataclasses
+
+    from ilseg.methods import METHOD_PRESETS
+
+    return {f.name for cfg in METHOD_PRESETS.values() for f in dataclasses.fields(cfg)}
+
+
+def _resolved(name: str) -> dict[str, object]:
+    from ilseg.config import load_config, preset_dir
+
+    values = load_config(preset_dir() / f"{name}.yaml").to_dict()
+    return {f"{section}.{key}": value for section, keys in values.items() if isinstance(keys, dict)
+            for key, value in keys.items()}
+
+
+def test_every_setting_in_the_fidelity_switch_column_exists():
+    from ilseg.config import settings_of
+
+    known = {s.key for s in settings_of()} | {f"method.{field}" for field in _method_fields()}
+    sections = _fidelity_sections()
+    assert {"cssegmentation, ILT", "MiB", "PLOP", "The ILT paper (official TensorFlow code)",
+            "Not yet reproducible", "Which preset to use"} <= set(sections)
+    named = [(title, row, key) for title, text in sections.items() for row, cell in _switch_cells(text)
+             for key, *_ in _SETTING.findall(cell)]
+    assert len(named) > 40
+    unknown = [f"{title} / {row}: {key}" for title, row, key in named if key not in known]
+    assert not unknown, "docs/fidelity.md names settings that do not exist:\n" + "\n".join(unknown)
+
+
+def test_every_preset_named_in_fidelity_exists_and_every_reproduce_preset_is_there():
+    from ilseg.config import preset_dir
+
+    names = {p.stem for p in preset_dir().glob("*.yaml")}
+    mentioned = _PRESET_NAME.findall(FIDELITY.read_text())
+    missing = [pattern for pattern in mentioned if not _presets_named(pattern, names)]
+    assert not missing, f"docs/fidelity.md names presets that do not exist: {missing}"
+    reproduce = {n for n in names if n.startswith("reproduce-")}
+    covered = set().union(*(_section_reproduce_presets(text, names) for text in _fidelity_sections().values()))
+    assert reproduce and covered == reproduce, f"reproduce presets without a section: {sorted(reproduce - covered)}"
+
+
+def test_the_values_in_the_fidelity_tables_are_what_the_presets_resolve_to():
+    claims = _fidelity_claims()
+    assert len(claims) > 30
+    wrong = []
+    for title, row, key, value, held_by in claims:
+        assert held_by, f"{title} / {row}: `{key}: ...` holds for no preset; name them (`for GLOB`) or write key=value"
+        for name in sorted(held_by):
+            resolved = _resolved(name).get(key, "<not a field of this method>")
+            if isinstance(resolved, (list, tuple)):
+                resolved = list(resolved)
+            if resolved != value:
+                wrong.append(f"{title} / {row}: {name} resolves {key} to {resolved!r}, the table says {value!r}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_difference_of_a_reproduce_preset_from_its_recommended_preset_is_in_fidelity():
+    """reproduce-<reference>-<preset> differs from <preset> only in values docs/fidelity.md states for it."""
+    from ilseg.config import preset_dir
+
+    names = {p.stem for p in preset_dir().glob("*.yaml")}
+    stated: dict[str, set[str]] = {}
+    for _title, _row, key, _value, held_by in _fidelity_claims():
+        for name in held_by:
+            stated.setdefault(name, set()).add(key)
+    unstated = []
+    for name in sorted(n for n in names if n.startswith("reproduce-")):
+        counterpart = name.split("-", 2)[2]
+        assert counterpart in names, f"{name}: no recommended preset {counterpart} to compare with"
+        ours, theirs = _resolved(name), _resolved(counterpart)
+        for key in sorted(set(ours) | set(theirs)):
+            if key != "name" and ours.get(key) != theirs.get(key) and key not in stated.get(name, set()):
+                unstated.append(f"{name}: {key} = {ours.get(key)!r} ({counterpart}: {theirs.get(key)!r})")
+    assert not unstated, "differences docs/fidelity.md does not state:\n" + "\n".join(unstated)

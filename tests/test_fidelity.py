@@ -169,3 +169,61 @@ def test_the_report_shows_the_best_evaluation_only_on_request_and_says_it_is_a_t
     assert BEST_ON_TEST_NOTE not in write_report([tmp_path / "every"], tmp_path / "r2")["markdown"].read_text()
     with pytest.raises(IlsegError, match="no evaluations during the step.*eval.every"):
         collect([tmp_path / "plain"], selection="best-on-test")
+
+
+# -- data.fixed_crops: the ILT paper's incremental steps (one crop per image, file order) ---------------
+def _epoch_batches(cfg, step):
+    from ilseg.engine.distributed import DistInfo
+    from ilseg.engine.loaders import training_data
+    from ilseg.tasks import train_lut
+
+    task = cfg.build_task()
+    data = training_data(cfg, task, step, train_lut(task, step), dist=DistInfo(), progress=False)
+    epochs = []
+    for epoch in (0, 1):
+        data.set_epoch(epoch)
+        epochs.append([(images.clone(), targets.clone()) for images, targets in data.loader])
+    return data, epochs
+
+
+def test_fixed_crops_give_every_image_one_crop_in_file_order_from_step_1_on(tmp_path, synth_root):
+    cfg = tiny(synth_root, tmp_path, "data.fixed_crops=true")
+    data, (first, second) = _epoch_batches(cfg, 1)
+    assert list(data.batches) == [list(range(i * 4, i * 4 + 4)) for i in range(len(data.dataset) // 4)]
+    assert len(first) == len(second) == len(data.dataset) // 4  # the last partial batch is left out
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
+    _, (zero_a, zero_b) = _epoch_batches(cfg, 0)  # step 0 trains as usual: other crops every epoch
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(zero_a, zero_b))
+    _, (usual_a, usual_b) = _epoch_batches(tiny(synth_root, tmp_path), 1)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(usual_a, usual_b))
+
+
+def test_the_cached_teacher_trains_exactly_what_the_online_teacher_does_with_one_pass(tmp_path, synth_root):
+    from ilseg.engine.callbacks import Callbacks
+
+    class CountTeacherCalls(Callbacks):
+        def __init__(self):
+            self.calls = 0
+
+        def on_step_start(self, step, setup):
+            if setup.teacher is not None:
+                forward = setup.teacher.forward
+
+                def counted(*args, **kwargs):
+                    self.calls += 1
+                    return forward(*args, **kwargs)
+
+                setup.teacher.forward = counted
+
+    outs = {}
+    for cached in (False, True):
+        cfg = tiny(synth_root, tmp_path, "method.name=ilt", "data.fixed_crops=true", "optim.epochs=1",
+                   "optim.epochs_next=3", f"runtime.cache_teacher={str(cached).lower()}")
+        counter = CountTeacherCalls()
+        run_training(cfg, tmp_path / str(cached), quiet=True, steps="0:2", callbacks=counter)
+        outs[cached] = (load_checkpoint(tmp_path / str(cached) / "step1.pth"), counter.calls)
+    (online, online_calls), (replayed, replayed_calls) = outs[False], outs[True]
+    assert all(torch.equal(online["model"][k], replayed["model"][k]) for k in online["model"])
+    assert online_calls == 3 * replayed_calls > 0  # three epochs online, one computed pass replayed
+    with pytest.raises(IlsegError, match="needs data.fixed_crops"):
+        tiny(synth_root, tmp_path, "runtime.cache_teacher=true")

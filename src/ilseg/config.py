@@ -80,6 +80,7 @@ class DataConfig:
     crop_size: int = setting(512, TRAINING)
     scale: tuple[float, float] = setting((0.5, 2.0), TRAINING)
     normalize: Literal["imagenet", "caffe"] = setting("imagenet", TRAINING)  # caffe: the ILT paper's code
+    fixed_crops: bool = setting(False, TRAINING)  # steps > 0: one crop per image for the whole step, in file order
     test_size: int | None = setting(512, EVALUATION)  # None: evaluate on full images
     test_crop: bool = setting(True, EVALUATION)
     workers: int = setting(8, PLACEMENT)  # data loader processes per GPU; also read the masks for the per-step image lists
@@ -176,6 +177,7 @@ class RuntimeConfig:
     tensorboard: bool = setting(False, PLACEMENT)
     compile: bool = setting(False, PLACEMENT)  # torch.compile the trained model; falls back to eager (with a log line) if it fails
     preview_images: int = setting(0, PLACEMENT)  # after each step: the first N test images, ground truth and prediction in RUN/preview/
+    cache_teacher: bool = setting(False, PLACEMENT)  # with data.fixed_crops: the teacher's outputs computed once per step
 
     def amp_for(self, device_type: str) -> str:
         """The autocast mode on a device of type ``device_type`` (``torch.device.type``).
@@ -302,6 +304,9 @@ def _validate(cfg: RunConfig) -> None:
          "3x3 conv; give weights of that layout as model.pretrained=PATH, or null"),
         (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
         (cfg.eval.every >= 0, "eval.every must be >= 0 (0: score each step's final model only)"),
+        (not cfg.runtime.cache_teacher or cfg.data.fixed_crops,
+         "runtime.cache_teacher replays the teacher's outputs on the same crops every epoch: it needs "
+         "data.fixed_crops=true"),
         (cfg.runtime.collective_timeout_s > 0, "runtime.collective_timeout_s must be positive"),
         (cfg.runtime.preview_images >= 0, "runtime.preview_images must be >= 0 (0: no previews)"),
         (not (cfg.optim.nesterov and cfg.optim.optimizer == "sgd" and cfg.optim.momentum == 0),

@@ -64,9 +64,11 @@ def one_line(exc: BaseException) -> str:
 def plural(count: int, noun: str, many: str | None = None) -> str:
     """``count`` and ``noun``, in the plural unless ``count`` is 1: messages say "1 epoch", "3 epochs".
 
-    >>> plural(1, "epoch"), plural(3, "epoch"), plural(2, "class"), plural(0, "batch")
+    >>> plural(1, "epoch"), plural(3, "epoch"), plural(2, "class"), plural(0, "batch", "batches")
     ('1 epoch', '3 epochs', '2 classes', '0 batches')
+
+    ``many`` gives an irregular plural; the rule adds "es" after s, sh and x only ("epochs", not "epoches").
     """
     if count == 1:
         return f"{count} {noun}"
-    return f"{count} {many or (noun + 'es' if noun.endswith(('s', 'sh', 'ch', 'x')) else noun + 's')}"
+    return f"{count} {many or (noun + 'es' if noun.endswith(('s', 'sh', 'x')) else noun + 's')}"

@@ -183,20 +183,24 @@ class GlobalBatchSampler(Sampler[list[int]]):
         [[[4, 0], [2, 5]], [[7, 3], [1, 6]]]
     """
 
-    def __init__(self, length: int, global_batch: int, *, rank: int, world_size: int, seed: int) -> None:
+    def __init__(self, length: int, global_batch: int, *, rank: int, world_size: int, seed: int,
+                 shuffle: bool = True) -> None:
         if global_batch % world_size:
             raise IlsegError(f"optim.batch_size {global_batch} is the global batch and must divide by the "
                              f"{world_size} processes")
         self.length, self.global_batch = length, global_batch
         self.rank, self.world_size = rank, world_size
-        self.seed, self.epoch, self.skip = seed, 0, 0
+        self.seed, self.epoch, self.skip, self.shuffle = seed, 0, 0, shuffle
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Yield ``epoch``'s batches from the ``skip``-th on (to finish an epoch stopped part-way)."""
         self.epoch, self.skip = epoch, skip
 
     def __iter__(self) -> Iterator[list[int]]:
-        perm = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        if not self.shuffle:  # the images in their order, every epoch
+            perm = list(range(self.length))
+        else:
+            perm = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         per_rank = self.global_batch // self.world_size
         for i in range(self.skip, len(self)):
             start = i * self.global_batch + self.rank * per_rank

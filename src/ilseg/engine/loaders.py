@@ -67,21 +67,26 @@ def training_data(cfg: RunConfig, task: Task, step: int, target_lut: np.ndarray,
         raise IlsegError(f"step {step} has only {len(ds)} training images, fewer than optim.batch_size={batch_size}")
     seed = cfg.runtime.seed + 1000 * step
     items = SeededItems(ds, seed)
+    fixed = data.fixed_crops and step > 0  # the ILT paper's incremental steps: one crop per image, file order
     batches = distributed.GlobalBatchSampler(len(ds), batch_size, rank=dist.rank, world_size=dist.world_size,
-                                             seed=seed)
-    loader = make_loader(items, batch_sampler=EpochKeys(batches), workers=data.workers, persistent=True)
+                                             seed=seed, shuffle=not fixed)
+    loader = make_loader(items, batch_sampler=EpochKeys(batches, fixed=fixed), workers=data.workers,
+                         persistent=True)
     return TrainingData(dataset=ds, items=items, batches=batches, loader=loader)
 
 
 class EpochKeys(Sampler[list[tuple[int, int]]]):
     """A :class:`~ilseg.engine.distributed.GlobalBatchSampler`'s batches with each index sent as
-    ``(epoch, index)``, so that persistent DataLoader workers augment with the current epoch's seeds."""
+    ``(epoch, index)``, so that persistent DataLoader workers augment with the current epoch's seeds.
 
-    def __init__(self, batches: distributed.GlobalBatchSampler) -> None:
-        self.batches = batches
+    ``fixed``: every epoch sends epoch 0, so each image gets the same crop in every epoch (``data.fixed_crops``).
+    """
+
+    def __init__(self, batches: distributed.GlobalBatchSampler, *, fixed: bool = False) -> None:
+        self.batches, self.fixed = batches, fixed
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch = self.batches.epoch
+        epoch = 0 if self.fixed else self.batches.epoch
         for batch in self.batches:
             yield [(epoch, i) for i in batch]
 

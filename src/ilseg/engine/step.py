@@ -91,6 +91,9 @@ def train_step(ctx: RunContext, step: int, resume: dict[str, Any] | None = None)
         load_weights(setup.student, resume, last_checkpoint(ctx.run_dir))
     ctx.callbacks.on_step_start(step, setup)
     train_model = place_models(ctx, setup)
+    teacher: nn.Module | None = setup.teacher
+    if teacher is not None and ctx.cfg.runtime.cache_teacher and ctx.cfg.data.fixed_crops:
+        teacher = ReplayedTeacher(teacher)  # the same outputs on the same crops, computed once per step
     data = training_data(ctx.cfg, ctx.train_task, step, setup.target_lut, dist=ctx.dist, progress=ctx.progress)
     prepare(ctx, setup, data, step)
     length = StepLength.of(ctx.cfg.optim, step, len(data.loader))
@@ -103,7 +106,7 @@ def train_step(ctx: RunContext, step: int, resume: dict[str, Any] | None = None)
         iterations = length.iterations_in(epoch)
         ctx.callbacks.on_epoch_start(step, epoch)
         progress = train_epoch(ctx, step, epoch, epochs, train_model, setup, data, opt, at, iterations,
-                               length=length)
+                               length=length, teacher=teacher)
         finished = epoch if progress.finished else epoch - 1
         partial = None if progress.finished else {"epoch": epoch, **progress.state()}
         if progress.finished:
@@ -226,6 +229,36 @@ def place_models(ctx: RunContext, setup: StepSetup) -> nn.Module:
     return CompiledOrEager(train_model, ctx.log.info) if ctx.cfg.runtime.compile else train_model
 
 
+class ReplayedTeacher(nn.Module):
+    """The teacher's outputs computed once per batch of a step and replayed in every later epoch.
+
+    With ``data.fixed_crops`` every epoch of a step > 0 feeds the same crops
+    in the same order, so the teacher's outputs for batch ``b`` never change:
+    the first epoch computes and keeps them (on the training device), the
+    others reuse them (``runtime.cache_teacher``; the ILT paper's code stores
+    them once per step the same way).  The outputs are the very tensors the
+    online teacher returns, so the losses are the same, at the memory cost of
+    one step's teacher outputs (logits at crop size, features, taps).
+    :meth:`start_epoch` tells it where an epoch (or its resumed rest) begins.
+    """
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.outputs: dict[int, Any] = {}
+        self.position = 0
+
+    def start_epoch(self, skip: int = 0) -> None:
+        self.position = skip
+
+    def forward(self, images: torch.Tensor) -> Any:
+        out = self.outputs.get(self.position)
+        if out is None:
+            out = self.outputs[self.position] = self.teacher(images)
+        self.position += 1
+        return out
+
+
 class CompiledOrEager(nn.Module):
     """``torch.compile(model)``, or ``model`` itself from the first call on which compiling fails.
 
@@ -261,7 +294,7 @@ def log_step_start(ctx: RunContext, step: int, data: TrainingData, epochs: int, 
         span = f"{plural(epochs, 'epoch')} x {plural(len(data.loader), 'iteration')}"
     else:
         span = (f"{plural(length.total, 'iteration')} ({plural(epochs, 'pass', 'passes')} over "
-                f"{plural(len(data.loader), 'batch')}, the last partial)")
+                f"{plural(len(data.loader), 'batch', 'batches')}, the last partial)")
     floor = f" -> {length.lr_end:g}" if length.lr_end > 0 else ""
     ctx.log.info(f"step {step}: classes {[task.class_names[c] for c in task.new_classes(step)]}, "
                  f"{len(data.dataset)} training images, {span}, lr {lr:g}{floor}")
@@ -276,12 +309,13 @@ def log_step_start(ctx: RunContext, step: int, data: TrainingData, epochs: int, 
 
 def train_epoch(ctx: RunContext, step: int, epoch: int, epochs: int, train_model: nn.Module, setup: StepSetup,
                 data: TrainingData, opt: Optimisation, at: Position, iterations: int, *,
-                length: StepLength | None = None) -> EpochProgress:
+                length: StepLength | None = None, teacher: nn.Module | None = None) -> EpochProgress:
     """One epoch (or its rest) with a progress bar and its logged means; adds its wall time to ``at``.
 
     ``iterations``: how many the epoch has (the loader's length, or fewer in
     the last epoch of an iteration-based step).  ``length``: the step's, for
-    the estimate of the time left that ends the epoch's line.  TensorBoard
+    the estimate of the time left that ends the epoch's line.  ``teacher``: what
+    answers for ``setup.teacher`` (a :class:`ReplayedTeacher` of it).  TensorBoard
     (``runtime.tensorboard``) also gets the means of every
     :data:`~ilseg.engine.runlog.TENSORBOARD_EVERY` iterations.
     """
@@ -308,7 +342,10 @@ def train_epoch(ctx: RunContext, step: int, epoch: int, epochs: int, train_model
 
     start = time.perf_counter()
     try:
-        progress = train_one_epoch(model=train_model, teacher=setup.teacher, method=ctx.method, loader=data.loader,
+        teacher = teacher if teacher is not None else setup.teacher
+        if isinstance(teacher, ReplayedTeacher):
+            teacher.start_epoch(done)
+        progress = train_one_epoch(model=train_model, teacher=teacher, method=ctx.method, loader=data.loader,
                                    optimizer=opt.optimizer, scheduler=opt.scheduler, scaler=opt.scaler,
                                    placement=ctx.placement, step=step, progress=partial,
                                    should_stop=ctx.stop.requested, on_iteration=on_iteration,

@@ -56,8 +56,11 @@ class ILTConfig(MethodConfig):
         kd_alpha: teacher-logit scale of ``"ilt_mib_code"``.
         kd_temperature: temperature of ``"ilt_output"``.
         kd_mask: pixels ``"ilt_output"`` averages over: ``"old_bgr"`` (old
-            classes and background), ``"all"`` (every pixel with a label: the
-            paper's code excludes the 255 pixels, as ilseg does) or ``"old"``.
+            classes and background; 255 excluded), ``"all"`` (every pixel,
+            255 included) or ``"old"``.  ``"all"`` is a known difference
+            from the paper's code, whose ``applied_to='all'`` keeps only the
+            labelled pixels (``gt <= num_classes - 1``) and so drops 255
+            (docs/fidelity.md); no preset uses it.
         fd_weight: weight of the feature distillation (MSE of the body's features).
     """
 

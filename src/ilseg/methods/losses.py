@@ -313,8 +313,10 @@ def kd_ilt_output(
     * ``"old_bgr"`` (the paper's default): ``y_i < C_old``, i.e. background or
       an old class; 255 excluded.  Under the MiB-style protocol old classes
       are already 0 in the target, so this is the background pixels.
-    * ``"all"``: every pixel, **255 included** (the paper applies ``L'_D`` to
-      the whole image; an ignored pixel still has a teacher output to match).
+    * ``"all"``: every pixel, **255 included**.  Not the paper's code: its
+      ``applied_to='all'`` masks ``gt <= num_classes - 1`` and so drops the
+      255 pixels (LTTM/IL-SemSegm ``codes/LD1/model_with_distillation.py``,
+      ``distillation_loss``); a known difference, listed in docs/fidelity.md.
     * ``"old"``: ``1 <= y_i < C_old``, old classes without background (empty
       under the MiB-style protocol, which relabels old classes to 0).
 
