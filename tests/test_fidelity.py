@@ -227,3 +227,39 @@ def test_the_cached_teacher_trains_exactly_what_the_online_teacher_does_with_one
     assert online_calls == 3 * replayed_calls > 0  # three epochs online, one computed pass replayed
     with pytest.raises(IlsegError, match="needs data.fixed_crops"):
         tiny(synth_root, tmp_path, "runtime.cache_teacher=true")
+
+
+# -- optim.weight_decay_on: kernels, optim.decay_iterations*: the ILT paper's code -------------------------
+def test_weight_decay_on_kernels_only_leaves_biases_and_batchnorm_undecayed():
+    from ilseg.engine.optim import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3))
+    opt = build_optimizer(model.parameters(), kind="sgd", lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.5,
+                          decay_kernels_only=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()  # no gradients: only weight decay could move a parameter (none moves: grads are None)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # zero gradients: the decay alone, lr 1 x 0.5 x w, on the kernel only
+    after = list(model.parameters())
+    torch.testing.assert_close(after[0], before[0] * 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(before[1:], after[1:]))  # conv bias, BN weight and bias
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]
+
+
+def test_the_poly_horizon_can_be_longer_than_the_step(tmp_path, synth_root):
+    cfg = tiny(synth_root, tmp_path, "optim.optimizer=sgd", "optim.lr=0.02", "optim.lr_end=0.001",
+               "optim.decay_iterations=20", "optim.iterations=5")
+    from ilseg.engine.optim import StepLength
+
+    length = StepLength.of(cfg.optim, 0, batches=3)
+    assert (length.total, length.horizon) == (5, 20)
+    opt = Optimisation.build(cfg, torch.nn.Linear(2, 2), lr=0.02, total_iters=length.horizon,
+                             placement=Placement(torch.device("cpu")), lr_end=length.lr_end)
+    for _ in range(5):
+        opt.optimizer.step()
+        opt.scheduler.step()
+    # (lr - lr_end) (1 - 5/20)^0.9 + lr_end, as TensorFlow's polynomial_decay with decay_steps 20
+    assert opt.optimizer.param_groups[0]["lr"] == pytest.approx((0.02 - 0.001) * 0.75 ** 0.9 + 0.001)
+    assert StepLength.of(tiny(synth_root, tmp_path).optim, 0, batches=3).horizon == 2 * 3  # default: the step

@@ -130,6 +130,9 @@ class OptimConfig:
     iterations_next: int = setting(0, LATER_STEPS, resume=True)  # 0: train ``epochs_next``
     lr_end: float = setting(0.0, TRAINING, resume=True)  # the learning rate the poly schedule reaches at the end of step 0
     lr_end_next: float = setting(0.0, LATER_STEPS, resume=True)  # ... of the later steps
+    weight_decay_on: Literal["all", "kernels"] = setting("all", TRAINING, resume=True)  # kernels: the ILT paper's code
+    decay_iterations: int = setting(0, TRAINING, resume=True)  # the poly horizon of step 0 (0: the step's length)
+    decay_iterations_next: int = setting(0, LATER_STEPS, resume=True)  # ... of the later steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +290,8 @@ def _validate(cfg: RunConfig) -> None:
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (0 <= cfg.optim.momentum < 1, "optim.momentum must be in [0, 1)"),
         (cfg.optim.poly_power >= 0, "optim.poly_power must be >= 0"),
+        (cfg.optim.decay_iterations >= 0 and cfg.optim.decay_iterations_next >= 0,
+         "optim.decay_iterations and optim.decay_iterations_next must be >= 0 (0: the step's own length)"),
         (cfg.optim.schedule == "poly" or (cfg.optim.lr_end == 0 and cfg.optim.lr_end_next == 0),
          "optim.lr_end and optim.lr_end_next are where the poly schedule ends; with optim.schedule=constant "
          "leave them at 0"),

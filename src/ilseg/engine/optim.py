@@ -21,7 +21,8 @@ from ilseg.placement import Placement
 
 
 def build_optimizer(params: Iterable[nn.Parameter], *, kind: str, lr: float, momentum: float,
-                    nesterov: bool, weight_decay: float, fused: bool = True) -> torch.optim.Optimizer:
+                    nesterov: bool, weight_decay: float, fused: bool = True,
+                    decay_kernels_only: bool = False) -> torch.optim.Optimizer:
     """SGD (the references' recipe) or AdamW (used by the CPU demo) over trainable params.
 
     ``fused``: torch's fused kernel (one pass over all parameters, on the CPU
@@ -32,15 +33,23 @@ def build_optimizer(params: Iterable[nn.Parameter], *, kind: str, lr: float, mom
     tiny gradient), so its weights drift from the loop's within a few
     updates while the loss follows the same course (tested); runs stay
     repeatable, as each kernel is deterministic.
+
+    ``decay_kernels_only``: weight decay on the convolution kernels alone
+    (4-d weights), none on biases and BatchNorm parameters (the ILT paper's
+    code decays the variables named ``weights``); two parameter groups.
     """
     params = [p for p in params if p.requires_grad]
     use_fused = fused and bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
                                                for p in params)
+    groups: list[Any] | list[nn.Parameter] = params
+    if decay_kernels_only:
+        groups = [{"params": [p for p in params if p.dim() == 4]},
+                  {"params": [p for p in params if p.dim() != 4], "weight_decay": 0.0}]
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                fused=use_fused or None)
     if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=use_fused or None)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=use_fused or None)
     raise IlsegError(f"unknown optimizer {kind!r}; use 'sgd' or 'adamw'")
 
 
@@ -77,9 +86,11 @@ class Optimisation:
     @classmethod
     def build(cls, cfg: RunConfig, model: nn.Module, *, lr: float, total_iters: int,
               placement: Placement, lr_end: float = 0.0) -> Optimisation:
+        """``total_iters``: the poly schedule's horizon (the step's length, or ``optim.decay_iterations*``)."""
         o = cfg.optim
         optimizer = build_optimizer(model.parameters(), kind=o.optimizer, lr=lr, momentum=o.momentum,
-                                    nesterov=o.nesterov, weight_decay=o.weight_decay)
+                                    nesterov=o.nesterov, weight_decay=o.weight_decay,
+                                    decay_kernels_only=o.weight_decay_on == "kernels")
         if o.schedule == "constant":  # cssegmentation as it ran: its poly scheduler is never applied
             scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.ConstantLR(
                 optimizer, factor=1.0, total_iters=0)
@@ -114,16 +125,19 @@ class StepLength:
     total: int
     batches: int  # the loader's batches per epoch
     lr_end: float
+    horizon: int = 0  # the iterations the poly schedule decays over (``total`` unless ``optim.decay_iterations*``)
 
     @classmethod
     def of(cls, optim: OptimConfig, step: int, batches: int) -> StepLength:
         iterations, lr_end = (optim.iterations, optim.lr_end) if step == 0 else (optim.iterations_next,
                                                                                  optim.lr_end_next)
+        decay = optim.decay_iterations if step == 0 else optim.decay_iterations_next
         batches = max(1, batches)
         if iterations <= 0:
             epochs = step_recipe(optim, step)[0]
-            return cls(epochs, epochs * batches, batches, lr_end)
-        return cls(math.ceil(iterations / batches), iterations, batches, lr_end)
+            total = epochs * batches
+            return cls(epochs, total, batches, lr_end, decay or total)
+        return cls(math.ceil(iterations / batches), iterations, batches, lr_end, decay or iterations)
 
     def iterations_in(self, epoch: int) -> int:
         """Iterations of epoch ``epoch``: a whole pass, or what is left of ``total`` in the last one."""

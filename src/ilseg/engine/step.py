@@ -98,7 +98,7 @@ def train_step(ctx: RunContext, step: int, resume: dict[str, Any] | None = None)
     prepare(ctx, setup, data, step)
     length = StepLength.of(ctx.cfg.optim, step, len(data.loader))
     epochs = length.epochs
-    opt = Optimisation.build(ctx.cfg, train_model, lr=lr, total_iters=length.total, placement=ctx.placement,
+    opt = Optimisation.build(ctx.cfg, train_model, lr=lr, total_iters=length.horizon, placement=ctx.placement,
                              lr_end=length.lr_end)
     at = Position.of(resume, opt)
     log_step_start(ctx, step, data, epochs, at, length)

@@ -27,7 +27,8 @@ from ilseg.visual.style import REPEAT_DASHES, MethodStyle, method_style
 
 COLUMN, PAGE = 3.5, 7.0
 DPI = 200
-MAX_BARS = 30  # forgetting: the classes with the largest mean forgetting when there are more
+MAX_BARS = 20  # forgetting: the classes with the largest mean forgetting when there are more (VOC: all 20)
+MAX_WIDTH = 9.0  # inches: the widest figure, still readable when a page of 1100 CSS pixels shows it
 MAX_HEATMAP_ROWS = 40  # more classes (ADE20k): the heatmap shows the best and the worst HEATMAP_SHOWN of them
 HEATMAP_SHOWN = 20
 NOT_LEARNT = "#d9d9d9"  # a class not learnt yet at that step: flat grey
@@ -223,7 +224,7 @@ def forgetting_bars(groups: Sequence[Group], path: Path) -> Path:
         worst = sorted(classes, key=lambda c: -max((s[c].mean or 0.0) for s in stats if c in s))[:MAX_BARS]
         classes = [c for c in classes if c in worst]
         title += f" (the {MAX_BARS} most forgotten of {total})"
-    fig = _figure(min(max(COLUMN, 1.0 + 0.32 * len(classes) * max(1, len(groups)) ** 0.5), 12.0), 2.6)
+    fig = _figure(min(max(COLUMN, 1.0 + 0.32 * len(classes) * max(1, len(groups)) ** 0.5), MAX_WIDTH), 2.6)
     ax = fig.subplots()
     width = 0.8 / len(groups)
     x = np.arange(len(classes))
