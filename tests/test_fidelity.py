@@ -263,3 +263,45 @@ def test_the_poly_horizon_can_be_longer_than_the_step(tmp_path, synth_root):
     # (lr - lr_end) (1 - 5/20)^0.9 + lr_end, as TensorFlow's polynomial_decay with decay_steps 20
     assert opt.optimizer.param_groups[0]["lr"] == pytest.approx((0.02 - 0.001) * 0.75 ** 0.9 + 0.001)
     assert StepLength.of(tiny(synth_root, tmp_path).optim, 0, batches=3).horizon == 2 * 3  # default: the step
+
+
+# -- data.augment: ilt_paper (rescale in [0.5, 1.5), flip, pad with the mean colour / 255, random crop) --------
+def test_the_ilt_paper_augmentation_scales_pads_with_mean_and_ignore_and_crops():
+    import numpy as np
+
+    from ilseg.data.transforms import ilt_paper_train_transform
+
+    rgb = np.full((20, 30, 3), 200, dtype=np.uint8)
+    mask = np.full((20, 30), 3, dtype=np.uint8)
+    transform = ilt_paper_train_transform(48, normalize="caffe")
+    padded = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        x, y = transform(rgb, mask)
+        assert x.shape == (3, 48, 48) and y.shape == (48, 48)
+        assert set(y.unique().tolist()) == {3, 255}  # the scaled image (< 48 px) and the padding
+        outside = y == 255
+        padded += int(outside.sum())
+        # the padding is the mean colour: 0 after normalisation (up to the mean's rounding)
+        assert float(x[:, outside].abs().max()) <= 0.5
+        inside = (y == 3).sum().item()
+        assert 0.5 ** 2 * 600 * 0.95 <= inside <= 1.5 ** 2 * 600 * 1.05  # area scaled by [0.25, 2.25)
+    assert padded > 0
+
+
+def test_the_ilt_paper_augmentation_is_what_training_loads_when_asked(tmp_path, synth_root):
+    from ilseg.engine.loaders import step_train_transform
+
+    assert "RandomScale" in repr(step_train_transform(tiny(synth_root, tmp_path, "data.augment=ilt_paper")))
+    assert "RandomResizedCrop" in repr(step_train_transform(tiny(synth_root, tmp_path)))
+
+
+def test_the_ilt_paper_padding_is_on_the_bottom_and_right():
+    import numpy as np
+
+    from ilseg.data.transforms import ilt_paper_train_transform
+
+    transform = ilt_paper_train_transform(64, scale=(1.0, 1.0))  # no rescale: a 20 x 30 image in a 64 crop
+    torch.manual_seed(0)
+    _, y = transform(np.zeros((20, 30, 3), dtype=np.uint8), np.zeros((20, 30), dtype=np.uint8))
+    assert (y[:20, :30] == 0).all() and (y[20:, :] == 255).all() and (y[:, 30:] == 255).all()

@@ -80,6 +80,7 @@ class DataConfig:
     crop_size: int = setting(512, TRAINING)
     scale: tuple[float, float] = setting((0.5, 2.0), TRAINING)
     normalize: Literal["imagenet", "caffe"] = setting("imagenet", TRAINING)  # caffe: the ILT paper's code
+    augment: Literal["resized_crop", "ilt_paper"] = setting("resized_crop", TRAINING)  # ilt_paper: scale, flip, pad, crop
     fixed_crops: bool = setting(False, TRAINING)  # steps > 0: one crop per image for the whole step, in file order
     test_size: int | None = setting(512, EVALUATION)  # None: evaluate on full images
     test_crop: bool = setting(True, EVALUATION)

@@ -179,6 +179,62 @@ def train_transform(
     return JointTransform(geometry, normalize)
 
 
+class RandomScale(v2.Transform):
+    """Resize image and mask by one random factor drawn uniformly from ``[low, high)`` (aspect kept)."""
+
+    def __init__(self, low: float, high: float) -> None:
+        super().__init__()
+        self.low, self.high = low, high
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        factor = self.low + (self.high - self.low) * float(torch.rand(()))
+        return {"size": [max(1, round(height * factor)), max(1, round(width * factor))]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Mask):
+            return _resize_mask_exact(inpt, params["size"])
+        return F.resize(inpt, params["size"], interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+class PadBottomRight(v2.Transform):
+    """Pad image and mask on the bottom and right up to ``size`` where smaller (the ILT paper's code)."""
+
+    def __init__(self, size: tuple[int, int], image_fill: Sequence[int], mask_fill: int = 255) -> None:
+        super().__init__()
+        self.size, self.image_fill, self.mask_fill = size, list(image_fill), mask_fill
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        return {"padding": [0, 0, max(0, self.size[1] - width), max(0, self.size[0] - height)]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not any(params["padding"]):
+            return inpt
+        if isinstance(inpt, tv_tensors.Mask):
+            return F.pad(inpt, params["padding"], fill=self.mask_fill)
+        channels = [F.pad(inpt[c:c + 1], params["padding"], fill=value) for c, value in enumerate(self.image_fill)]
+        return tv_tensors.wrap(torch.cat(channels), like=inpt)
+
+
+def ilt_paper_train_transform(crop_size: int, *, normalize: Normalization = "imagenet",
+                              scale: tuple[float, float] = (0.5, 1.5)) -> JointTransform:
+    """The ILT paper's augmentation (its TensorFlow code, after DeepLab-v2's reader): the image rescaled by a
+    random factor in ``[0.5, 1.5)``, flipped with probability 0.5, padded on the bottom and right to
+    ``crop_size`` where smaller (the image with its mean colour, so 0 after normalisation; the mask with 255),
+    then a random ``crop_size`` crop.
+    """
+    scaled, mean, _ = NORMALIZATIONS[normalize]
+    fill_rgb = [round(m * 255) if scaled else round(m) for m in mean]
+    geometry: list[v2.Transform] = [
+        RandomScale(*scale),
+        v2.RandomHorizontalFlip(p=0.5),
+        PadBottomRight(_size_pair(crop_size), fill_rgb),
+        v2.RandomCrop(_size_pair(crop_size)),
+    ]
+    return JointTransform(geometry, normalize)
+
+
 def eval_transform(size: int | None, *, crop: bool = True, normalize: Normalization = "imagenet") -> JointTransform:
     """Evaluation transform: resize the shorter side to ``size``, then centre-crop ``size x size``.
 

@@ -14,7 +14,7 @@ from ilseg.data.datasets import SeededItems, SegmentationDataset, build_dataset
 from ilseg.data.io import image_size
 from ilseg.data.parallel import leave_signals_to_parent
 from ilseg.data.splits import class_presence, step_image_indices
-from ilseg.data.transforms import eval_transform, train_transform
+from ilseg.data.transforms import JointTransform, eval_transform, ilt_paper_train_transform, train_transform
 from ilseg.engine import distributed
 from ilseg.errors import IlsegError
 from ilseg.tasks import Mode, Task, eval_lut, keep_test_image
@@ -45,7 +45,7 @@ def training_data(cfg: RunConfig, task: Task, step: int, target_lut: np.ndarray,
     """
     data = cfg.data
     ds = build_dataset(data.dataset, data.root, "train", lut=target_lut,
-                       transform=train_transform(data.crop_size, scale=data.scale, normalize=data.normalize))
+                       transform=step_train_transform(cfg))
     index_file = data.index_file.replace("{step}", str(step)) if data.index_file else None
     mode: Mode = "overlap" if data.overlap else "disjoint"
 
@@ -73,6 +73,15 @@ def training_data(cfg: RunConfig, task: Task, step: int, target_lut: np.ndarray,
     loader = make_loader(items, batch_sampler=EpochKeys(batches, fixed=fixed), workers=data.workers,
                          persistent=True)
     return TrainingData(dataset=ds, items=items, batches=batches, loader=loader)
+
+
+def step_train_transform(cfg: RunConfig) -> JointTransform:
+    """The training augmentation ``data.augment`` names: MiB's random resized crop (``data.scale`` of the area),
+    or the ILT paper's rescale, flip, pad and crop."""
+    data = cfg.data
+    if data.augment == "ilt_paper":
+        return ilt_paper_train_transform(data.crop_size, normalize=data.normalize)
+    return train_transform(data.crop_size, scale=data.scale, normalize=data.normalize)
 
 
 class EpochKeys(Sampler[list[tuple[int, int]]]):
