@@ -414,7 +414,7 @@ def test_plop_on_two_processes_calibrates_and_trains_like_one(synth_root, tmp_pa
     def thresholds(run: Path) -> str:
         return next(line for line in (run / "train.log").read_text().splitlines() if "thresholds" in line)
 
-    assert thresholds(tmp_path / "two").split("): ")[1] == thresholds(tmp_path / "one").split("): ")[1]
+    assert thresholds(tmp_path / "two").rsplit("): ", 1)[1] == thresholds(tmp_path / "one").rsplit("): ", 1)[1]
     two, one = _epoch_losses(tmp_path / "two"), _epoch_losses(tmp_path / "one")
     assert [s for s, _ in two] == [s for s, _ in one] == [0, 0, 1]
     assert [l for _, l in two] == pytest.approx([l for _, l in one], rel=1e-3)

@@ -67,7 +67,7 @@ def training_data(cfg: RunConfig, task: Task, step: int, target_lut: np.ndarray,
         raise IlsegError(f"step {step} has only {len(ds)} training images, fewer than optim.batch_size={batch_size}")
     seed = cfg.runtime.seed + 1000 * step
     items = SeededItems(ds, seed)
-    fixed = data.fixed_crops and step > 0  # the ILT paper's incremental steps: one crop per image, file order
+    fixed = data.fixed_crops and step > 0  # one crop per image for the step, in file order (docs/fidelity.md)
     batches = distributed.GlobalBatchSampler(len(ds), batch_size, rank=dist.rank, world_size=dist.world_size,
                                              seed=seed, shuffle=not fixed)
     loader = make_loader(items, batch_sampler=EpochKeys(batches, fixed=fixed), workers=data.workers,
@@ -76,8 +76,8 @@ def training_data(cfg: RunConfig, task: Task, step: int, target_lut: np.ndarray,
 
 
 def step_train_transform(cfg: RunConfig) -> JointTransform:
-    """The training augmentation ``data.augment`` names: MiB's random resized crop (``data.scale`` of the area),
-    or the ILT paper's rescale, flip, pad and crop."""
+    """The training augmentation ``data.augment`` names: the random resized crop of the recipe (``data.scale`` of the area),
+    or the paper setting's rescale, flip, pad and crop (docs/fidelity.md)."""
     data = cfg.data
     if data.augment == "ilt_paper":
         return ilt_paper_train_transform(data.crop_size, normalize=data.normalize)

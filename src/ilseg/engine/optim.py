@@ -35,7 +35,7 @@ def build_optimizer(params: Iterable[nn.Parameter], *, kind: str, lr: float, mom
     repeatable, as each kernel is deterministic.
 
     ``decay_kernels_only``: weight decay on the convolution kernels alone
-    (4-d weights), none on biases and BatchNorm parameters (the ILT paper's
+    (4-d weights), none on biases and BatchNorm parameters (the paper setting's
     code decays the variables named ``weights``); two parameter groups.
     """
     params = [p for p in params if p.requires_grad]

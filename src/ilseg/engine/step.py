@@ -157,7 +157,7 @@ def prepare(ctx: RunContext, setup: StepSetup, data: TrainingData, step: int) ->
 
     reduce = (lambda t: torch.distributed.all_reduce(t)) if ctx.dist.enabled else None
     line = ctx.method.prepare(batches(), step, reduce=reduce)
-    ctx.log.info(f"step {step}: {line} ({time.perf_counter() - start:.1f} s)")
+    ctx.log.info(f"step {step}, before training ({time.perf_counter() - start:.1f} s): {line}")
 
 
 @dataclasses.dataclass
@@ -235,7 +235,7 @@ class ReplayedTeacher(nn.Module):
     With ``data.fixed_crops`` every epoch of a step > 0 feeds the same crops
     in the same order, so the teacher's outputs for batch ``b`` never change:
     the first epoch computes and keeps them (on the training device), the
-    others reuse them (``runtime.cache_teacher``; the ILT paper's code stores
+    others reuse them (``runtime.cache_teacher``; the reference code of the paper setting stores
     them once per step the same way).  The outputs are the very tensors the
     online teacher returns, so the losses are the same, at the memory cost of
     one step's teacher outputs (logits at crop size, features, taps).
