@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 
 import pytest
 
+import processes
 from ilseg.cli import COMMAND_GROUPS, build_parser, main
 from ilseg.methods import METHOD_PRESETS
 
@@ -96,7 +96,7 @@ def test_data_synth_then_splits_json(tmp_path, capsys):
 
 
 def test_python_dash_m_entry_point_reports_errors_without_traceback():
-    proc = subprocess.run([sys.executable, "-m", "ilseg", "tasks", "voc", "nope"], capture_output=True, text=True,
+    proc = processes.run([sys.executable, "-m", "ilseg", "tasks", "voc", "nope"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("ilseg: error: unknown task 'nope'") and "Traceback" not in proc.stderr

@@ -230,3 +230,27 @@ def test_frozen_batchnorm_with_deeplab_v3s_head_is_refused():
                                          "model.head=aspp_v2"):
         load_config(None, ["model.frozen_bn=true"])
     assert load_config(None, ["model.frozen_bn=true", "model.head=aspp_v2"]).model.frozen_bn
+
+
+def test_config_hash_names_what_shapes_the_results_and_survives_new_settings():
+    cfg = load_config(preset_dir() / "voc-15-1-ov-ilt.yaml")
+    # pinned: a change here means every earlier run's results.json shows another hash for the same settings
+    assert RunConfig().hash() == "ef847f94cb14"
+    assert cfg.hash() == "8918fc087906"
+    # where and how it runs, and the label, leave it alone; what it learns or how it is scored changes it
+    moved = load_config(preset_dir() / "voc-15-1-ov-ilt.yaml", ["name=other", "data.root=/elsewhere", "data.workers=2",
+                                                                "runtime.device=cpu"])
+    assert moved.hash() == cfg.hash()
+    for change in ("optim.lr=0.02", "data.test_size=null", "method.kd_weight=50", "method.name=mib"):
+        assert load_config(preset_dir() / "voc-15-1-ov-ilt.yaml", [change]).hash() != cfg.hash(), change
+
+    # a setting added later, at a default that keeps the old behaviour, leaves the hash as it was
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class DataWithANewSetting(type(cfg.data)):  # type: ignore[misc]
+        added_later: bool = False
+
+    newer = dataclasses.replace(cfg, data=DataWithANewSetting(**dataclasses.asdict(cfg.data)))
+    assert newer.hash() == cfg.hash()
+    assert dataclasses.replace(newer, data=dataclasses.replace(newer.data, added_later=True)).hash() != cfg.hash()

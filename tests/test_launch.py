@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
+import processes
+from tiny import TINY as TINY_RUN
 from ilseg.cli import main
 from ilseg.data.synth import generate_synth
+from ilseg.engine import launch as launch_module
 from ilseg.engine.launch import _job_status, rank_environment
 
-TINY = ["model.width=8", "model.head_channels=8", "model.output_stride=16", "optim.batch_size=8",
-        "optim.epochs=1", "optim.epochs_next=1", "data.crop_size=32", "eval.batch_size=16", "data.workers=0",
-        "runtime.backend=gloo", "runtime.collective_timeout_s=20"]
+TINY = [*TINY_RUN, "optim.batch_size=8", "optim.epochs=1", "runtime.backend=gloo",
+        "runtime.collective_timeout_s=20"]
 
-# A method that kills its own process on rank 1 at its third batch: a rank dying mid-step.
+# A method that sends its own process SIGNAL on rank 1 at its third batch: SIGKILL, a rank dying mid-step;
+# SIGSTOP, a rank that freezes (a hung file system, a GPU fault) without a message or an exit.
 DYING_METHOD = textwrap.dedent('''
     import dataclasses, os, signal
     from ilseg.methods import MethodConfig, register_method
@@ -35,7 +38,7 @@ DYING_METHOD = textwrap.dedent('''
         def loss(self, student, teacher, target, step):
             self.batches += 1
             if os.environ.get("RANK") == "1" and self.batches == 3:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGNAL)
             return super().loss(student, teacher, target, step)
 
     register_method("die", Die, {"die-on-rank-1": DieConfig(name="die-on-rank-1")})
@@ -67,12 +70,12 @@ def test_launch_runs_only_train_or_eval(capsys):
 def test_a_rank_killed_mid_step_ends_the_job_with_one_line_and_a_resumable_run(tmp_path: Path):
     root = tmp_path / "synth"
     generate_synth(root, seed=3, num_images=60, size=32, workers=1)
-    (tmp_path / "dying.py").write_text(DYING_METHOD)
+    (tmp_path / "dying.py").write_text(DYING_METHOD.replace("SIGNAL", "SIGKILL"))
     run = tmp_path / "run"
     args = ["--methods-from", "dying", "launch", "--nproc", "2", "train", "--config", "synth-demo", "--out", str(run),
             "--quiet", "--set", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", *TINY,
             "method.name=die-on-rank-1"]
-    proc = subprocess.run([sys.executable, "-m", "ilseg", *args], cwd=tmp_path, capture_output=True, text=True,
+    proc = processes.run([sys.executable, "-m", "ilseg", *args], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode != 0
@@ -85,8 +88,27 @@ def test_two_launched_processes_train_a_run(tmp_path: Path):
     root = tmp_path / "synth"
     generate_synth(root, seed=3, num_images=60, size=32, workers=1)
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "ilseg", "launch", "--nproc", "2", "train", "--config", "synth-demo",
+    proc = processes.run([sys.executable, "-m", "ilseg", "launch", "--nproc", "2", "train", "--config", "synth-demo",
                            "--out", str(run), "--quiet", "--steps", "0:2", "--set", f"data.root={root}",
                            f"data.cache_dir={tmp_path / 'cache'}", *TINY], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert (run / "step1.pth").is_file() and "device cpu x2" in (run / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_ends_the_job_soon_after_the_collective_timeout(tmp_path: Path):
+    """torchrun waits 30 s more before it kills a stopped process; the launcher stops it at once."""
+    root = tmp_path / "synth"
+    generate_synth(root, seed=3, num_images=60, size=32, workers=1)
+    (tmp_path / "dying.py").write_text(DYING_METHOD.replace("SIGNAL", "SIGSTOP"))
+    args = ["--methods-from", "dying", "launch", "--nproc", "2", "train", "--config", "synth-demo", "--out",
+            str(tmp_path / "run"), "--quiet", "--set", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}",
+            *TINY, "runtime.collective_timeout_s=5", "method.name=die-on-rank-1"]
+    started = time.monotonic()
+    proc = processes.run([sys.executable, "-m", "ilseg", *args], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    seconds = time.monotonic() - started
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0
+    assert lines and lines[-1].startswith("ilseg: error: another process of this job stopped"), proc.stderr
+    assert seconds < 5 + launch_module.GRACE_S + 15, seconds  # the timeout, the grace, start-up: not 30 s more

@@ -7,7 +7,6 @@ CI has no browser; run it with ``apt-get install chromium`` (Debian) and
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 from PIL import Image
 from test_report_command import make_run
 
+import processes
 from ilseg.reports import write_report
 
 BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
@@ -27,7 +27,7 @@ def test_the_page_renders_offline_with_its_figures(tmp_path: Path):
     runs.append(make_run(tmp_path / "runs" / "ft", "finetune", 0, (0.1, 0.4), (0.6, 0.05)))
     page = write_report(runs, tmp_path / "report")["html"]
     shot = tmp_path / "page.png"
-    subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+    processes.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     "--window-size=1200,1800", f"--screenshot={shot}", page.as_uri()],
                    check=True, capture_output=True, timeout=120)
     pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
@@ -49,7 +49,7 @@ def test_reports_of_real_sizes_render_on_wide_and_narrow_windows(tmp_path: Path,
     page = write_report(runs, tmp_path / "report")["html"]
     for width in (1280, 400):
         shot = tmp_path / f"page-{width}.png"
-        subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+        processes.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                         f"--window-size={width},3000", f"--screenshot={shot}", page.as_uri()],
                        check=True, capture_output=True, timeout=120)
         pixels = np.asarray(Image.open(shot).convert("RGB"))

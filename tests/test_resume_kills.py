@@ -23,6 +23,7 @@ import pytest
 import torch
 from tiny import InterruptAt, tiny_sets
 
+import processes
 import ilseg
 from ilseg.cli import main
 from ilseg.engine import run as run_mod
@@ -94,7 +95,7 @@ def _train_args(root: Path, cache: Path, out: Path, *extra: str) -> list[str]:
 def _child(args: list[str], fault: str, script: Path) -> subprocess.CompletedProcess:
     src = str(Path(ilseg.__file__).resolve().parents[1])
     env = dict(os.environ, ILSEG_TEST_FAULT=fault, PYTHONPATH=src)
-    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+    return processes.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
                           timeout=300)
 
 

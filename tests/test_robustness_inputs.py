@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import gc
 import json
+import multiprocessing
 import os
 import shutil
 import socket
@@ -24,6 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tiny import TINY
 import ilseg.fileio
 from ilseg.cli import main
 from ilseg.config import dump_config, load_config
@@ -35,11 +37,6 @@ from ilseg.runs import checkpoint as checkpoint_mod
 from ilseg.runs.checkpoint import load_checkpoint
 from ilseg.tasks import get_task
 
-TINY = [
-    "model.width=8", "model.head_channels=8", "model.output_stride=16",
-    "optim.batch_size=4", "optim.epochs=2", "optim.epochs_next=1",
-    "data.crop_size=32", "data.workers=0", "eval.batch_size=16",
-]
 STEP_CLASSES = {0: ["background", "disc", "square", "triangle", "ring", "cross", "bar"],
                 1: ["diamond", "star"], 2: ["crescent", "checker"]}
 
@@ -413,6 +410,9 @@ def test_corrupt_training_image_in_a_worker_is_one_line(synth_root, tmp_path, ca
         assert noise not in err
     assert "cannot read image" in lines[0]
     assert sum(str(image) in lines[0] for image in images) == 1
+    # no loader worker outlives the run: they ignore SIGTERM, so one left over would keep the process (this
+    # test session, or the `ilseg` command) from exiting: multiprocessing's exit waits for its children
+    assert not [child for child in multiprocessing.active_children() if child.is_alive()]
     assert (out / "config.yaml").is_file()  # it failed while training, after the early checks
     assert not (out / "step0.pth").exists()
 

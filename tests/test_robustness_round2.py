@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 import torch
 
+from tiny import TINY as TINY_RUN
 import ilseg.fileio
 from ilseg.cli import main
 from ilseg.data import splits
 from ilseg.fileio import is_ilseg_temporary
 from ilseg.runs.folder import is_run_temporary
 
-TINY = ["model.width=8", "model.head_channels=8", "model.output_stride=16", "optim.batch_size=4",
-        "optim.epochs=1", "optim.epochs_next=1", "data.crop_size=32", "data.workers=0", "eval.batch_size=16"]
+TINY = [*TINY_RUN, "optim.epochs=1"]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from tiny import tiny_config, tiny_sets
 
+import processes
 from ilseg.cli import main
 from ilseg.engine import runlog
 from ilseg.engine.run import run_training
@@ -142,7 +143,7 @@ def test_the_error_line_starts_its_own_line_when_stdout_and_stderr_share_a_file(
     """As under SLURM: progress bars (not --quiet) and the error in one file."""
     sets = tiny_sets(synth_root, "optim.epochs=1", "optim.lr=1e30", cache_dir=tmp_path / "cache")
     with open(tmp_path / "slurm.out", "w") as out:
-        proc = subprocess.run([sys.executable, "-m", "ilseg", "train", "--config", "synth-demo", "--out",
+        proc = processes.run([sys.executable, "-m", "ilseg", "train", "--config", "synth-demo", "--out",
                                str(tmp_path / "run"), "--set", *sets], stdout=out, stderr=subprocess.STDOUT,
                               timeout=300)
     assert proc.returncode == 2

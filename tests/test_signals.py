@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
+import processes
+from tiny import TINY as TINY_RUN
 from ilseg.data.parallel import leave_signals_to_parent
 from ilseg.data.synth import generate_synth
+from ilseg.engine.signals import StopRequests
 
-TINY = ["model.width=8", "model.head_channels=8", "model.output_stride=16", "optim.batch_size=4",
-        "optim.epochs=50", "optim.epochs_next=1", "data.crop_size=32", "eval.batch_size=16"]
+TINY = [*TINY_RUN, "optim.epochs=50"]  # long enough to be signalled mid-run
 
 
 def test_a_worker_ignores_the_signals_its_parent_handles():
@@ -28,9 +30,36 @@ def test_a_worker_ignores_the_signals_its_parent_handles():
     assert callable(leave_signals_to_parent)
 
 
-def _start(args: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "ilseg", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+def test_a_second_ctrl_c_interrupts_a_stuck_iteration_but_not_the_saving_that_follows_a_stop():
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a program; pytest may have its own
+    with StopRequests() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.signal_number == signal.SIGINT and not stop.stopping
+        with pytest.raises(KeyboardInterrupt):  # the loop has not seen the first one yet: stop now
+            signal.raise_signal(signal.SIGINT)
+        assert stop.requested() and stop.stopping
+        signal.raise_signal(signal.SIGINT)  # saving and leaving: ignored
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.signal_number == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.fixture
+def start():
+    """``start(args)``: ``python -m ilseg ARGS`` in a process group of its own, killed whole at the test's end."""
+    started: list[subprocess.Popen[str]] = []
+
+    def _start(args: list[str], *, before: str = "") -> subprocess.Popen[str]:
+        """``before``: Python run first (to slow a function down, say), then the command line."""
+        code = f"{before}\nfrom ilseg.cli import run_command_line\nrun_command_line()"
+        started.append(subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, start_new_session=True))
+        return started[-1]
+
+    yield _start
+    for proc in started:
+        processes.kill_group(proc.pid)
+        proc.communicate()
 
 
 def _wait_for(condition, timeout: float = 120.0) -> None:
@@ -42,12 +71,12 @@ def _wait_for(condition, timeout: float = 120.0) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_process_group_with_loader_workers_stops_and_saves(tmp_path: Path):
+def test_sigterm_to_the_process_group_with_loader_workers_stops_and_saves(tmp_path: Path, start):
     root = tmp_path / "synth"
     generate_synth(root, seed=3, num_images=60, size=32, workers=1)
     run = tmp_path / "run"
-    proc = _start(["train", "--config", "synth-demo", "--out", str(run), "--quiet", "--set", f"data.root={root}",
-                   f"data.cache_dir={tmp_path / 'cache'}", "data.workers=2", *TINY])
+    proc = start(["train", "--config", "synth-demo", "--out", str(run), "--quiet", "--set", f"data.root={root}",
+                   f"data.cache_dir={tmp_path / 'cache'}", *TINY, "data.workers=2"])
     _wait_for(lambda: (run / "last.pth").is_file() or proc.poll() is not None)  # an epoch or more has trained
     assert proc.poll() is None, proc.communicate()
     os.killpg(proc.pid, signal.SIGTERM)
@@ -70,30 +99,42 @@ def _children(pid: int) -> int:
     return count
 
 
+# Each chunk of masks takes a second more to read, so that the signal surely comes while the pool is at work.
+SLOW_MASK_CHUNKS = """
+import time
+from ilseg.data import splits
+read = splits._mask_values_chunk
+def slow(*args, **kwargs):
+    time.sleep(1)
+    return read(*args, **kwargs)
+splits._mask_values_chunk = slow
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the pool's workers through /proc")
-def test_ctrl_c_to_the_process_group_while_masks_are_indexed_is_one_line(tmp_path: Path):
+def test_ctrl_c_to_the_process_group_while_masks_are_indexed_is_one_line(tmp_path: Path, start):
     root = tmp_path / "synth"
-    generate_synth(root, seed=3, num_images=3000, size=32, workers=2)
-    proc = _start(["splits", "--dataset", "synth", "--root", str(root), "--task", "6-2-2", "--workers", "2",
-                   "--cache-dir", str(tmp_path / "cache")])
+    generate_synth(root, seed=3, num_images=600, size=32, workers=2)
+    proc = start(["splits", "--dataset", "synth", "--root", str(root), "--task", "6-2-2", "--workers", "2",
+                  "--cache-dir", str(tmp_path / "cache")], before=SLOW_MASK_CHUNKS)
     _wait_for(lambda: _children(proc.pid) >= 2 or proc.poll() is not None)  # the pool's workers are reading
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the masks were all read before the signal came (a fast machine)")
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "BrokenProcessPool" not in err, err
     assert [line for line in err.splitlines() if line.strip()][-1].startswith("ilseg: interrupted"), err
 
 
 @pytest.mark.slow
-def test_two_ctrl_c_to_the_process_group_50_ms_apart_end_without_a_worker_traceback(tmp_path: Path):
+def test_two_ctrl_c_to_the_process_group_50_ms_apart_end_without_a_worker_traceback(tmp_path: Path, start):
     root = tmp_path / "synth"
     generate_synth(root, seed=3, num_images=60, size=32, workers=1)
     run = tmp_path / "run"
-    proc = _start(["train", "--config", "synth-demo", "--out", str(run), "--quiet", "--set", f"data.root={root}",
-                   f"data.cache_dir={tmp_path / 'cache'}", "data.workers=2", *TINY])
+    proc = start(["train", "--config", "synth-demo", "--out", str(run), "--quiet", "--set", f"data.root={root}",
+                   f"data.cache_dir={tmp_path / 'cache'}", *TINY, "data.workers=2"])
     _wait_for(lambda: (run / "last.pth").is_file() or proc.poll() is not None)
     assert proc.poll() is None, proc.communicate()
     os.killpg(proc.pid, signal.SIGINT)

@@ -1,6 +1,6 @@
 """Allow ``python -m ilseg``."""
 
-from ilseg.cli import main
+from ilseg.cli import run_command_line
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command_line()

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -862,5 +863,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+def run_command_line() -> NoReturn:
+    """The ``ilseg`` command and ``python -m ilseg``: :func:`main`, then exit with its status.
+
+    After a run stopped by a signal (status 130 or 143, its state saved and its line printed), further
+    SIGINT / SIGTERM are ignored while the interpreter shuts down: a Ctrl-C pressed twice, or a scheduler
+    signalling the whole process group again, would otherwise interrupt the clean-up and print its traceback.
+    """
+    from ilseg.engine.signals import ignore_signals_after_a_stop
+
+    ignore_signals_after_a_stop()
+    code = main()
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+    raise SystemExit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command_line()

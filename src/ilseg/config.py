@@ -37,7 +37,8 @@ from typing import Any, Literal
 import yaml
 
 from ilseg.errors import IlsegError
-from ilseg.methods import METHOD_PRESETS, ILTConfig, MethodConfig
+from ilseg.methods import METHOD_PRESETS, ILTConfig, MethodConfig, method_class
+from ilseg.methods.base import method_kind
 from ilseg.methods.legacy import from_legacy, is_legacy
 from ilseg.tasks import Task, custom_task, get_task
 
@@ -239,8 +240,8 @@ class RunConfig:
         return _to_plain(dataclasses.asdict(self))
 
     def hash(self) -> str:
-        """A short hash of everything that changes the results."""
-        return config_hash(self.to_dict())
+        """12 hex digits naming what this run learns and how it is scored (:func:`config_hash`)."""
+        return config_hash(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,8 +271,34 @@ def settings_of(*roles: str) -> tuple[Setting, ...]:
     return tuple(found)
 
 
-def config_hash(cfg: Mapping[str, Any]) -> str:
-    text = json.dumps(cfg, sort_keys=True)
+def config_hash(cfg: RunConfig) -> str:
+    """12 hex digits naming every setting that shapes what ``cfg`` learns and how it is scored.
+
+    Left out: the name, the placement settings (paths, workers, devices:
+    nothing they change survives rounding) and every setting at its default.
+    So a setting added in a later version, whose default keeps what earlier
+    versions did, leaves the hash of every earlier config as it was
+    (``results.json`` of older runs keeps matching).  The method enters with its
+    kind and the fields of its config that differ from that config's defaults.
+    Changing a default changes the hash of configs that relied on it, which is
+    right: they now train something else.
+    """
+    placement = {s.key for s in settings_of(PLACEMENT)}
+    chosen: dict[str, Any] = {}
+    for section in ("data", "model", "optim", "eval", "runtime"):
+        part = getattr(cfg, section)
+        for field in dataclasses.fields(part):
+            key = f"{section}.{field.name}"
+            value = getattr(part, field.name)
+            if key not in placement and value != field.default:
+                chosen[key] = _to_plain(value)
+    method = cfg.method
+    chosen["method"] = method_kind(method_class(method))
+    for field in dataclasses.fields(method):
+        value = getattr(method, field.name)
+        if field.name != "name" and value != field.default:
+            chosen[f"method.{field.name}"] = _to_plain(value)
+    text = json.dumps(chosen, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -145,7 +145,7 @@ def demo_entry(entry: Path) -> bool:
     if name in ("runs", "runs-quick"):
         return all(p.name in METHOD_PRESETS for p in inside)
     if name in ("report", "report-quick"):
-        return all(p.name in ("report.md", "report.html", "report.json", "previews") or p.suffix == ".png"
+        return all(p.name in ("report.md", "report.html", "report.json", "previews") or p.suffix in (".png", ".csv")
                    for p in inside)
     return False
 

@@ -7,7 +7,7 @@ stopped.  This launcher starts the N processes with the environment
 torchrun gives them (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``, ``MASTER_PORT`` on a free local port), lets their output
 through unchanged, and when one ends with an error stops the others at once
-(SIGTERM, then SIGKILL after :data:`GRACE_S` seconds): what the user reads
+(SIGTERM, then SIGKILL after :data:`GRACE_S` seconds; SIGKILL at once for a stopped one): what the user reads
 ends with ilseg's own line, and the job ends within the configured
 ``runtime.collective_timeout_s`` plus a few seconds.  Ctrl-C and SIGTERM are
 passed on to every process, which save and stop as a single process does.
@@ -112,11 +112,14 @@ def _job_status(statuses: Sequence[int | None], first: int | None, forwarded: Se
 
 
 def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM to the processes still running (SIGCONT too, for a stopped one), SIGKILL after the grace."""
+    """Stop the processes still running: SIGKILL to a stopped (frozen) one, which woken up would only print a
+    misleading line about its peers; SIGTERM to the others, and SIGKILL after :data:`GRACE_S` seconds."""
     running = [p for p in procs if p.poll() is None]
     for proc in running:
-        proc.send_signal(signal.SIGCONT)
-        proc.terminate()
+        if _is_stopped(proc.pid):
+            proc.kill()
+        else:
+            proc.terminate()
     end = time.monotonic() + GRACE_S
     for proc in running:
         try:
@@ -124,3 +127,13 @@ def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _is_stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP, a debugger); read from Linux's /proc, else assumed not."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("T", "t")

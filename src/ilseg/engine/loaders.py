@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -216,7 +219,39 @@ def make_loader(ds: Dataset, *, workers: int, batch_size: int = 1, sampler: Samp
     keep = persistent and workers > 0
     init = leave_signals_to_parent if workers > 0 else None  # Ctrl-C / SIGTERM are the main process's to handle
     if batch_sampler is not None:
-        return DataLoader(ds, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin,
-                          persistent_workers=keep, worker_init_fn=init)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
-                      persistent_workers=keep, worker_init_fn=init)
+        return _Loader(ds, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin,
+                       persistent_workers=keep, worker_init_fn=init)
+    return _Loader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
+                   persistent_workers=keep, worker_init_fn=init)
+
+
+# -- ending the worker processes --------------------------------------------------------------------
+# ilseg's loader workers ignore SIGTERM (leave_signals_to_parent).  Python's multiprocessing ends the
+# children still alive at exit with SIGTERM and then waits for them, so workers of an iterator that
+# nothing freed yet (the persistent training loader's, or one an error left in a reference cycle) would
+# keep the process from ever exiting.  ilseg therefore shuts its iterators down itself: at the end of
+# every run (run_training) and, as a last resort, at exit, before multiprocessing's own clean-up.
+_ITERATORS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose iterators :func:`shut_down_workers` can find."""
+
+    def __iter__(self) -> Any:
+        iterator = super().__iter__()
+        if self.num_workers > 0:
+            _ITERATORS.add(iterator)
+        return iterator
+
+
+def shut_down_workers() -> None:
+    """End the worker processes of every iterator of ilseg's loaders still alive (each is told to stop and
+    waited for, as when the iterator is freed); later use of a persistent loader starts new workers."""
+    for iterator in list(_ITERATORS):
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's own clean-up of an iterator
+        if shutdown is not None:
+            shutdown()
+        _ITERATORS.discard(iterator)
+
+
+atexit.register(shut_down_workers)  # registered after multiprocessing's exit handler, so it runs first

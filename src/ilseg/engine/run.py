@@ -25,7 +25,7 @@ import ilseg
 from ilseg.config import RunConfig
 from ilseg.engine import distributed
 from ilseg.engine.callbacks import Callbacks
-from ilseg.engine.loaders import check_data
+from ilseg.engine.loaders import check_data, shut_down_workers
 from ilseg.engine.runlog import RunLogger
 from ilseg.engine.signals import StopRequests, signal_name
 from ilseg.engine.step import (
@@ -120,6 +120,7 @@ def run_training(
                               callbacks=callbacks or Callbacks())
             return run_steps(ctx, todo, resume=resume, restart=restart, init_from=init_from, notes=notes)
     finally:
+        shut_down_workers()  # the persistent training loader's, or those an error left (engine/loaders.py)
         lock.release()
         distributed.teardown()
 

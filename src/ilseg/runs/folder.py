@@ -289,7 +289,7 @@ def check_run_dir(cfg: RunConfig, run_dir: Path, todo: range, *, resume: bool, o
     if overwrite or nothing_trained(run_dir):  # nothing trained there yet: nothing to lose or redo
         return
     old = saved_config(run_dir)
-    if old.hash() != cfg.hash() and not resume:
+    if old != cfg and not resume:
         diff = config_differences(old, cfg)
         raise IlsegError(
             f"{run_dir} holds a run with another config ({'; '.join(diff) or 'name'}); choose another --out, "

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny import TINY as TINY_RUN
 from ilseg.cli import main
 from ilseg.engine import step as step_mod
 
-TINY = ["model.width=8", "model.head_channels=8", "model.output_stride=16", "optim.batch_size=4",
-        "optim.epochs=1", "optim.epochs_next=1", "data.crop_size=32", "data.workers=0", "eval.batch_size=16"]
+TINY = [*TINY_RUN, "optim.epochs=1"]
 
 
 def interrupt_epoch(monkeypatch: pytest.MonkeyPatch, n: int) -> Callable[..., object]:
