@@ -144,6 +144,30 @@ def test_a_worker_that_dies_is_reported_not_a_traceback(monkeypatch):
         demo.run_side_by_side(_plan(DEMO_METHODS), 4, time.perf_counter())
 
 
+def test_jobs_that_a_broken_pool_cannot_start_are_named(monkeypatch):
+    """A worker died between two submissions: the jobs ready after it are reported as not started."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    import ilseg.demo as demo
+
+    class BreaksAfterTwo(ProcessPoolExecutor):
+        submitted = 0
+
+        def submit(self, fn, /, *args, **kwargs):
+            BreaksAfterTwo.submitted += 1
+            if BreaksAfterTwo.submitted > 2:  # finetune (step 0) and joint went in; the pool broke since
+                raise BrokenProcessPool("A child process terminated abruptly")
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(demo, "train_job", lambda job, *, quiet: _fake_results(job))
+    monkeypatch.setattr(demo, "ProcessPoolExecutor", BreaksAfterTwo)
+    with pytest.raises(IlsegError) as error:
+        demo.run_side_by_side(_plan(DEMO_METHODS), 4, time.perf_counter())
+    for method in ("finetune", "ilt", "ilt-kd-out"):
+        assert f"{method}: not started, a worker process of the demo died" in str(error.value)
+
+
 def test_demo_refuses_zero_processes(tmp_path, capsys):
     assert main(["demo", "--quick", "--processes", "0", "--out", str(tmp_path)]) == 2
     assert "at least 1 process" in capsys.readouterr().err

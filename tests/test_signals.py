@@ -70,15 +70,21 @@ def _wait_for(condition, timeout: float = 120.0) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.slow
-def test_sigterm_to_the_process_group_with_loader_workers_stops_and_saves(tmp_path: Path, start):
+def _training_with_loader_workers(tmp_path: Path, start) -> subprocess.Popen[str]:
+    """``ilseg train`` of the tiny run with 2 loader workers, returned once an epoch or more has trained."""
     root = tmp_path / "synth"
     generate_synth(root, seed=3, num_images=60, size=32, workers=1)
     run = tmp_path / "run"
     proc = start(["train", "--config", "synth-demo", "--out", str(run), "--quiet", "--set", f"data.root={root}",
-                   f"data.cache_dir={tmp_path / 'cache'}", *TINY, "data.workers=2"])
-    _wait_for(lambda: (run / "last.pth").is_file() or proc.poll() is not None)  # an epoch or more has trained
+                  f"data.cache_dir={tmp_path / 'cache'}", *TINY, "data.workers=2"])
+    _wait_for(lambda: (run / "last.pth").is_file() or proc.poll() is not None)
     assert proc.poll() is None, proc.communicate()
+    return proc
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_loader_workers_stops_and_saves(tmp_path: Path, start):
+    proc = _training_with_loader_workers(tmp_path, start)
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -130,13 +136,7 @@ def test_ctrl_c_to_the_process_group_while_masks_are_indexed_is_one_line(tmp_pat
 
 @pytest.mark.slow
 def test_two_ctrl_c_to_the_process_group_50_ms_apart_end_without_a_worker_traceback(tmp_path: Path, start):
-    root = tmp_path / "synth"
-    generate_synth(root, seed=3, num_images=60, size=32, workers=1)
-    run = tmp_path / "run"
-    proc = start(["train", "--config", "synth-demo", "--out", str(run), "--quiet", "--set", f"data.root={root}",
-                   f"data.cache_dir={tmp_path / 'cache'}", *TINY, "data.workers=2"])
-    _wait_for(lambda: (run / "last.pth").is_file() or proc.poll() is not None)
-    assert proc.poll() is None, proc.communicate()
+    proc = _training_with_loader_workers(tmp_path, start)
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)

@@ -25,6 +25,7 @@ import signal
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -262,7 +263,11 @@ def run_side_by_side(jobs: Sequence[DemoJob], processes: int, start: float) -> d
                 waiting = [j for j in waiting if j not in ready]
                 if ready:
                     _say(start, "started " + ", ".join(j.key for j in ready))
-                running.update({pool.submit(_train_in_worker, j): j for j in ready})
+                for job in ready:
+                    try:
+                        running[pool.submit(_train_in_worker, job)] = job
+                    except BrokenProcessPool:  # a worker died (killed, out of memory): its job says so below
+                        failures.append(f"{job.key}: not started, a worker process of the demo died")
             if not running:
                 break  # the rest wait for a job that failed
             try:
