@@ -236,7 +236,7 @@ def test_two_processes_train_like_one(two_process_run, tmp_path):
     two = torch.load(out2 / "step0.pth", weights_only=True)["model"]
     assert list(two) == list(one)  # same keys: SyncBN left no trace in the checkpoint
     for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
     # the later step's checkpoint (trained with a teacher) loads into the plain model
     task = get_task("synth", "6-2-2")
     model_from_config(cfg, task.classifier_sizes(1), pretrained=False).load_state_dict(

@@ -58,7 +58,7 @@ def start():
 
     yield _start
     for proc in started:
-        processes.kill_group(proc.pid)
+        processes.kill_tree(proc.pid)
         proc.communicate()
 
 
@@ -93,18 +93,6 @@ def test_sigterm_to_the_process_group_with_loader_workers_stops_and_saves(tmp_pa
     assert "DataLoader worker" not in err and "Traceback" not in err
 
 
-def _children(pid: int) -> int:
-    """How many processes have ``pid`` as parent (Linux's /proc)."""
-    count = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        count += fields[1] == str(pid)
-    return count
-
-
 # Each chunk of masks takes a second more to read, so that the signal surely comes while the pool is at work.
 SLOW_MASK_CHUNKS = """
 import time
@@ -124,7 +112,7 @@ def test_ctrl_c_to_the_process_group_while_masks_are_indexed_is_one_line(tmp_pat
     generate_synth(root, seed=3, num_images=600, size=32, workers=2)
     proc = start(["splits", "--dataset", "synth", "--root", str(root), "--task", "6-2-2", "--workers", "2",
                   "--cache-dir", str(tmp_path / "cache")], before=SLOW_MASK_CHUNKS)
-    _wait_for(lambda: _children(proc.pid) >= 2 or proc.poll() is not None)  # the pool's workers are reading
+    _wait_for(lambda: len(processes.descendants(proc.pid)) >= 2 or proc.poll() is not None)  # the pool's workers are reading
     assert proc.poll() is None, proc.communicate()
     time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGINT)

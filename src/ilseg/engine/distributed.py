@@ -98,8 +98,14 @@ def setup(backend: str, device_kind: str, timeout_s: int) -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local)
 
 
-def teardown() -> None:
+def teardown(*, together: bool = False) -> None:
+    """Destroy the process group.  ``together``: every rank finished the same work, so they first wait for
+    each other, the usual guard against destroying a group a peer still uses (a rank of a finished
+    two-process run once hung in ``destroy_process_group`` with torch 2.6's gloo).  After an error or a stop
+    the peers may be gone, so no rank waits for them."""
     if dist.is_available() and dist.is_initialized():
+        if together and _active():
+            dist.barrier()
         dist.destroy_process_group()
 
 

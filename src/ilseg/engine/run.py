@@ -104,6 +104,7 @@ def run_training(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     lock = RunLock(run_dir)
+    finished = False
     try:
         distributed.on_main(lambda: check_run_dir(cfg, run_dir, todo, resume=resume, overwrite=overwrite))
         train_task = training_task(cfg)
@@ -118,11 +119,13 @@ def run_training(
                 StopRequests() as stop:
             ctx = run_context(cfg, run_dir, dist, device, log, stop, progress=not quiet,
                               callbacks=callbacks or Callbacks())
-            return run_steps(ctx, todo, resume=resume, restart=restart, init_from=init_from, notes=notes)
+            results = run_steps(ctx, todo, resume=resume, restart=restart, init_from=init_from, notes=notes)
+            finished = True
+            return results
     finally:
         shut_down_workers()  # the persistent training loader's, or those an error left (engine/loaders.py)
         lock.release()
-        distributed.teardown()
+        distributed.teardown(together=finished)
 
 
 def open_run_dir(cfg: RunConfig, run_dir: Path, lock: RunLock, todo: range, *,
