@@ -436,6 +436,14 @@ def _default_root(dataset: str) -> str:
 
 def _add_inspect_commands(sub: argparse._SubParsersAction) -> None:
     """tasks, methods, presets, config, data, splits: looking at the protocol and the data."""
+    _add_listing_commands(sub)
+    _add_config_command(sub)
+    _add_data_command(sub)
+    _add_splits_command(sub)
+
+
+def _add_listing_commands(sub: argparse._SubParsersAction) -> None:
+    """tasks, methods, presets: what ilseg knows."""
     t = _command(sub, "tasks", "list incremental tasks, or show one task's steps", [
         "ilseg tasks                                   # every task of every dataset",
         "ilseg tasks voc 15-1                          # the classes of each step",
@@ -456,21 +464,21 @@ def _add_inspect_commands(sub: argparse._SubParsersAction) -> None:
         "ilseg train --config voc-15-1-ov-ilt --out runs/ilt   # train one"])
     pr.set_defaults(func=cmd_presets)
 
+
+def _add_config_command(sub: argparse._SubParsersAction) -> None:
+    """config show | restore."""
     c = _command(sub, "config", "look at a run's settings before training, or restore a run's config.yaml", [
         "ilseg config show voc-15-1-ov-ilt",
         "ilseg config show voc-15-1-paper-ilt-kd-out --diff",
         "ilseg config restore runs/voc-15-1-ilt"])
     csub = c.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    cs = csub.add_parser(
-        "show", help="print a preset's or a config file's settings, fully resolved",
-        description="Print the fully resolved config of a preset or a YAML file: its 'base:' files merged\n"
-                    "in, --set applied, every default filled in; the YAML that 'ilseg train' writes to\n"
-                    "RUN_DIR/config.yaml.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  ilseg config show voc-15-1-ov-ilt                    # every setting of a preset\n"
-               "  ilseg config show voc-15-1-paper-ilt-kd-out --diff   # only what differs from the defaults\n"
-               "  ilseg config show my-run.yaml --set optim.lr=0.02    # a file of yours, with an override")
+    cs = _command(csub, "show", "print a preset's or a config file's settings, fully resolved", [
+        "ilseg config show voc-15-1-ov-ilt                    # every setting of a preset",
+        "ilseg config show voc-15-1-paper-ilt-kd-out --diff   # only what differs from the defaults",
+        "ilseg config show my-run.yaml --set optim.lr=0.02    # a file of yours, with an override"],
+        description="Print the fully resolved config of a preset or a YAML file: its 'base:' files merged in, "
+                    "--set applied, every default filled in; the YAML that 'ilseg train' writes to "
+                    "RUN_DIR/config.yaml.")
     cs.add_argument("config", metavar="PRESET_OR_FILE",
                     help="a bundled preset name (see 'ilseg presets') or a YAML file")
     _add_set(cs)
@@ -478,31 +486,29 @@ def _add_inspect_commands(sub: argparse._SubParsersAction) -> None:
                     help="print only the values that differ from the defaults (ilseg's VOC recipe), as nested YAML "
                          "in the shape of a config file")
     cs.set_defaults(func=cmd_config_show)
-    cr = csub.add_parser(
-        "restore", help="write a run's damaged or lost config.yaml again from the run's own copy",
-        description="Write RUN_DIR/config.yaml again from RUN_DIR/config-history.json (its last entry), or, for a\n"
-                    "run whose settings never changed, from the config its checkpoints record. Refused when\n"
-                    "config.yaml is readable; a damaged one is kept as config.yaml.damaged.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  ilseg config restore runs/voc-15-1-ilt         # config.yaml damaged or deleted\n"
-               "  ilseg train --resume runs/voc-15-1-ilt         # then continue the run")
+    cr = _command(csub, "restore", "write a run's damaged or lost config.yaml again from the run's own copy", [
+        "ilseg config restore runs/voc-15-1-ilt         # config.yaml damaged or deleted",
+        "ilseg train --resume runs/voc-15-1-ilt         # then continue the run"],
+        description="Write RUN_DIR/config.yaml again from RUN_DIR/config-history.json (its last entry), or, for a "
+                    "run whose settings never changed, from the config its checkpoints record. Refused when "
+                    "config.yaml is readable; a damaged one is kept as config.yaml.damaged.")
     cr.add_argument("run", metavar="RUN_DIR", help="the run folder")
     cr.set_defaults(func=cmd_config_restore)
 
+
+def _add_data_command(sub: argparse._SubParsersAction) -> None:
+    """data synth | prepare | check."""
     d = _command(sub, "data", "dataset utilities: make the synthetic set, prepare and check VOC / ADE20k", [
         "ilseg data synth --out data/synth",
         "ilseg data prepare voc --voc data/VOCdevkit/VOC2012 --sbd data/benchmark_RELEASE",
         "ilseg data check --dataset voc --root data/VOCdevkit"])
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    s = dsub.add_parser("synth", help="write the synthetic benchmark in the VOC layout",
-                        description="Write the synthetic benchmark (coloured shapes on textured backgrounds, 10 "
-                                    "classes) in the VOC layout: JPEGImages, SegmentationClassAug, ImageSets.",
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        epilog="examples:\n"
-                               "  ilseg data synth --out data/synth\n"
-                               "  ilseg data synth --out data/synth-small --num-images 300 --size 32 --seed 1\n"
-                               "  ilseg train --config synth-demo --set data.root=data/synth --out runs/synth-ilt")
+    s = _command(dsub, "synth", "write the synthetic benchmark in the VOC layout", [
+        "ilseg data synth --out data/synth",
+        "ilseg data synth --out data/synth-small --num-images 300 --size 32 --seed 1",
+        "ilseg train --config synth-demo --set data.root=data/synth --out runs/synth-ilt"],
+        description="Write the synthetic benchmark (coloured shapes on textured backgrounds, 10 classes) in the "
+                    "VOC layout: JPEGImages, SegmentationClassAug, ImageSets.")
     s.add_argument("--out", required=True, metavar="DIR", help="the folder to write (created; use it as data.root)")
     s.add_argument("--seed", type=int, default=0, help="draws every image; the same seed writes the same set "
                                                        "(default: 0)")
@@ -511,8 +517,12 @@ def _add_inspect_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default: 64)")
     s.add_argument("--workers", type=_positive_int, default=2, help="processes drawing images (default: 2)")
     s.set_defaults(func=cmd_data_synth)
-    _add_data_prepare_and_check(dsub)
+    _add_data_prepare(dsub)
+    _add_data_check(dsub)
 
+
+def _add_splits_command(sub: argparse._SubParsersAction) -> None:
+    """splits: per-step image counts."""
     sp = _command(sub, "splits", "per-step image counts of a task (compared with published counts on VOC)", [
         "ilseg splits --task 15-1                                    # VOC in data/VOCdevkit, as train reads it",
         "ilseg splits --dataset synth --root data/synth --task 6-2-2 --overlap",
@@ -554,31 +564,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_data_prepare_and_check(dsub: argparse._SubParsersAction) -> None:
-    """data prepare voc|ade, data check: from the downloaded archives to a checked tree (docs/data.md)."""
+def _workers_help() -> str:
     from ilseg.data.parallel import default_workers
 
-    workers_help = f"processes reading and writing files (default: min(8, CPUs) = {default_workers()})"
-    pr = dsub.add_parser("prepare", help="build what ilseg reads from the downloaded archives (docs/data.md)",
-                         description="Build what ilseg reads from the downloaded archives (docs/data.md).",
-                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                         epilog="examples:\n"
-                                "  ilseg data prepare voc --voc data/VOCdevkit/VOC2012 --sbd data/benchmark_RELEASE\n"
-                                "  ilseg data prepare ade --root data/ADEChallengeData2016")
+    return f"processes reading and writing files (default: min(8, CPUs) = {default_workers()})"
+
+
+def _add_data_prepare(dsub: argparse._SubParsersAction) -> None:
+    """data prepare voc | ade: from the downloaded archives to what ilseg reads (docs/data.md)."""
+    from ilseg.data.parallel import default_workers
+
+    workers_help = _workers_help()
+    pr = _command(dsub, "prepare", "build what ilseg reads from the downloaded archives (docs/data.md)", [
+        "ilseg data prepare voc --voc data/VOCdevkit/VOC2012 --sbd data/benchmark_RELEASE",
+        "ilseg data prepare ade --root data/ADEChallengeData2016"])
     psub = pr.add_subparsers(dest="prepare_dataset", required=True, metavar="DATASET")
-    pv = psub.add_parser(
-        "voc", help="write SegmentationClassAug/*.png and train_aug.txt into VOC2012 from SBD's .mat files",
-        description=_wrap("Convert SBD's dataset/cls/*.mat annotations into VOC2012/SegmentationClassAug/*.png "
-                          "(palette PNGs), copy VOC's own SegmentationClass masks for the training ids SBD lacks "
-                          "and for every validation id, and write ImageSets/Segmentation/train_aug.txt = (SBD "
-                          "train + SBD val + VOC train) - VOC val. Masks already written are skipped, so an "
-                          "interrupted run continues where it stopped. Needs SciPy: pip install 'ilseg[data]'."),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  ilseg data prepare voc --voc data/VOCdevkit/VOC2012 --sbd data/benchmark_RELEASE\n"
-               "  ilseg data prepare voc --voc data/VOCdevkit/VOC2012 --sbd data/benchmark_RELEASE/dataset "
-               "--workers 16\n"
-               "  ilseg data check --dataset voc --root data/VOCdevkit     # then check the tree")
+    pv = _command(psub, "voc", "write SegmentationClassAug/*.png and train_aug.txt into VOC2012 from SBD's .mat files", [
+        "ilseg data prepare voc --voc data/VOCdevkit/VOC2012 --sbd data/benchmark_RELEASE",
+        "ilseg data prepare voc --voc data/VOCdevkit/VOC2012 --sbd data/benchmark_RELEASE/dataset --workers 16",
+        "ilseg data check --dataset voc --root data/VOCdevkit     # then check the tree"],
+        description="Convert SBD's dataset/cls/*.mat annotations into VOC2012/SegmentationClassAug/*.png (palette "
+                    "PNGs), copy VOC's own SegmentationClass masks for the training ids SBD lacks and for every "
+                    "validation id, and write ImageSets/Segmentation/train_aug.txt = (SBD train + SBD val + VOC "
+                    "train) - VOC val. Masks already written are skipped, so an interrupted run continues where it "
+                    "stopped. Needs SciPy: pip install 'ilseg[data]'.")
     pv.add_argument("--voc", required=True, metavar="VOC_DIR",
                     help="the VOC2012 folder unpacked from VOCtrainval_11-May-2012.tar (VOCdevkit or the folder "
                          "above it work too); SegmentationClassAug/ and train_aug.txt are written into it")
@@ -592,14 +601,12 @@ def _add_data_prepare_and_check(dsub: argparse._SubParsersAction) -> None:
     pv.add_argument("--quiet", action="store_true", help="no progress bar")
     pv.set_defaults(func=cmd_data_prepare_voc)
 
-    pa = psub.add_parser(
-        "ade", help="ADE20k needs no conversion: check the unpacked tree (the same as data check --dataset ade)",
-        description=_wrap("ilseg reads ADEChallengeData2016 exactly as ADEChallengeData2016.zip unpacks, so "
-                          "nothing is converted: this runs `ilseg data check --dataset ade --root ROOT`."),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  ilseg data prepare ade --root data/ADEChallengeData2016\n"
-               "  ilseg data prepare ade --root data --workers 16           # data/ holds ADEChallengeData2016/")
+    pa = _command(psub, "ade", "ADE20k needs no conversion: check the unpacked tree (the same as data check --dataset "
+                               "ade)", [
+        "ilseg data prepare ade --root data/ADEChallengeData2016",
+        "ilseg data prepare ade --root data --workers 16           # data/ holds ADEChallengeData2016/"],
+        description="ilseg reads ADEChallengeData2016 exactly as ADEChallengeData2016.zip unpacks, so nothing is "
+                    "converted: this runs `ilseg data check --dataset ade --root ROOT`.")
     pa.add_argument("--root", required=True, metavar="ADE_DIR",
                     help="the ADEChallengeData2016 folder, or the folder holding it")
     pa.add_argument("--workers", type=_positive_int, default=default_workers(), help=workers_help)
@@ -608,20 +615,21 @@ def _add_data_prepare_and_check(dsub: argparse._SubParsersAction) -> None:
     pa.add_argument("--quiet", action="store_true", help="no progress bar")
     pa.set_defaults(func=cmd_data_prepare_ade)
 
-    ck = dsub.add_parser(
-        "check", help="check a VOC / ADE20k tree: lists, train/val overlap, labels, sizes, published counts",
-        description=_wrap("Read every file of both splits as training would and check: which list files and mask "
-                          "folders are used (VOC: a missing train_aug.txt fails instead of falling back to "
-                          "train.txt), ids in both the train and the val list, a missing image or mask, mask "
-                          "values outside the dataset's classes (and 255), a mask whose size is not its image's, "
-                          "and the split sizes and per-step image counts against the published ones, with what a "
-                          "difference usually means. Exit status 1 when a check fails, 2 when the tree cannot be "
-                          "read at all."),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  ilseg data check --dataset voc --root data/VOCdevkit                  # every published task\n"
-               "  ilseg data check --dataset voc --root data/VOCdevkit --task 15-1 --overlap\n"
-               "  ilseg data check --dataset ade --root data/ADEChallengeData2016 --task 100-50 --json")
+
+def _add_data_check(dsub: argparse._SubParsersAction) -> None:
+    """data check: a VOC / ADE20k tree read as training reads it."""
+    from ilseg.data.parallel import default_workers
+
+    ck = _command(dsub, "check", "check a VOC / ADE20k tree: lists, train/val overlap, labels, sizes, published counts", [
+        "ilseg data check --dataset voc --root data/VOCdevkit                  # every published task",
+        "ilseg data check --dataset voc --root data/VOCdevkit --task 15-1 --overlap",
+        "ilseg data check --dataset ade --root data/ADEChallengeData2016 --task 100-50 --json"],
+        description="Read every file of both splits as training would and check: which list files and mask folders "
+                    "are used (VOC: a missing train_aug.txt fails instead of falling back to train.txt), ids in "
+                    "both the train and the val list, a missing image or mask, mask values outside the dataset's "
+                    "classes (and 255), a mask whose size is not its image's, and the split sizes and per-step "
+                    "image counts against the published ones, with what a difference usually means. Exit status 1 "
+                    "when a check fails, 2 when the tree cannot be read at all.")
     ck.add_argument("--dataset", required=True, choices=["voc", "ade", "synth"],
                     help="the tree's layout and classes (synth: a tree written by `ilseg data synth`)")
     ck.add_argument("--root", required=True,
@@ -630,7 +638,7 @@ def _add_data_prepare_and_check(dsub: argparse._SubParsersAction) -> None:
     ck.add_argument("--task", help="count this task's per-step images (default on voc: every task with published "
                                    "counts, both modes)")
     ck.add_argument("--overlap", action="store_true", help="count --task in the overlapped mode (default: disjoint)")
-    ck.add_argument("--workers", type=_positive_int, default=default_workers(), help=workers_help)
+    ck.add_argument("--workers", type=_positive_int, default=default_workers(), help=_workers_help())
     ck.add_argument("--ignore-counts", action="store_true",
                     help="report counts that differ from the published ones without failing (a deliberate subset "
                          "or another release)")

@@ -54,6 +54,7 @@ LATER_STEPS = "later steps"  # how the steps after the first train
 EVALUATION = "evaluation"  # how a finished model is scored: runs scored differently are never compared
 PLACEMENT = "placement"  # where and how a run executes: nothing it learns changes beyond rounding
 ROLES = (TASK, MODEL, TRAINING, LATER_STEPS, EVALUATION, PLACEMENT)
+SETTING_SECTIONS = ("data", "model", "optim", "eval", "runtime")  # the sections whose fields declare a role
 
 _T = typing.TypeVar("_T")
 
@@ -263,7 +264,7 @@ def settings_of(*roles: str) -> tuple[Setting, ...]:
     """
     hints = typing.get_type_hints(RunConfig)
     found = []
-    for section in ("data", "model", "optim", "eval", "runtime"):
+    for section in SETTING_SECTIONS:
         for field in dataclasses.fields(hints[section]):
             role = field.metadata["role"]
             if not roles or role in roles:
@@ -285,7 +286,7 @@ def config_hash(cfg: RunConfig) -> str:
     """
     placement = {s.key for s in settings_of(PLACEMENT)}
     chosen: dict[str, Any] = {}
-    for section in ("data", "model", "optim", "eval", "runtime"):
+    for section in SETTING_SECTIONS:
         part = getattr(cfg, section)
         for field in dataclasses.fields(part):
             key = f"{section}.{field.name}"

@@ -290,7 +290,15 @@ def prepare_voc(
             summary.from_voc_train += 1
         else:
             summary.from_voc_val += 1
+    _write_masks(jobs, summary, workers=workers, overwrite=overwrite, progress=progress, rerun_hint=rerun_hint)
+    _write_list(summary.train_aug_file, train, summary)
+    return summary
 
+
+def _write_masks(jobs: list[MaskJob], summary: PrepareSummary, *, workers: int, overwrite: bool, progress: bool,
+                 rerun_hint: str | None) -> None:
+    """Make every mask of ``jobs`` (counted into ``summary``); one error naming the first failures, after the
+    others are written; :class:`Interrupted` on Ctrl-C, every mask written so far complete."""
     errors: list[tuple[MaskJob, str]] = []
     chunks = chunked([(job, overwrite) for job in jobs], workers, largest=32)
     bar = tqdm(total=len(jobs), desc="writing SegmentationClassAug", unit="mask", disable=not progress, leave=False)
@@ -312,16 +320,18 @@ def prepare_voc(
             "(masks already written are skipped)", signal.SIGINT) from None
     bar.close()
     if errors:
-        first_job, first = errors[0]
+        _, first = errors[0]
         others = ", ".join(Path(job.source).name for job, _ in errors[1:4])
         more = f" (also {others}{' and more' if len(errors) > 4 else ''})" if others else ""
         raise IlsegError(
             f"{len(errors)} of {len(jobs)} masks could not be made; first: {first}{more}; the other masks are in "
             f"place and train_aug.txt was not written: fix those files, then run the command again")
 
-    text = "".join(f"{item}\n" for item in train)
-    current = summary.train_aug_file.read_text() if summary.train_aug_file.is_file() else None
+
+def _write_list(path: Path, ids: list[str], summary: PrepareSummary) -> None:
+    """``train_aug.txt`` with ``ids``, one a line; left untouched when it already says exactly that."""
+    text = "".join(f"{item}\n" for item in ids)
+    current = path.read_text() if path.is_file() else None
     if current != text:
-        atomic_write_text(summary.train_aug_file, text)
+        atomic_write_text(path, text)
         summary.train_aug_written = True
-    return summary
