@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ilseg.errors import IlsegError
-from ilseg.methods import finetune, ilt, mib, plop
+from ilseg.methods import finetune, ilt, mib, plop, rcil
 from ilseg.methods.base import Method, MethodConfig, StepSetup
 from ilseg.methods.finetune import Finetune, FinetuneConfig, Joint, JointConfig
 from ilseg.methods.ilt import ILT, ILTConfig
@@ -36,9 +36,12 @@ from ilseg.methods.losses import (
 )
 from ilseg.methods.mib import MiB, MiBConfig
 from ilseg.methods.plop import PLOP, PLOPConfig
+from ilseg.methods.rcil import RCIL, RCILConfig
 
-METHODS: dict[str, type[Method]] = {"finetune": Finetune, "joint": Joint, "ilt": ILT, "mib": MiB, "plop": PLOP}
-METHOD_PRESETS: dict[str, MethodConfig] = {**finetune.PRESETS, **ilt.PRESETS, **mib.PRESETS, **plop.PRESETS}
+METHODS: dict[str, type[Method]] = {"finetune": Finetune, "joint": Joint, "ilt": ILT, "mib": MiB, "plop": PLOP,
+                                    "rcil": RCIL}
+METHOD_PRESETS: dict[str, MethodConfig] = {**finetune.PRESETS, **ilt.PRESETS, **mib.PRESETS, **plop.PRESETS,
+                                           **rcil.PRESETS}
 
 
 def register_method(kind: str, cls: type[Method], presets: Mapping[str, MethodConfig]) -> None:
@@ -101,6 +104,7 @@ __all__ = [
     "METHODS",
     "METHOD_PRESETS",
     "PLOP",
+    "RCIL",
     "Finetune",
     "FinetuneConfig",
     "ILTConfig",
@@ -111,6 +115,7 @@ __all__ = [
     "MiB",
     "MiBConfig",
     "PLOPConfig",
+    "RCILConfig",
     "StepSetup",
     "build_method",
     "cross_entropy",

@@ -10,6 +10,7 @@ only through this contract:
 =============================  ================================================================
 ``training_task(task)``        the task it trains (joint: one step of all classes)
 ``start_step(model, task, t)`` the step's student, teacher and training labels (:class:`StepSetup`)
+``adapt_model(model)``         changes to the architecture of every model of its runs (extra branches)
 ``taps(t)``                    named intermediate maps it needs from the models (:data:`TAPS`)
 ``prepares(t)``, ``prepare``   a pass of the teacher over the step's training set before training;
                                the engine prints the line ``prepare`` returns
@@ -205,6 +206,19 @@ class Method(abc.ABC):
         values = dataclasses.asdict(self.cfg)
         del values["name"]
         return {"kind": method_kind(type(self)), **values}
+
+    def adapt_model(self, model: IncrementalSegmenter) -> None:
+        """Change the architecture of a model of this method's runs, in place.  Nothing by default.
+
+        Called on every model a run builds (:func:`ilseg.runs.folder.model_from_config`), right after
+        it is built (ImageNet weights already in the body) and before any checkpoint is loaded into
+        it: the step-0 model, the previous step's model rebuilt from its checkpoint, and the models
+        ``ilseg evaluate``, ``predict`` and ``import`` build.  A method that adds modules (RCIL's
+        parallel branches) therefore finds them in every checkpoint of its runs.  It runs on a
+        fresh method object built from the run's config: keep no state here.  Changes that depend
+        on the step (freezing a branch, merging branches) belong in :meth:`start_step` and
+        :meth:`finish_step`.
+        """
 
     def taps(self, step: int) -> tuple[str, ...]:
         """Intermediate maps (names from :data:`ilseg.models.TAPS`) the student and teacher return at ``step``.

@@ -589,13 +589,16 @@ def eval_protocol_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> lis
 
 
 def model_from_config(cfg: RunConfig, classes_per_step: Sequence[int], *, pretrained: bool) -> IncrementalSegmenter:
-    """The segmenter of ``cfg.model`` with these classifiers (ImageNet body weights only if ``pretrained``)."""
+    """The segmenter of ``cfg.model`` with these classifiers (ImageNet body weights only if ``pretrained``),
+    shaped by the method (:meth:`~ilseg.methods.Method.adapt_model`): every model a run builds comes from here."""
     m = cfg.model
-    return build_segmenter(backbone=m.backbone, output_stride=m.output_stride, head_channels=m.head_channels,
+    model = build_segmenter(backbone=m.backbone, output_stride=m.output_stride, head_channels=m.head_channels,
                            backbone_width=m.width, classes_per_step=classes_per_step,
                            pretrained=m.pretrained if pretrained else None, head=m.head, frozen_bn=m.frozen_bn,
                            frozen_bn_affine=m.frozen_bn_affine,
                            stride_on=m.stride_on, activation=m.activation)
+    build_method(cfg.method).adapt_model(model)
+    return model
 
 
 def load_weights(model: nn.Module, state: Mapping[str, Any], path: Path) -> None:
