@@ -697,12 +697,14 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--json", action="store_true", help="print the scores as JSON (fractions, per class too)")
     ev.set_defaults(func=cmd_eval)
 
-    im = _command(sub, "import", "turn MiB / PLOP / cssegmentation step checkpoints into an ilseg run folder", [
+    im = _command(sub, "import", "turn MiB / PLOP / RCIL / cssegmentation step checkpoints into an ilseg run folder", [
         "ilseg import --format mib ckpts/15-5s-voc_MiB_{0,1,2,3,4,5}.pth --config voc-15-1-disjoint-mib "
         "--out runs/mib-published",
         "ilseg import --format plop ckpts/step{0,1}.pth --config voc-15-5-ov-plop --out runs/plop --evaluate",
+        "ilseg import --format rcil ckpts/15-5s-voc_RCIL_overlap_{0,1,2,3,4,5}.pth --config voc-15-1-ov-rcil "
+        "--out runs/rcil-published",
         "ilseg report runs/mib-published runs/voc-15-1-disjoint-mib --out report/   # then compare"])
-    im.add_argument("--format", required=True, choices=["mib", "plop", "cssegmentation"],
+    im.add_argument("--format", required=True, choices=["mib", "plop", "rcil", "cssegmentation"],
                     help="the tool that saved the checkpoints")
     im.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
                     help="one file per step, in step order (MiB / PLOP file names and cssegmentation's task_id "

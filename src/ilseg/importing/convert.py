@@ -60,6 +60,7 @@ from ilseg.errors import IlsegError
 from ilseg.fileio import load_failure, quiet_pickle_warnings
 from ilseg.importing.names import (
     CONTAINERS,
+    MIB_LIKE,
     TITLES,
     WRAPPER_PREFIX,
     ilseg_name,
@@ -209,10 +210,25 @@ def check_architecture(cfg: RunConfig, fmt: str) -> None:
         raise IlsegError(f"model.output_stride 32 has no {TITLES[fmt]} counterpart (MiB and PLOP build output "
                          "stride 8 or 16, and ilseg's ASPP dilations at 32 are its own): set model.output_stride to "
                          "the stride the checkpoints were trained with (16 in the published runs)")
+    if fmt == "rcil":
+        _check_rcil_method(cfg)
     if fmt == "cssegmentation" and model.backbone in ("resnet18", "resnet34"):
         raise IlsegError(f"cssegmentation's {model.backbone} does not dilate the second 3x3 conv of its blocks and "
                          "ilseg's does, so the same weights would compute something else at output stride "
                          f"{model.output_stride}; only ResNet-50/101 checkpoints of cssegmentation can be imported")
+
+
+def _check_rcil_method(cfg: RunConfig) -> None:
+    """An RCIL checkpoint needs an RCIL config: its model has the parallel branches and no stem activation."""
+    from ilseg.methods.rcil import RCILConfig  # the method that shapes the model
+
+    method = cfg.method
+    if not isinstance(method, RCILConfig):
+        raise IlsegError(f"RCIL checkpoints hold RCIL's parallel branches, which only a config of method rcil builds "
+                         f"(this one's is {method.name!r}): use an RCIL preset, e.g. --config voc-15-1-ov-rcil")
+    if method.stem_activation:
+        raise IlsegError("RCIL's code has no activation after the stem's BN (its InPlace-ABN layers have slope 1): "
+                         "set method.stem_activation=false to import its checkpoints")
 
 
 # -- converting one file -----------------------------------------------------------------------
@@ -228,6 +244,8 @@ def convert_weights(weights: StateDict, info: Mapping[str, Any], path: Path, fmt
              step: int) -> ImportedStep:
     task = training_task(cfg)
     model = model_from_config(cfg, task.classifier_sizes(step), pretrained=False)
+    if fmt == "rcil":
+        weights = fold_rcil_biases(weights, path)
     state = _convert_strictly(weights, model, fmt=fmt, path=path, task=task, step=step)
     model.load_state_dict(state, strict=True)
     record = {
@@ -236,6 +254,38 @@ def convert_weights(weights: StateDict, info: Mapping[str, Any], path: Path, fmt
         "tensors": len(weights), "bn_weights": "InPlace-ABN: stored w, loaded as |w| + eps",
     }
     return ImportedStep(step=step, source=path, model=model.state_dict(), record=record)
+
+
+def fold_rcil_biases(weights: StateDict, path: Path) -> StateDict:
+    """RCIL's conv biases moved into the BN after each conv: ``BN(Kx + b)`` with running mean ``m`` is
+    ``BN(Kx)`` with running mean ``m - b``, exactly.
+
+    RCIL's code folds its two branches into the first at the start of every step > 0 and gives that
+    conv a bias (run.py ``convert_model``): ``body.*.convs.conv2.bias`` before ``convs.bn2``, and
+    ``head.map_convs.I.bias`` before slice ``I`` of ``head.map_bn``.  ilseg's folded branch keeps its
+    bias in the BN (:meth:`~ilseg.methods.rcil.ParallelBranches.merge_into_first`), so the biases move
+    there and the keys go; nothing else changes.
+    """
+    out = dict(weights)
+    for key in [k for k in weights if k.endswith(".bias")]:
+        if key.startswith("body.") and key.endswith(".convs.conv2.bias"):
+            targets = [(key.removesuffix("conv2.bias") + "bn2.running_mean", slice(None))]
+        elif key.startswith("head.map_convs.") and key.count(".") == 3:
+            index = int(key.split(".")[2])
+            size = weights[key].shape[0]
+            targets = [("head.map_bn.running_mean", slice(index * size, (index + 1) * size))]
+        else:
+            continue
+        for mean_key, part in targets:
+            mean = out.get(mean_key)
+            if mean is None or mean[part].shape != weights[key].shape:
+                raise IlsegError(f"{path}: {key} has no BatchNorm of its size after it ({mean_key}); the file is no "
+                                 "RCIL checkpoint of this layout")
+            mean = mean.clone()
+            mean[part] -= weights[key].to(mean.dtype)
+            out[mean_key] = mean
+        del out[key]
+    return out
 
 
 def _convert_strictly(weights: StateDict, model: IncrementalSegmenter, *, fmt: str, path: Path, task: Task,
@@ -298,10 +348,10 @@ def _classifier_problems(weights: StateDict, named: StateDict, *, fmt: str, task
     found = tuple(int(named[f"classifiers.{i}.weight"].shape[0]) for i in indices)
     expected = task.classifier_sizes(step)
     if found != expected:
-        cls = "cls" if fmt in ("mib", "plop") else "convs_cls"
+        cls = "cls" if fmt in MIB_LIKE else "convs_cls"
         multimodal = len(found) == len(expected) + 1 and found[1:2] == (expected[0] - 1,)
         extra = (" (PLOP's multimodal background, --nb_background_modes, puts a classifier of background modes "
-                 "in front, which ilseg has not)" if multimodal and fmt in ("mib", "plop") else "")
+                 "in front, which ilseg has not)" if multimodal and fmt in MIB_LIKE else "")
         problems.append(f"its classifiers {cls}.* have {list(found)} outputs, but step {step} of {task.dataset} "
                         f"{task.name} has {list(expected)} (step 0 counts background){extra}: check the file's step "
                         "and the config's task (data.task, data.class_order, data.step_sizes)")

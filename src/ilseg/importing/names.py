@@ -1,8 +1,10 @@
-"""The names of MiB's, PLOP's and cssegmentation's checkpoints: their tensors' keys mapped to ilseg's, and the
+"""The names of MiB's, PLOP's, RCIL's and cssegmentation's checkpoints: their tensors' keys mapped to ilseg's, and the
 task and step their file names record (docs/importing.md).
 
-MiB and PLOP use ilseg's own module names (both descend from the same DeepLab-v3 code); cssegmentation's
-differ by a prefix table.  The body's keys follow :mod:`ilseg.models.pretrained`, which loads ImageNet
+MiB and PLOP use ilseg's own module names (both descend from the same DeepLab-v3 code), and so does RCIL
+(PLOP's code) for what it shares with them; its second branches (``conv2_new``/``bn2_new``,
+``map_convs_new``/``map_bn_new``) go to ilseg's :class:`~ilseg.methods.rcil.ParallelBranches`.
+cssegmentation's differ by a prefix table.  The body's keys follow :mod:`ilseg.models.pretrained`, which loads ImageNet
 weights under the same names.
 """
 
@@ -19,13 +21,16 @@ from ilseg.models.pretrained import (
 )
 from ilseg.tasks import Task, get_task
 
-FORMATS: tuple[str, ...] = ("mib", "plop", "cssegmentation")
-TITLES = {"mib": "MiB", "plop": "PLOP", "cssegmentation": "cssegmentation"}
+FORMATS: tuple[str, ...] = ("mib", "plop", "rcil", "cssegmentation")
+TITLES = {"mib": "MiB", "plop": "PLOP", "rcil": "RCIL", "cssegmentation": "cssegmentation"}
+# The formats that name their files ``{task}-{dataset}_{name}_{step}.pth`` and their modules as MiB does.
+MIB_LIKE: tuple[str, ...] = ("mib", "plop", "rcil")
 
 # Where each format keeps the weights inside the saved dict, in the order looked for.
 CONTAINERS: dict[str, tuple[str, ...]] = {
     "mib": ("model_state", "state_dict"),
     "plop": ("model_state", "state_dict"),
+    "rcil": ("model_state", "state_dict"),
     "cssegmentation": ("segmentor", "state_dict"),
 }
 WRAPPER_PREFIX = "module."
@@ -50,6 +55,13 @@ _CSS_OLDER_NAMES: tuple[tuple[str, str], ...] = (
     ("decoder.bottleneck_conv.", "head.red_conv."),
     ("decoder.bottleneck_bn.0.", "head.red_bn."),
 )
+
+# RCIL's branched modules: (its block module, which branch) -> ilseg's name inside ParallelBranches.
+_RCIL_BLOCK = re.compile(r"^(body\.mod\d+\.block\d+\.convs\.)(conv2|bn2)(_new)?\.(.+)$")
+_RCIL_HEAD = re.compile(r"^head\.(map_convs|map_bn)(_new)?\.(.+)$")
+
+_OUR_BRANCHES = re.compile(r"^body\.(layer\d\.\d+)\.conv2\.(convs\.0|convs_new\.0|bn|bn_new)\.([^.]+)$")
+_OUR_HEAD_BRANCHES = re.compile(r"^head\.map_convs\.0\.(convs|convs_new|bn|bn_new)\.(.+)$")
 
 # MiB and PLOP save ``{task}-{dataset}_{name}_{step}.pth``, e.g. ``15-5s-voc_MiB_0.pth``.
 _TOOL_FILE_NAME = re.compile(r"^(?P<task>.+?)-(?P<dataset>[A-Za-z][A-Za-z0-9]*)_(?P<name>.*)_(?P<step>\d+)\.pth$")
@@ -76,7 +88,11 @@ def ilseg_name(key: str, fmt: str) -> str | None:
     ``"convs_cls.1.bias"`` -> ``"classifiers.1.bias"``.  The result may still be a name the
     model does not have (a deeper body, an extra module): the caller checks.
     """
-    if fmt in ("mib", "plop"):
+    if fmt == "rcil":
+        branched = _rcil_branch_name(key)
+        if branched is not None:
+            return branched
+    if fmt in MIB_LIKE:
         if key.startswith("body."):
             body = iabn_to_torchvision_name(key.removeprefix("body."))
             return None if body is None else f"body.{body}"
@@ -93,9 +109,49 @@ def ilseg_name(key: str, fmt: str) -> str | None:
     raise IlsegError(f"unknown checkpoint format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
+def _rcil_branch_name(key: str) -> str | None:
+    """ilseg's name of one of RCIL's branched tensors, or ``None`` for any other key.
+
+    ``body.mod2.block1.convs.conv2_new.weight`` -> ``body.layer1.0.conv2.convs_new.0.weight``;
+    ``body.mod2.block1.convs.bn2.running_mean`` -> ``body.layer1.0.conv2.bn.running_mean``;
+    ``head.map_convs_new.3.weight`` -> ``head.map_convs.0.convs_new.3.weight``;
+    ``head.map_bn.weight`` -> ``head.map_convs.0.bn.weight``.  The conv biases RCIL adds when it
+    folds the branches (``conv2.bias``, ``map_convs.I.bias``) are no model tensors: they go into the
+    BN after them (:func:`ilseg.importing.convert.fold_rcil_biases`) before names are looked up.
+    """
+    block = _RCIL_BLOCK.match(key)
+    if block:
+        prefix, module, new, attr = block.groups()
+        body = iabn_to_torchvision_name(f"{prefix.removeprefix('body.')}{module}.{attr}")
+        if body is None:
+            return None
+        place = body.removesuffix(f".{module}.{attr}")
+        inner = ("convs_new.0" if new else "convs.0") if module == "conv2" else ("bn_new" if new else "bn")
+        return f"body.{place}.conv2.{inner}.{attr}"
+    head = _RCIL_HEAD.match(key)
+    if head:
+        module, new, rest = head.groups()
+        inner = ("convs_new" if new else "convs") if module == "map_convs" else ("bn_new" if new else "bn")
+        return f"head.map_convs.0.{inner}.{rest}"
+    return None
+
+
 def tool_name(key: str, fmt: str) -> str:
     """The key a tool would use for ilseg's ``key`` (the inverse of :func:`ilseg_name`), for messages."""
-    if fmt in ("mib", "plop"):
+    if fmt == "rcil":
+        branched = _OUR_BRANCHES.match(key)
+        if branched:
+            place, inner, attr = branched.groups()
+            module = "conv2" if inner.startswith("convs") else "bn2"
+            theirs = torchvision_to_iabn_name(f"{place}.{module}.{attr}")
+            new = "_new" if "_new" in inner else ""
+            return "body." + theirs.replace(f".{module}.", f".{module}{new}.")
+        head = _OUR_HEAD_BRANCHES.match(key)
+        if head:
+            inner, rest = head.groups()
+            return "head." + {"convs": "map_convs.", "convs_new": "map_convs_new.", "bn": "map_bn.",
+                              "bn_new": "map_bn_new."}[inner] + rest
+    if fmt in MIB_LIKE:
         if key.startswith("body."):
             return "body." + torchvision_to_iabn_name(key.removeprefix("body."))
         if key.startswith("classifiers."):
@@ -124,7 +180,7 @@ def step_hint(path: Path, fmt: str) -> int | None:
 
     cssegmentation records its step as ``task_id`` inside the file, read with the weights.
     """
-    if fmt not in ("mib", "plop"):
+    if fmt not in MIB_LIKE:
         return None
     named = parse_tool_file_name(path)
     return None if named is None else named.step
@@ -137,7 +193,7 @@ def check_named_task(path: Path, fmt: str, task: Task) -> str:
     knows (``15-5s``, ``19-1``, ``100-50``, ``50`` ...) must give the config's order and step
     sizes; a shuffled one (``15-5s_b``, ``100-50b``) cannot be checked from the file.
     """
-    named = parse_tool_file_name(path) if fmt in ("mib", "plop") else None
+    named = parse_tool_file_name(path) if fmt in MIB_LIKE else None
     if named is None:
         return "the config's, unchecked (the file does not record it)"
     if named.dataset != task.dataset:
