@@ -49,9 +49,10 @@ from ilseg.config import RuntimeConfig
 from ilseg.engine.loop import train_one_epoch
 from ilseg.engine.optim import build_optimizer, poly_schedule
 from ilseg.engine.step import CompiledOrEager
-from ilseg.methods import METHOD_PRESETS, build_method
-from ilseg.models import build_segmenter, copy_for_teacher, fold_batchnorm
+from ilseg.methods import METHOD_PRESETS, Method, build_method
+from ilseg.models import IncrementalSegmenter, build_segmenter, copy_for_teacher, fold_batchnorm
 from ilseg.placement import Placement
+from ilseg.tasks import get_task
 
 OLD_CLASSES, NEW_CLASSES = 16, 1  # VOC 15-1 at step 1
 # Training images per step of the recipes (VOC 15-1 overlapped: MiB's published counts; ADE20k 100-50:
@@ -91,6 +92,8 @@ def make_variant(args: argparse.Namespace, method: str, mode: str) -> Callable[[
                     plain_iteration(model, teacher, cfg, images, target, plain_opt, 1)
         return run_plain
     placement = Placement.for_runtime(RuntimeConfig(), device)
+    method_obj = build_method(cfg)
+    model, teacher = method_step_one(method_obj, args)  # the method's own model, teacher and taps at step 1
     if teacher is not None:
         fold_batchnorm(teacher)
     for m in (model, teacher):
@@ -98,9 +101,14 @@ def make_variant(args: argparse.Namespace, method: str, mode: str) -> Callable[[
             m.to(device)
             if placement.channels_last:
                 m.to(memory_format=torch.channels_last)
-    opt = build_optimizer(model.parameters(), kind="sgd", lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    if method_obj.prepares(1):  # a pass of the teacher before training (PLOP's thresholds ...), on the one batch
+        assert teacher is not None
+        with torch.no_grad():
+            out = teacher(images)
+        method_obj.prepare([({**out, "logits": out["logits"].float()}, target)], 1)
+    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], kind="sgd", lr=1e-3, momentum=0.9,
+                          nesterov=True, weight_decay=1e-4)
     sched = poly_schedule(opt, 10**9, 0.9)
-    method_obj = build_method(cfg)
     train_model: torch.nn.Module = model
     if mode == "compiled":
         train_model = CompiledOrEager(model, log=lambda line: print(f"{method}:{mode}: {line}", flush=True))
@@ -109,6 +117,17 @@ def make_variant(args: argparse.Namespace, method: str, mode: str) -> Callable[[
         train_one_epoch(model=train_model, teacher=teacher, method=method_obj, loader=[(images, target)] * n,
                         optimizer=opt, scheduler=sched, scaler=None, placement=placement, step=1)
     return run
+
+
+def method_step_one(method: Method, args: argparse.Namespace) -> tuple[IncrementalSegmenter, IncrementalSegmenter | None]:
+    """Step 1 of VOC 15-1 (16 old outputs, 1 new) as ``method`` sets it up: its model (``adapt_model``), the
+    previous model as teacher, the maps it taps (``start_step``), in the same random state for every method."""
+    torch.manual_seed(0)
+    model = build_segmenter(backbone=args.backbone, output_stride=args.output_stride, head_channels=args.head,
+                            backbone_width=args.width, classes_per_step=[OLD_CLASSES])
+    method.adapt_model(model)
+    setup = method.start_step(model, get_task("voc", "15-1"), 1)
+    return setup.student, setup.teacher
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ from ilseg.engine import distributed as D
 from ilseg.engine.run import evaluate_checkpoint, run_training
 from ilseg.errors import IlsegError, ReportedByMainRank
 from ilseg.models import CPUSyncBatchNorm, convert_sync_batchnorm
+from ilseg.runs.checkpoint import load_checkpoint
 from ilseg.runs.folder import model_from_config
 from ilseg.tasks import get_task
 
@@ -419,6 +420,27 @@ def test_plop_on_two_processes_calibrates_and_trains_like_one(synth_root, tmp_pa
     two, one = _epoch_losses(tmp_path / "two"), _epoch_losses(tmp_path / "one")
     assert [s for s, _ in two] == [s for s, _ in one] == [0, 0, 1]
     assert [l for _, l in two] == pytest.approx([l for _, l in one], rel=1e-3)
+
+
+def test_reminder_on_two_processes_keeps_the_prototypes_of_one(synth_root, tmp_path):
+    """REMINDER's old-class prototypes come from a pass over the previous step's training set whose per-class
+    sums are reduced over the processes: two processes keep the prototypes one process keeps, and train as it."""
+    sets = _sets(synth_root, tmp_path / "cache", "method.name=reminder", "data.crop_size=64")
+    done, _ = torchrun(["train", "--config", "synth-demo", *_set_args(sets), "--steps", "0:2", "--quiet",
+                        "--out", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cfg = load_config(preset_dir() / "synth-demo.yaml", sets)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_training(cfg, tmp_path / "one", steps="0:2", quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    two, one = (load_checkpoint(tmp_path / run / "step1.pth")["method_state"]["prototypes"] for run in ("two", "one"))
+    assert two.shape == one.shape == (7, cfg.model.head_channels)
+    torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-5)
+    losses_two, losses_one = _epoch_losses(tmp_path / "two"), _epoch_losses(tmp_path / "one")
+    assert [l for _, l in losses_two] == pytest.approx([l for _, l in losses_one], rel=1e-3)
 
 
 # -- "N processes train as 1" at 2 images per process (docs/scaling.md#how-exactly-n-processes-match-one) ---

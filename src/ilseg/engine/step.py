@@ -48,7 +48,7 @@ from ilseg.runs.folder import (
     step_checkpoint,
 )
 from ilseg.runs.results import write_results
-from ilseg.tasks import Task
+from ilseg.tasks import Task, train_lut
 from ilseg.visual.preview import write_preview
 
 
@@ -95,6 +95,7 @@ def train_step(ctx: RunContext, step: int, resume: dict[str, Any] | None = None)
     if teacher is not None and ctx.cfg.runtime.cache_teacher and ctx.cfg.data.fixed_crops:
         teacher = ReplayedTeacher(teacher)  # the same outputs on the same crops, computed once per step
     data = training_data(ctx.cfg, ctx.train_task, step, setup.target_lut, dist=ctx.dist, progress=ctx.progress)
+    prepare_previous(ctx, setup, step)
     prepare(ctx, setup, data, step)
     length = StepLength.of(ctx.cfg.optim, step, len(data.loader))
     epochs = length.epochs
@@ -146,18 +147,38 @@ def prepare(ctx: RunContext, setup: StepSetup, data: TrainingData, step: int) ->
     if teacher is None:
         raise ValueError(f"method {ctx.method.cfg.name!r} prepares step {step} from a teacher, but has none")
     start = time.perf_counter()
-    data.set_epoch(0)
-
-    def batches() -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
-        for images, targets in data.loader:
-            images = ctx.placement.images(images)
-            with torch.inference_mode(), ctx.placement.autocast():
-                out = teacher(images)
-            yield {**out, "logits": out["logits"].float()}, targets.to(ctx.placement.device, non_blocking=True)
-
-    reduce = (lambda t: torch.distributed.all_reduce(t)) if ctx.dist.enabled else None
-    line = ctx.method.prepare(batches(), step, reduce=reduce)
+    line = ctx.method.prepare(teacher_batches(ctx, teacher, data), step, reduce=process_sum(ctx))
     ctx.log.info(f"step {step}, before training ({time.perf_counter() - start:.1f} s): {line}")
+
+
+def prepare_previous(ctx: RunContext, setup: StepSetup, step: int) -> None:
+    """The method's pass of the teacher over the previous step's training set (its images and the targets it
+    trained on) before training, when it asks for one (:meth:`~ilseg.methods.Method.prepares_previous`)."""
+    if step == 0 or not ctx.method.prepares_previous(step):
+        return
+    if setup.teacher is None:
+        raise ValueError(f"method {ctx.method.cfg.name!r} prepares step {step} from a teacher, but has none")
+    start = time.perf_counter()
+    lut = train_lut(ctx.train_task, step - 1, keep_old=ctx.method.cfg.keep_old_labels)
+    data = training_data(ctx.cfg, ctx.train_task, step - 1, lut, dist=ctx.dist, progress=ctx.progress)
+    line = ctx.method.prepare_previous(teacher_batches(ctx, setup.teacher, data), step, reduce=process_sum(ctx))
+    ctx.log.info(f"step {step}, before training, over step {step - 1}'s training set "
+                 f"({time.perf_counter() - start:.1f} s): {line}")
+
+
+def teacher_batches(ctx: RunContext, teacher: nn.Module, data: TrainingData) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+    """``(teacher outputs, targets)`` of epoch 0's batches of this process (logits in float32)."""
+    data.set_epoch(0)
+    for images, targets in data.loader:
+        images = ctx.placement.images(images)
+        with torch.inference_mode(), ctx.placement.autocast():
+            out = teacher(images)
+        yield {**out, "logits": out["logits"].float()}, targets.to(ctx.placement.device, non_blocking=True)
+
+
+def process_sum(ctx: RunContext) -> Callable[[torch.Tensor], object] | None:
+    """Sums a tensor over the processes in place (``all_reduce``); ``None`` in a single process."""
+    return (lambda t: torch.distributed.all_reduce(t)) if ctx.dist.enabled else None
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""Training methods, one file each: fine-tuning and joint training, ILT (each variant), MiB and PLOP.
+"""Training methods, one file each: fine-tuning and joint training, ILT (each variant), MiB, PLOP, SDR, REMINDER, EWF, RCIL.
 
 A method decides what happens at each step boundary (the student, the
 teacher, the training labels: :meth:`Method.start_step`) and turns the
@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ilseg.errors import IlsegError
-from ilseg.methods import finetune, ilt, mib, plop, rcil
+from ilseg.methods import finetune, ilt, mib, plop, rcil, reminder
 from ilseg.methods.base import Method, MethodConfig, StepSetup
 from ilseg.methods.finetune import Finetune, FinetuneConfig, Joint, JointConfig
 from ilseg.methods.ilt import ILT, ILTConfig
@@ -37,11 +37,12 @@ from ilseg.methods.losses import (
 from ilseg.methods.mib import MiB, MiBConfig
 from ilseg.methods.plop import PLOP, PLOPConfig
 from ilseg.methods.rcil import RCIL, RCILConfig
+from ilseg.methods.reminder import REMINDER, REMINDERConfig
 
 METHODS: dict[str, type[Method]] = {"finetune": Finetune, "joint": Joint, "ilt": ILT, "mib": MiB, "plop": PLOP,
-                                    "rcil": RCIL}
+                                    "reminder": REMINDER, "rcil": RCIL}
 METHOD_PRESETS: dict[str, MethodConfig] = {**finetune.PRESETS, **ilt.PRESETS, **mib.PRESETS, **plop.PRESETS,
-                                           **rcil.PRESETS}
+                                           **reminder.PRESETS, **rcil.PRESETS}
 
 
 def register_method(kind: str, cls: type[Method], presets: Mapping[str, MethodConfig]) -> None:
@@ -105,6 +106,7 @@ __all__ = [
     "METHOD_PRESETS",
     "PLOP",
     "RCIL",
+    "REMINDER",
     "Finetune",
     "FinetuneConfig",
     "ILTConfig",
@@ -116,6 +118,7 @@ __all__ = [
     "MiBConfig",
     "PLOPConfig",
     "RCILConfig",
+    "REMINDERConfig",
     "StepSetup",
     "build_method",
     "cross_entropy",

@@ -14,6 +14,8 @@ only through this contract:
 ``taps(t)``                    named intermediate maps it needs from the models (:data:`TAPS`)
 ``prepares(t)``, ``prepare``   a pass of the teacher over the step's training set before training;
                                the engine prints the line ``prepare`` returns
+``prepares_previous(t)``,      the same over the previous step's training set (its images and the
+``prepare_previous``           targets that step trained on), before ``prepare``
 ``__call__``                   the named losses of one batch, the total under ``"loss"``
 ``finish_step``                after the step trained, before it is evaluated and saved
 ``state_dict`` / ``load_...``  state kept across steps, saved in every checkpoint, restored on resume
@@ -274,6 +276,20 @@ class Method(abc.ABC):
         Returns a line for the log (what was computed).
         """
         raise NotImplementedError(f"{type(self).__name__} prepares no step")
+
+    def prepares_previous(self, step: int) -> bool:
+        """Whether step ``step`` (> 0) needs :meth:`prepare_previous` first.  ``False`` by default."""
+        return False
+
+    def prepare_previous(self, batches: Iterable[TeacherBatch], step: int, *, reduce: Reduce | None = None) -> str:
+        """As :meth:`prepare`, over step ``step - 1``'s training set: its images (epoch 0's augmentation) and
+        the targets that step trained on, through the teacher (the model that finished that step).
+
+        Runs before :meth:`prepare`, also on resume (answer ``False`` from :meth:`prepares_previous` when
+        the method state already holds what it computes).  ``reduce`` may be called any number of times,
+        the same number on every process.  Returns a line for the log.
+        """
+        raise NotImplementedError(f"{type(self).__name__} prepares no step from the previous one")
 
     def finish_step(self, student: IncrementalSegmenter, teacher: IncrementalSegmenter | None,
                     step: int) -> None:
