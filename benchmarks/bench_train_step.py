@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from plain import plain_iteration, plain_sgd
+from plain import has_plain_twin, plain_iteration, plain_sgd
 from torch.utils.flop_counter import FlopCounterMode
 
 from ilseg.config import RuntimeConfig
@@ -101,11 +101,15 @@ def make_variant(args: argparse.Namespace, method: str, mode: str) -> Callable[[
             m.to(device)
             if placement.channels_last:
                 m.to(memory_format=torch.channels_last)
-    if method_obj.prepares(1):  # a pass of the teacher before training (PLOP's thresholds ...), on the one batch
-        assert teacher is not None
+    if method_obj.prepares_previous(1) or method_obj.prepares(1):  # the passes of the teacher before training
+        assert teacher is not None  # (REMINDER's prototypes, PLOP's thresholds ...), over the one batch
         with torch.no_grad():
             out = teacher(images)
-        method_obj.prepare([({**out, "logits": out["logits"].float()}, target)], 1)
+        batch = {**out, "logits": out["logits"].float()}
+        if method_obj.prepares_previous(1):
+            method_obj.prepare_previous([(batch, target.clamp_max(OLD_CLASSES - 1))], 1)
+        if method_obj.prepares(1):
+            method_obj.prepare([(batch, target)], 1)
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], kind="sgd", lr=1e-3, momentum=0.9,
                           nesterov=True, weight_decay=1e-4)
     sched = poly_schedule(opt, 10**9, 0.9)
@@ -193,8 +197,9 @@ def time_variants(args: argparse.Namespace, names: list[str]) -> dict[str, dict[
 
 
 def flops_per_image(args: argparse.Namespace, method: str) -> float:
-    """Model FLOPs of one plain iteration (forward, backward, teacher forward) per image."""
-    run = make_variant(args, method, "plain")
+    """Model FLOPs of one iteration (forward, backward, teacher forward) per image: the plain one, or the
+    method's own for a method with no plain twin (PLOP and the methods of issue 23)."""
+    run = make_variant(args, method, "plain" if has_plain_twin(METHOD_PRESETS[method]) else "fast")
     counter = FlopCounterMode(display=False)
     with counter:
         run(1)

@@ -22,6 +22,13 @@ from ilseg.methods.legacy import to_legacy
 from ilseg.tasks import IGNORE_INDEX
 
 
+def has_plain_twin(cfg: MethodConfig) -> bool:
+    """Whether :func:`plain_losses` computes ``cfg``'s losses (every built-in method but PLOP and the four
+    of issue 23, whose terms have no flat form)."""
+    flat = to_legacy(cfg)
+    return not (flat is None or flat["pod_factor"] or flat["pod_logits_factor"] or flat["pseudo_labels"] != "none")
+
+
 def plain_losses(cfg: MethodConfig, student: dict[str, Tensor], teacher: dict[str, Tensor] | None,
                  target: Tensor, step: int) -> dict[str, Tensor]:
     """The losses of ``cfg`` from their formulas (docs/methods.md), without any numerical shortcut.
@@ -29,9 +36,10 @@ def plain_losses(cfg: MethodConfig, student: dict[str, Tensor], teacher: dict[st
     Written once for every built-in method but PLOP, over the method's settings in the flat form of
     :func:`ilseg.methods.legacy.to_legacy` (which terms are on, their weights).
     """
-    flat = to_legacy(cfg)
-    if flat is None or flat["pod_factor"] or flat["pod_logits_factor"] or flat["pseudo_labels"] != "none":
+    if not has_plain_twin(cfg):
         raise ValueError(f"no plain twin of method {cfg.name!r}")
+    flat = to_legacy(cfg)
+    assert flat is not None
     uses_kd = flat["kd"] != "none" and flat["kd_weight"] > 0
     logits = student["logits"]
     log_p = F.log_softmax(logits, dim=1)
