@@ -338,3 +338,10 @@ def test_the_stem_has_no_activation_as_in_rcils_code_unless_asked():
         assert isinstance(model.body.act, kind)
         assert all(isinstance(block.act, nn.LeakyReLU) for stage in (model.body.layer1, model.body.layer4)
                    for block in stage)
+
+
+@pytest.mark.parametrize("k", [4, 8, 12, 16, 20, 24])
+def test_the_box_average_is_rcils_two_dimensional_average_pooling(k):
+    x = torch.randn(2, 3, 17, 13)
+    expected = torch.nn.functional.avg_pool2d(x, k, stride=1, padding=k // 2)
+    torch.testing.assert_close(rcil_module.box_average(x, k), expected)

@@ -243,9 +243,21 @@ def pckd_spatial(teacher_map: Tensor, student_map: Tensor, scales: Sequence[int]
     a, b = teacher_map.float().pow(2), student_map.float().pow(2)
     total = a.new_zeros(())
     for k in scales:
-        diff = F.avg_pool2d(a, k, stride=1, padding=k // 2) - F.avg_pool2d(b, k, stride=1, padding=k // 2)
+        diff = box_average(a, k) - box_average(b, k)
         total = total + torch.linalg.vector_norm(diff.flatten(1), dim=1).mean()
     return total / len(scales)
+
+
+def box_average(x: Tensor, k: int) -> Tensor:
+    """``avg_pool2d(x, k, stride=1, padding=k // 2)`` (zero padding counted), as a column then a row average.
+
+    The ``k x k`` mean with the padding counted is the mean over ``k`` rows of the means over ``k``
+    columns, so the two 1-D poolings give the same values (to float rounding) with ``2k`` instead of
+    ``k^2`` additions per output: RCIL's windows reach 24 on maps of up to 128 x 128 (layer1 of a 512
+    crop).
+    """
+    x = F.avg_pool2d(x, (k, 1), stride=1, padding=(k // 2, 0))
+    return F.avg_pool2d(x, (1, k), stride=1, padding=(0, k // 2))
 
 
 def pckd_channel(teacher_map: Tensor, student_map: Tensor) -> Tensor:
