@@ -23,8 +23,19 @@ PRESETS = sorted(preset_dir().glob("*.yaml"))
 # The VOC / ADE20k presets of the published (MiB-style) recipe; the "-paper-" presets (the ILT paper's own
 # setting) are checked in test_paper_setting.py, the "reproduce-" presets (each reference code as it ran) against
 # docs/fidelity.md in test_docs.py.
+# The methods of issue 23 train with their authors' own recipes (test_authors_recipes below).
+AUTHORS_RECIPE_METHODS = ("sdr", "reminder", "ewf", "rcil")
 PUBLISHED_RECIPE_PRESETS = [p for p in PRESETS if p.stem != "synth-demo" and "-paper-" not in p.stem
-                            and not p.stem.startswith("reproduce-")]
+                            and not p.stem.startswith("reproduce-")
+                            and not p.stem.endswith(tuple(f"-{m}" for m in AUTHORS_RECIPE_METHODS))]
+# (optimizer, lr, lr_next, epochs, epochs_next, batch_size) of each such preset, from the authors' scripts
+# (docs/fidelity.md gives the file of each).
+AUTHORS_RECIPES: dict[str, tuple[str, float, float, int, int, int]] = {
+    **{f"voc-{t}-{m}-rcil": ("sgd", 0.02, 0.001, 30, 30, 24) for t in ("15-1", "10-1") for m in ("disjoint", "ov")},
+    "ade-100-50-ov-rcil": ("sgd", 0.01, 0.001, 60, 60, 24),
+    **{f"voc-{t}-{m}-reminder": ("sgd", 0.01, 0.001, 30, 30, 16) for t in ("15-1", "10-1") for m in ("disjoint", "ov")},
+    "ade-100-50-ov-reminder": ("sgd", 0.01, 0.0008, 60, 70, 10),
+}
 
 
 def test_presets_exist_for_every_published_setting():
@@ -66,6 +77,19 @@ def test_every_paper_preset_runs_the_published_recipe(path):
     assert (d.crop_size, d.scale, d.test_size, d.test_crop, d.unseen) == (512, (0.5, 2.0), 512, True, "ignore")
     assert d.root == {"voc": "data/VOCdevkit", "ade": "data/ADEChallengeData2016"}[d.dataset]
     assert (cfg.runtime.amp, cfg.runtime.channels_last) == ("auto", "auto")  # bf16, channels-last on CUDA
+
+
+def test_authors_recipes():
+    """Each preset of SDR, REMINDER, EWF and RCIL trains with its authors' recipe, on the common model and data."""
+    presets = {p.stem: p for p in PRESETS if p.stem.endswith(tuple(f"-{m}" for m in AUTHORS_RECIPE_METHODS))}
+    assert set(presets) == set(AUTHORS_RECIPES)
+    for name, recipe in AUTHORS_RECIPES.items():
+        cfg = load_config(presets[name])
+        o = cfg.optim
+        assert (o.optimizer, o.lr, o.lr_next, o.epochs, o.epochs_next, o.batch_size) == recipe, name
+        assert (o.momentum, o.nesterov, o.weight_decay, o.poly_power) == (0.9, True, 1e-4, 0.9), name
+        assert (cfg.model.backbone, cfg.model.output_stride, cfg.model.pretrained) == ("resnet101", 16, "imagenet")
+        assert (cfg.data.crop_size, cfg.data.unseen) == (512, "ignore"), name
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
