@@ -443,6 +443,25 @@ def test_reminder_on_two_processes_keeps_the_prototypes_of_one(synth_root, tmp_p
     assert [l for _, l in losses_two] == pytest.approx([l for _, l in losses_one], rel=1e-3)
 
 
+def test_rcil_on_two_processes_draws_and_trains_like_one(synth_root, tmp_path):
+    """RCIL's drop-path draws come from a generator every process seeds alike, and its frozen first branches
+    stay out of DDP's buckets: two processes train the branched model as one does."""
+    sets = _sets(synth_root, tmp_path / "cache", "method.name=rcil")
+    done, _ = torchrun(["train", "--config", "synth-demo", *_set_args(sets), "--steps", "0:2", "--quiet",
+                        "--out", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cfg = load_config(preset_dir() / "synth-demo.yaml", sets)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_training(cfg, tmp_path / "one", steps="0:2", quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    losses_two, losses_one = _epoch_losses(tmp_path / "two"), _epoch_losses(tmp_path / "one")
+    assert [s for s, _ in losses_two] == [s for s, _ in losses_one] == [0, 0, 1]
+    assert [l for _, l in losses_two] == pytest.approx([l for _, l in losses_one], rel=1e-3)
+
+
 # -- "N processes train as 1" at 2 images per process (docs/scaling.md#how-exactly-n-processes-match-one) ---
 SMALL_BATCH_SGD = ["optim.batch_size=4", "optim.optimizer=sgd", "optim.lr=0.01", "optim.iterations=2"]
 
