@@ -31,6 +31,10 @@ PUBLISHED_RECIPE_PRESETS = [p for p in PRESETS if p.stem != "synth-demo" and "-p
 # (optimizer, lr, lr_next, epochs, epochs_next, batch_size) of each such preset, from the authors' scripts
 # (docs/fidelity.md gives the file of each).
 AUTHORS_RECIPES: dict[str, tuple[str, float, float, int, int, int]] = {
+    **{f"voc-{t}-{m}-sdr": ("sgd", 0.001, 0.0001, 30, 30, 8) for t in ("15-1", "10-1") for m in ("disjoint", "ov")},
+    "ade-100-50-ov-sdr": ("sgd", 0.001, 0.0001, 60, 60, 4),
+    **{f"voc-{t}-{m}-ewf": ("sgd", 0.01, 0.001, 30, 30, 24) for t in ("15-1", "10-1") for m in ("disjoint", "ov")},
+    "ade-100-50-ov-ewf": ("sgd", 0.01, 0.001, 60, 60, 48),
     **{f"voc-{t}-{m}-rcil": ("sgd", 0.02, 0.001, 30, 30, 24) for t in ("15-1", "10-1") for m in ("disjoint", "ov")},
     "ade-100-50-ov-rcil": ("sgd", 0.01, 0.001, 60, 60, 24),
     **{f"voc-{t}-{m}-reminder": ("sgd", 0.01, 0.001, 30, 30, 16) for t in ("15-1", "10-1") for m in ("disjoint", "ov")},

@@ -14,6 +14,7 @@ import torch
 from ilseg.errors import IlsegError
 from ilseg.methods import (
     METHOD_PRESETS,
+    EWFConfig,
     FinetuneConfig,
     ILTConfig,
     JointConfig,
@@ -23,6 +24,7 @@ from ilseg.methods import (
     PLOPConfig,
     RCILConfig,
     REMINDERConfig,
+    SDRConfig,
     build_method,
     cross_entropy,
     describe_method,
@@ -42,7 +44,8 @@ from ilseg.tasks import get_task
 FIRST = ("finetune", "joint", "ilt", "ilt-kd-out", "ilt-kd-feat", "ilt-ef", "ilt-ef-kd-out", "ilt-kd-out-feat", "mib",
          "plop")
 # The methods of issue 23, each tested in its own file (tests/test_<method>_method.py).
-LATER = {"reminder": REMINDERConfig, "reminder-ade": REMINDERConfig, "rcil": RCILConfig, "rcil-ade": RCILConfig}
+LATER = {"sdr": SDRConfig, "reminder": REMINDERConfig, "reminder-ade": REMINDERConfig,
+         "ewf": EWFConfig, "ewf-mib": EWFConfig, "rcil": RCILConfig, "rcil-ade": RCILConfig}
 BUILT_IN = FIRST  # the presets the tests of this file cover
 CONFIG_CLASSES = (FinetuneConfig, JointConfig, ILTConfig, MiBConfig, PLOPConfig)
 

@@ -103,7 +103,7 @@ def test_a_shared_base_is_used_states_no_default_and_is_no_preset(path):
 def test_the_paper_and_ade_presets_build_on_the_shared_bases():
     paper = [p for p in PRESETS if "-paper-" in p.stem]
     ade = [p for p in PRESETS if p.stem.startswith("ade-")]
-    assert len(paper) == 21 and len(ade) == 27
+    assert len(paper) == 21 and len(ade) == 29
     for path in paper:
         written = yaml.safe_load(path.read_text())
         assert written["base"] in ("base/ilt-paper.yaml", "base/ilt-paper-incremental.yaml")

@@ -22,8 +22,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from ilseg.errors import IlsegError
-from ilseg.methods import finetune, ilt, mib, plop, rcil, reminder
+from ilseg.methods import ewf, finetune, ilt, mib, plop, rcil, reminder, sdr
 from ilseg.methods.base import Method, MethodConfig, StepSetup
+from ilseg.methods.ewf import EWF, EWFConfig
 from ilseg.methods.finetune import Finetune, FinetuneConfig, Joint, JointConfig
 from ilseg.methods.ilt import ILT, ILTConfig
 from ilseg.methods.losses import (
@@ -38,11 +39,12 @@ from ilseg.methods.mib import MiB, MiBConfig
 from ilseg.methods.plop import PLOP, PLOPConfig
 from ilseg.methods.rcil import RCIL, RCILConfig
 from ilseg.methods.reminder import REMINDER, REMINDERConfig
+from ilseg.methods.sdr import SDR, SDRConfig
 
 METHODS: dict[str, type[Method]] = {"finetune": Finetune, "joint": Joint, "ilt": ILT, "mib": MiB, "plop": PLOP,
-                                    "reminder": REMINDER, "rcil": RCIL}
+                                    "sdr": SDR, "reminder": REMINDER, "ewf": EWF, "rcil": RCIL}
 METHOD_PRESETS: dict[str, MethodConfig] = {**finetune.PRESETS, **ilt.PRESETS, **mib.PRESETS, **plop.PRESETS,
-                                           **reminder.PRESETS, **rcil.PRESETS}
+                                           **sdr.PRESETS, **reminder.PRESETS, **ewf.PRESETS, **rcil.PRESETS}
 
 
 def register_method(kind: str, cls: type[Method], presets: Mapping[str, MethodConfig]) -> None:
@@ -101,12 +103,15 @@ def describe_method(cfg: MethodConfig) -> str:
 
 
 __all__ = [
+    "EWF",
+    "EWFConfig",
     "ILT",
     "METHODS",
     "METHOD_PRESETS",
     "PLOP",
     "RCIL",
     "REMINDER",
+    "SDR",
     "Finetune",
     "FinetuneConfig",
     "ILTConfig",
@@ -119,6 +124,7 @@ __all__ = [
     "PLOPConfig",
     "RCILConfig",
     "REMINDERConfig",
+    "SDRConfig",
     "StepSetup",
     "build_method",
     "cross_entropy",

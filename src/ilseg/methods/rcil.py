@@ -221,7 +221,7 @@ def add_branches(model: IncrementalSegmenter) -> None:
         for conv in branches.convs_new:
             nn.init.xavier_normal_(conv.weight, gain)  # type: ignore[arg-type]
         head.map_convs = nn.ModuleList([branches])
-        head.map_bn = nn.Identity()  # type: ignore[assignment]
+        head.map_bn = nn.Identity()
 
 
 def parallel_branches(model: nn.Module | None) -> Iterator[ParallelBranches]:

@@ -47,10 +47,11 @@ METHOD_STYLES: dict[str, MethodStyle] = {
     "ilt-ef": MethodStyle("#F0E442", "h", "-"),
     "ilt-ef-kd-out": MethodStyle("#E69F00", "p", "-."),  # ILT's colour, another marker and line style
     # The methods of 2021-2023: black and grey, or the colour of the method each builds on (REMINDER on PLOP,
-    # EWF on MiB) with another marker and line style.
+    # EWF on PLOP or MiB) with another marker and line style.
     "sdr": MethodStyle("#000000", "o", "-."),
     "reminder": MethodStyle("#56B4E9", "s", ":"),
-    "ewf": MethodStyle("#CC79A7", "^", "-."),
+    "ewf": MethodStyle("#56B4E9", "^", "-."),  # on PLOP
+    "ewf-mib": MethodStyle("#CC79A7", "^", "-."),  # on MiB
     "rcil": MethodStyle(GREY, "D", "-"),
 }
 # ADE20k's presets of a method are drawn as the method.
