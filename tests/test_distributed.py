@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 import processes
 import ilseg
-from ilseg.config import load_config, preset_dir
+from ilseg.config import RunConfig, load_config, preset_dir
 from ilseg.data.datasets import SeededItems
 from ilseg.data.synth import generate_synth
 from ilseg.engine import distributed as D
@@ -398,20 +398,27 @@ def test_persistent_workers_draw_each_epochs_augmentation():
     assert persistent._iterator is not None  # the same workers served all three epochs
 
 
-def test_plop_on_two_processes_calibrates_and_trains_like_one(synth_root, tmp_path):
-    """PLOP's thresholds come from the whole training set (histograms summed over the processes), so
-    two processes pseudo-label, distil and train as one does."""
-    sets = _sets(synth_root, tmp_path / "cache", "method.name=plop", "data.crop_size=64")
-    done, _ = torchrun(["train", "--config", "synth-demo", *_set_args(sets), "--steps", "0:2", "--quiet",
+def train_on_two_processes_and_one(sets: list[str], tmp_path: Path, steps: str = "0:2") -> RunConfig:
+    """The synth-demo run with ``sets``, trained for ``steps`` on two torchrun processes into ``tmp_path/two``
+    and in this process with one thread (as each rank has) into ``tmp_path/one``; returns its config."""
+    done, _ = torchrun(["train", "--config", "synth-demo", *_set_args(sets), "--steps", steps, "--quiet",
                         "--out", str(tmp_path / "two")])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     cfg = load_config(preset_dir() / "synth-demo.yaml", sets)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_training(cfg, tmp_path / "one", steps="0:2", quiet=True)
+        run_training(cfg, tmp_path / "one", steps=steps, quiet=True)
     finally:
         torch.set_num_threads(threads)
+    return cfg
+
+
+def test_plop_on_two_processes_calibrates_and_trains_like_one(synth_root, tmp_path):
+    """PLOP's thresholds come from the whole training set (histograms summed over the processes), so
+    two processes pseudo-label, distil and train as one does."""
+    sets = _sets(synth_root, tmp_path / "cache", "method.name=plop", "data.crop_size=64")
+    train_on_two_processes_and_one(sets, tmp_path)
 
     def thresholds(run: Path) -> str:
         return next(line for line in (run / "train.log").read_text().splitlines() if "thresholds" in line)
@@ -426,16 +433,7 @@ def test_reminder_on_two_processes_keeps_the_prototypes_of_one(synth_root, tmp_p
     """REMINDER's old-class prototypes come from a pass over the previous step's training set whose per-class
     sums are reduced over the processes: two processes keep the prototypes one process keeps, and train as it."""
     sets = _sets(synth_root, tmp_path / "cache", "method.name=reminder", "data.crop_size=64")
-    done, _ = torchrun(["train", "--config", "synth-demo", *_set_args(sets), "--steps", "0:2", "--quiet",
-                        "--out", str(tmp_path / "two")])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    cfg = load_config(preset_dir() / "synth-demo.yaml", sets)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_training(cfg, tmp_path / "one", steps="0:2", quiet=True)
-    finally:
-        torch.set_num_threads(threads)
+    cfg = train_on_two_processes_and_one(sets, tmp_path)
     two, one = (load_checkpoint(tmp_path / run / "step1.pth")["method_state"]["prototypes"] for run in ("two", "one"))
     assert two.shape == one.shape == (7, cfg.model.head_channels)
     torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-5)
@@ -447,16 +445,7 @@ def test_rcil_on_two_processes_draws_and_trains_like_one(synth_root, tmp_path):
     """RCIL's drop-path draws come from a generator every process seeds alike, and its frozen first branches
     stay out of DDP's buckets: two processes train the branched model as one does."""
     sets = _sets(synth_root, tmp_path / "cache", "method.name=rcil")
-    done, _ = torchrun(["train", "--config", "synth-demo", *_set_args(sets), "--steps", "0:2", "--quiet",
-                        "--out", str(tmp_path / "two")])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    cfg = load_config(preset_dir() / "synth-demo.yaml", sets)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_training(cfg, tmp_path / "one", steps="0:2", quiet=True)
-    finally:
-        torch.set_num_threads(threads)
+    train_on_two_processes_and_one(sets, tmp_path)
     losses_two, losses_one = _epoch_losses(tmp_path / "two"), _epoch_losses(tmp_path / "one")
     assert [s for s, _ in losses_two] == [s for s, _ in losses_one] == [0, 0, 1]
     assert [l for _, l in losses_two] == pytest.approx([l for _, l in losses_one], rel=1e-3)

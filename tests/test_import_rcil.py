@@ -15,6 +15,7 @@ from test_import import (
     SIZES,
     _bn,
     _refusal,
+    iabn,
     is_bn_weight,
     mib_layout,
     random_weights,
@@ -51,12 +52,8 @@ def rcil_layout(step: int) -> dict[str, tuple[int, ...]]:
 
 
 def _iabn(x: torch.Tensor, w: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
-    """RCIL's InPlace-ABN (slope 1: no activation) in eval mode."""
-    def channel(name: str) -> torch.Tensor:
-        return w[f"{prefix}.{name}"][None, :, None, None]
-
-    y = (x - channel("running_mean")) / torch.sqrt(channel("running_var") + EPS) * (channel("weight").abs() + EPS)
-    return y + channel("bias")
+    """RCIL's InPlace-ABN: slope 1, no activation."""
+    return iabn(x, w, prefix, act=False)
 
 
 def rcil_forward(w: dict[str, torch.Tensor], x: torch.Tensor, steps: int) -> torch.Tensor:

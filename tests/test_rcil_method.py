@@ -345,3 +345,30 @@ def test_the_box_average_is_rcils_two_dimensional_average_pooling(k):
     x = torch.randn(2, 3, 17, 13)
     expected = torch.nn.functional.avg_pool2d(x, k, stride=1, padding=k // 2)
     torch.testing.assert_close(rcil_module.box_average(x, k), expected)
+
+
+def test_a_channel_dropped_from_a_branch_sends_no_gradient_into_it():
+    torch.manual_seed(2)
+    pair = ParallelBranches([nn.Conv2d(3, 32, 1, bias=False)], nn.BatchNorm2d(32))
+    pair.train()
+    pair.generator = torch.Generator().manual_seed(9)
+    pair(torch.randn(4, 3, 5, 5)).square().sum().backward()
+    w_first, w_second = drop_path_weights(32, torch.Generator().manual_seed(9))
+    first_grad = pair.convs[0].weight.grad.flatten(1).abs().sum(1)  # type: ignore[union-attr]
+    second_grad = pair.convs_new[0].weight.grad.flatten(1).abs().sum(1)  # type: ignore[index,union-attr]
+    assert torch.equal(first_grad == 0, w_first == 0) and torch.equal(second_grad == 0, w_second == 0)
+
+
+def test_pckd_pulls_the_student_only():
+    torch.manual_seed(4)
+    teacher = [torch.randn(1, 4, 3, 3, requires_grad=True) for _ in range(2)]
+    student = [torch.randn(1, 4, 3, 3, requires_grad=True), torch.randn(1, 5, 3, 3, requires_grad=True)]
+    teacher[1] = torch.randn(1, 3, 3, 3, requires_grad=True)
+    losses = pckd_losses([t.detach() for t in teacher], student, num_old_channels=3, num_classes_total=5,
+                         factor=0.1, last_factor=0.1)
+    (losses["pckd_spatial"] + losses["pckd_channel"]).backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in student)
+    # a student map equal to the teacher's is at the minimum: no pull
+    same = torch.randn(1, 4, 3, 3, requires_grad=True)
+    pckd_spatial(same.detach(), same).backward()
+    assert same.grad is not None and same.grad.abs().max() == 0

@@ -28,7 +28,7 @@ from ilseg.methods.reminder import (
 )
 from ilseg.models import build_segmenter
 from ilseg.runs.checkpoint import load_checkpoint
-from ilseg.tasks import get_task, train_lut
+from ilseg.tasks import get_task
 
 LN2 = math.log(2.0)
 E = math.e

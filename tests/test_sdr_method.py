@@ -7,18 +7,15 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_distributed import train_on_two_processes_and_one
 from tiny import InterruptAt, tiny_config, tiny_sets
 
-import ilseg
-import processes
 from ilseg.config import load_config, preset_dir
 from ilseg.engine.run import run_training
 from ilseg.errors import IlsegError
@@ -441,20 +438,7 @@ def test_two_processes_keep_the_prototypes_of_one(synth_root, tmp_path):
     sets = tiny_sets(synth_root, "optim.batch_size=8", "optim.optimizer=sgd", "optim.lr=0.01", "method.name=sdr",
                      "method.pm_weight=1e-9", "method.attraction_weight=0", "method.repulsion_weight=0",
                      "method.sparsity_weight=0", cache_dir=tmp_path / "cache")
-    src = str(Path(ilseg.__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ilseg",
-           "train", "--config", "synth-demo", *[a for s in sets for a in ("--set", s)], "--steps", "0:2",
-           "--quiet", "--out", str(tmp_path / "two")]
-    done = processes.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    cfg = load_config(preset_dir() / "synth-demo.yaml", sets)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_training(cfg, tmp_path / "one", steps="0:2", quiet=True)
-    finally:
-        torch.set_num_threads(threads)
+    train_on_two_processes_and_one(sets, tmp_path)
     for step in (0, 1):
         two, one = (load_checkpoint(tmp_path / run / f"step{step}.pth")["method_state"] for run in ("two", "one"))
         assert torch.equal(two["counts"], one["counts"]) and one["counts"].sum() > 0

@@ -60,7 +60,7 @@ from ilseg.methods.base import (
     weight_text,
     weighted_total,
 )
-from ilseg.methods.plop import POD_TAPS, PLOP, PLOPConfig
+from ilseg.methods.plop import PLOP, PLOPConfig
 from ilseg.models import IncrementalSegmenter
 from ilseg.tasks import IGNORE_INDEX, Task
 
