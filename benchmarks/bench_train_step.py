@@ -93,7 +93,7 @@ def make_variant(args: argparse.Namespace, method: str, mode: str) -> Callable[[
         return run_plain
     placement = Placement.for_runtime(RuntimeConfig(), device)
     method_obj = build_method(cfg)
-    model, teacher = method_step_one(method_obj, args)  # the method's own model, teacher and taps at step 1
+    model, teacher = method_step_one(method_obj, args, images, target)  # the method's own model, teacher, taps
     if teacher is not None:
         fold_batchnorm(teacher)
     for m in (model, teacher):
@@ -123,14 +123,20 @@ def make_variant(args: argparse.Namespace, method: str, mode: str) -> Callable[[
     return run
 
 
-def method_step_one(method: Method, args: argparse.Namespace) -> tuple[IncrementalSegmenter, IncrementalSegmenter | None]:
-    """Step 1 of VOC 15-1 (16 old outputs, 1 new) as ``method`` sets it up: its model (``adapt_model``), the
-    previous model as teacher, the maps it taps (``start_step``), in the same random state for every method."""
+def method_step_one(method: Method, args: argparse.Namespace, images: torch.Tensor,
+                    target: torch.Tensor) -> tuple[IncrementalSegmenter, IncrementalSegmenter | None]:
+    """Step 1 of VOC 15-1 (16 old outputs, 1 new) as ``method`` sets it up: its model (``adapt_model``), one
+    step-0 batch through the method (the state it keeps from step 0: SDR's prototypes), then the previous model
+    as teacher and the maps it taps (``start_step``), in the same random state for every method."""
     torch.manual_seed(0)
+    task = get_task("voc", "15-1")
     model = build_segmenter(backbone=args.backbone, output_stride=args.output_stride, head_channels=args.head,
                             backbone_width=args.width, classes_per_step=[OLD_CLASSES])
     method.adapt_model(model)
-    setup = method.start_step(model, get_task("voc", "15-1"), 1)
+    step0 = method.start_step(model, task, 0).student
+    with torch.no_grad():
+        method(step0(images.cpu()), None, target.cpu().clamp_max(OLD_CLASSES - 1), 0)
+    setup = method.start_step(step0, task, 1)
     return setup.student, setup.teacher
 
 
