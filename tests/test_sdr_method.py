@@ -57,7 +57,7 @@ def test_preset_is_the_authors_method_sdr():
     assert (cfg.kd_weight, cfg.kd_alpha, cfg.pm_weight) == (100.0, 1.0, 0.01)
     assert (cfg.attraction_weight, cfg.repulsion_weight, cfg.sparsity_weight) == (0.001, 0.001, 0.001)
     assert cfg.ce_reduction == "all" and cfg.classifier_init == "default" and not cfg.keep_old_labels
-    assert (cfg.background_prototype, cfg.feature_layout, cfg.attraction_mean) == ("step0", "channels", "sdr_code")
+    assert (cfg.background_prototype, cfg.feature_layout, cfg.attraction_mean) == ("step0", "sdr_code", "sdr_code")
     assert build_method(cfg).describe() == (
         "sdr: L = UNCE(y, mean over all pixels) + 100*UNKD(alpha=1) + 0.01*PM + 0.001*CL_att + 0.001*CL_rep "
         "+ 0.001*FS [labels: current step only; step 0: CE only; body-feature prototypes (background: step0)]")
@@ -160,7 +160,7 @@ def test_background_updates_its_prototype_as_the_authors_rule_says(rule, backgro
 
 
 def test_prototypes_are_updated_before_the_losses_and_the_terms_add_up():
-    method, (model, task) = _step_method(attraction_mean="classes")
+    method, (model, task) = _step_method(attraction_mean="classes", feature_layout="channels")
     method.start_step(model, task, 0)
     torch.manual_seed(1)
     # step 0: classes 0..6; prototypes of 0 (background at step 0) and 2 start here
@@ -437,7 +437,7 @@ def test_two_processes_keep_the_prototypes_of_one(synth_root, tmp_path):
     trains as one process does and its new classes' prototypes can be compared."""
     sets = tiny_sets(synth_root, "optim.batch_size=8", "optim.optimizer=sgd", "optim.lr=0.01", "method.name=sdr",
                      "method.pm_weight=1e-9", "method.attraction_weight=0", "method.repulsion_weight=0",
-                     "method.sparsity_weight=0", cache_dir=tmp_path / "cache")
+                     "method.sparsity_weight=0", "method.feature_layout=channels", cache_dir=tmp_path / "cache")
     train_on_two_processes_and_one(sets, tmp_path)
     for step in (0, 1):
         two, one = (load_checkpoint(tmp_path / run / f"step{step}.pth")["method_state"] for run in ("two", "one"))

@@ -313,8 +313,9 @@ class SDRConfig(MethodConfig):
         background_prototype: which steps' background pixels update the background prototype: ``"step0"``
             (disjoint), ``"never"`` (overlapped), ``"always"`` (old labels kept, disjoint); the authors derive
             it from ``--overlap`` and ``--no_mask`` (``train.py:465-466``).
-        feature_layout: ``"channels"`` (the paper's class means) or ``"sdr_code"`` (the authors' reshape,
-            :func:`class_matrix`, exact in one process only).
+        feature_layout: ``"sdr_code"`` (the authors' reshape, :func:`class_matrix`: the default, as the code
+            runs; its prototypes depend on how a batch is split over processes, as in the code) or
+            ``"channels"`` (the paper's per-class mean feature vectors; two processes keep one's prototypes).
         attraction_mean: ``"sdr_code"`` (the authors' division after every class) or ``"classes"``.
     """
 
@@ -327,7 +328,7 @@ class SDRConfig(MethodConfig):
     repulsion_weight: float = dataclasses.field(default=0.001, metadata=NON_NEGATIVE)
     sparsity_weight: float = dataclasses.field(default=0.001, metadata=NON_NEGATIVE)
     background_prototype: BackgroundPrototype = "step0"
-    feature_layout: FeatureLayout = "channels"
+    feature_layout: FeatureLayout = "sdr_code"
     attraction_mean: AttractionMean = "sdr_code"
 
     @property
