@@ -51,7 +51,10 @@ def start():
 
     def _start(args: list[str], *, before: str = "") -> subprocess.Popen[str]:
         """``before``: Python run first (to slow a function down, say), then the command line."""
-        code = f"{before}\nfrom ilseg.cli import run_command_line\nrun_command_line()"
+        # Ctrl-C as an interactive terminal delivers it: a job started in the background by a non-interactive
+        # shell (how some CI runners start their steps) inherits SIGINT ignored, as POSIX asks of background jobs.
+        code = (f"import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n{before}\n"
+                "from ilseg.cli import run_command_line\nrun_command_line()")
         started.append(subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True, start_new_session=True))
         return started[-1]
