@@ -415,7 +415,7 @@ def test_two_processes_sum_the_batch_sums_into_one_processes_prototypes(tmp_path
     out = tmp_path / "state.pth"
     mp.start_processes(_prototypes_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2,
                        start_method=method)
-    two = torch.load(out)
+    two = torch.load(out, weights_only=True)
     features, target, one = _batch_and_run("channels")
     for _ in range(2):
         one({"logits": torch.zeros(4, 7, 4, 4), "features": features}, None, target, step=0)

@@ -36,7 +36,7 @@ import abc
 import dataclasses
 import math
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -377,8 +377,9 @@ def ce_text(cfg: MethodConfig, unbiased: bool = False) -> str:
     return name if cfg.ce_reduction == "valid" else f"{name[:-1]}, mean over all pixels)"
 
 
-def boundary_text(method: Method, distils: bool) -> str:
-    """The ``[labels: ...]`` part of :meth:`Method.describe`: labels, step 0, what is frozen or initialised."""
+def boundary_text(method: Method, distils: bool, notes: Sequence[str] = ()) -> str:
+    """The ``[labels: ...]`` part of :meth:`Method.describe`: labels, step 0, what is frozen or initialised,
+    then the method's own ``notes`` (what else it does at a step boundary)."""
     cfg = method.cfg
     extras = [text for on, text in ((cfg.freeze_encoder, "encoder frozen"), (cfg.freeze_bn, "BN frozen"),
                                     (cfg.classifier_init == "background", "new classifier from background")) if on]
@@ -388,7 +389,7 @@ def boundary_text(method: Method, distils: bool) -> str:
         labels = "all classes at once"
     else:
         labels = "old labels kept" if cfg.keep_old_labels else "current step only"
-    return f"[labels: {labels}{step0}{extra}]"
+    return f"[labels: {labels}{step0}{extra}{''.join(f'; {note}' for note in notes)}]"
 
 
 def total_like(target: Tensor) -> Tensor:

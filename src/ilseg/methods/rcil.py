@@ -427,8 +427,8 @@ class RCIL(Method):
                          f"{weight_text(cfg.pckd_last_factor)} last)")
         mix = "drop-path" if cfg.drop_path else "averaged"
         stem = "" if cfg.stem_activation else ", no stem activation"
-        return (f"{cfg.name}: L = {' + '.join(terms)} {boundary_text(self, distils=True)[:-1]}; "
-                f"parallel branches ({mix}), folded and frozen at each step{stem}]")
+        note = f"parallel branches ({mix}), folded and frozen at each step{stem}"
+        return f"{cfg.name}: L = {' + '.join(terms)} {boundary_text(self, distils=True, notes=[note])}"
 
 
 PRESETS: dict[str, MethodConfig] = {

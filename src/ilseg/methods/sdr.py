@@ -455,8 +455,8 @@ class SDR(Method):
         named = [(cfg.kd_weight, f"UNKD(alpha={weight_text(cfg.kd_alpha)})"), (cfg.pm_weight, "PM"),
                  (cfg.attraction_weight, "CL_att"), (cfg.repulsion_weight, "CL_rep"), (cfg.sparsity_weight, "FS")]
         terms += [f"{weight_text(w)}*{name}" for w, name in named if w > 0]
-        notes = f"; body-feature prototypes (background: {cfg.background_prototype})" if cfg.uses_prototypes else ""
-        return f"{cfg.name}: L = {' + '.join(terms)} {boundary_text(self, distils=True)[:-1]}{notes}]"
+        notes = [f"body-feature prototypes (background: {cfg.background_prototype})"] if cfg.uses_prototypes else []
+        return f"{cfg.name}: L = {' + '.join(terms)} {boundary_text(self, distils=True, notes=notes)}"
 
 
 PRESETS: dict[str, MethodConfig] = {
